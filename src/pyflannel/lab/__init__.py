@@ -1,0 +1,1 @@
+"""The lab: a flannel cluster built from network namespaces on one machine."""
