@@ -1,0 +1,1 @@
+"""Leases: who owns which pod subnet, how that is written in the store, and the peer table."""
