@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what pyflannel needs on a Debian/Ubuntu machine (as root): system tools and
+# servers from apt, and the Python package (editable, with test tools) in ./.venv.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 iptables nftables etcd-server etcd-client containernetworking-plugins
+              iperf3 openssl procps kmod python3-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo ">> apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian starts etcd-server as a service on the standard ports; we never use that one
+# (ours run on free ports inside our own namespaces), so it is left as the system has it.
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo ">> creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import pyflannel, pytest, hypothesis' 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  echo ">> pip install -e .[test]"
+  .venv/bin/pip install -q -U pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  touch .venv/.installed
+fi

@@ -1,0 +1,1 @@
+"""Backends: how a peer lease becomes kernel state (host-gw routes, vxlan neighbours, ...)."""

@@ -1,0 +1,337 @@
+"""flanneld's entry point and the Daemon that wires the parts together.
+
+Start-up follows upstream's main.go order (reference §0): flags, subnet manager,
+signal handlers, health server, network config, interface, backend + lease, traffic
+rules, subnet.env, then the long-running loops. Data flows one way:
+store updates -> LeaseTable -> desired routes -> RouteReconciler -> kernel.
+Shutdown removes nothing: routes, rules, lease and subnet.env stay, so a restart
+does not interrupt pod traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+from pyflannel import __version__
+from pyflannel.backend.hostgw import BACKEND_TYPE as HOST_GW
+from pyflannel.backend.hostgw import HostGwConfigError, check_host_gw, desired_routes
+from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
+from pyflannel.config.netconf import NetConf
+from pyflannel.daemon.http import HealthServer
+from pyflannel.daemon.logging_setup import setup_logging
+from pyflannel.daemon.metrics import DaemonMetrics
+from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
+from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.lease.table import LeasePolicy, LeaseTable
+from pyflannel.netlink import Route, RtMonitor, RtNetlink
+from pyflannel.reconcile.routes import RouteReconciler, RouteScope
+from pyflannel.subnet.etcd.client import EtcdClient, EtcdError
+from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
+from pyflannel.subnet.subnetenv import read_subnet_env, subnet_env_for, write_subnet_env
+from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_rules
+
+log = logging.getLogger("main")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+SUPPORTED_BACKENDS = (HOST_GW,)
+
+
+class StartupError(Exception):
+    """A fatal start-up problem; the message is one line that says what to do."""
+
+
+def unbuilt_flag_error(flags: Flags) -> str | None:
+    """Flags for parts this build does not have stop the daemon: silently ignoring them
+    would leave an operator believing they took effect."""
+    if flags.kube_subnet_mgr:
+        return ("--kube-subnet-mgr: the Kubernetes subnet manager is not built yet in this "
+                "version of pyflannel; use etcd (--etcd-endpoints)")
+    if flags.ip_blackhole_route:
+        return "--ip-blackhole-route is not supported yet by this version of pyflannel"
+    return None
+
+
+class Daemon:
+    def __init__(self, flags: Flags) -> None:
+        self.flags = flags
+        self.metrics = DaemonMetrics()
+        self.ready = False
+        self._stop = asyncio.Event()
+
+    # -- start-up steps -----------------------------------------------------------------
+
+    async def _network_config(self, mgr: EtcdSubnetManager) -> NetConf:
+        while True:
+            try:
+                return await mgr.network_config()
+            except (EtcdError, ConfigError) as e:
+                log.error("Couldn't fetch network config: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1)
+            if self._stop.is_set():
+                raise asyncio.CancelledError
+
+    async def _external_interface(self, nc: NetConf) -> ExternalInterface:
+        f = self.flags
+        if not (f.iface or f.iface_regex or f.iface_can_reach):
+            log.info("Determining IP address of default interface")
+        ext = await find_external_interface(
+            ifaces=f.iface, iface_regexes=f.iface_regex, can_reach=f.iface_can_reach,
+            public_ip=IPv4Address(f.public_ip) if f.public_ip else None,
+            public_ipv6=IPv6Address(f.public_ipv6) if f.public_ipv6 else None,
+            ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
+        log.info("Using interface with name %s and address %s", ext.name,
+                 ext.iface_addr or ext.iface_addr6)
+        if ext.ext_addr == ext.iface_addr:
+            log.info("Defaulting external address to interface address (%s)", ext.iface_addr)
+        return ext
+
+    # -- the run ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        f = self.flags
+        loop = asyncio.get_running_loop()
+        log.info("Installing signal handlers")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        subnet_file = Path(f.subnet_file)
+        old_env = read_subnet_env(subnet_file)
+        client = EtcdClient(list(f.etcd_endpoints), cafile=f.etcd_cafile,
+                            certfile=f.etcd_certfile, keyfile=f.etcd_keyfile,
+                            username=f.etcd_username, password=f.etcd_password)
+        mgr = EtcdSubnetManager(
+            client, prefix=f.etcd_prefix,
+            previous_subnet=old_env.subnet.network if old_env and old_env.subnet else None,
+            previous_ipv6_subnet=(old_env.ipv6_subnet.network
+                                  if old_env and old_env.ipv6_subnet else None),
+            renew_margin=f.subnet_lease_renew_margin * 60.0)
+        log.info("Created subnet manager: etcd %s", ",".join(f.etcd_endpoints))
+        http: HealthServer | None = None
+        if f.healthz_port > 0:
+            http = HealthServer(f.healthz_ip, f.healthz_port, ready=lambda: self.ready,
+                                registry=self.metrics.registry)
+            await http.start()
+        try:
+            return await self._run(mgr, subnet_file, old_env)
+        except asyncio.CancelledError:
+            log.info("Exiting cleanly...")
+            return EXIT_OK
+        except StartupError as e:
+            log.error("%s", e)
+            return EXIT_ERROR
+        finally:
+            if http is not None:
+                await http.close()
+            await mgr.aclose()
+
+    async def _run(self, mgr: EtcdSubnetManager, subnet_file: Path,
+                   old_env: object) -> int:
+        f = self.flags
+        nc = await self._network_config(mgr)
+        log.info("Found network config - Backend type: %s", nc.backend_type)
+        if not (nc.enable_ipv4 or nc.enable_ipv6):
+            raise StartupError("none defined stack: enable EnableIPv4 and/or EnableIPv6 in "
+                               "net-conf.json")
+        if nc.backend_type not in SUPPORTED_BACKENDS:
+            raise StartupError(
+                f"Backend.Type: unknown backend type: {nc.backend_type} (this version of "
+                f"pyflannel supports {', '.join(SUPPORTED_BACKENDS)})")
+        if not nc.enable_nftables:
+            problem = check_br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
+            if problem:
+                raise StartupError(f"Failed to check br_netfilter: {problem}")
+        try:
+            ext = await self._external_interface(nc)
+            check_host_gw(ext)
+        except (InterfaceError, HostGwConfigError) as e:
+            raise StartupError(str(e)) from None
+
+        attrs = LeaseAttrs(public_ip=ext.ext_addr or IPv4Address("0.0.0.0"),
+                           public_ipv6=ext.ext_addr6 if nc.enable_ipv6 else None,
+                           backend_type=HOST_GW)
+        try:
+            lease = await mgr.acquire_lease(nc, attrs)
+        except EtcdError as e:
+            raise StartupError(f"Error registering network: failed to acquire lease: {e}") \
+                from None
+        if lease.expiration:
+            self.metrics.lease_expiration.set(lease.expiration)
+
+        await self._setup_traffic(nc, lease, old_env)
+        env = subnet_env_for(nc.network if nc.enable_ipv4 else None,
+                             lease.subnet if nc.enable_ipv4 else None,
+                             nc.ipv6_network if nc.enable_ipv6 else None,
+                             lease.ipv6_subnet if nc.enable_ipv6 else None,
+                             ext.mtu, f.ip_masq)
+        try:
+            write_subnet_env(subnet_file, env)
+            log.info("Wrote subnet file to %s", subnet_file)
+        except OSError as e:
+            log.warning("Failed to write subnet file: %s", e)
+        self.ready = True
+        log.info("flannel is ready")
+
+        policy = LeasePolicy(
+            network=nc.network if nc.enable_ipv4 else None,
+            ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
+            subnet_len=nc.subnet_len if nc.enable_ipv4 else None,
+            ipv6_subnet_len=nc.ipv6_subnet_len if nc.enable_ipv6 else None,
+            backend_type=HOST_GW, own_subnet=lease.subnet, own_ipv6_subnet=lease.ipv6_subnet,
+            own_public_ip=attrs.public_ip if nc.enable_ipv4 else None,
+            own_public_ipv6=attrs.public_ipv6)
+        networks = tuple(n for n in (nc.network if nc.enable_ipv4 else None,
+                                     nc.ipv6_network if nc.enable_ipv6 else None) if n)
+        nl = RtNetlink.open()
+        monitor = RtMonitor.open(routes=True)
+        reconciler = RouteReconciler(nl, RouteScope(oif=ext.index, networks=networks))
+        table = LeaseTable(lease.key, policy)
+        log.info("Running backend.")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_leases(mgr, table, reconciler, ext, nc))
+                tg.create_task(self._run_reconciler(reconciler))
+                tg.create_task(self._watch_kernel(monitor, reconciler))
+                tg.create_task(self._keep_lease(mgr, lease))
+                tg.create_task(self._stop_waiter())
+        except* LeaseRevoked:
+            return EXIT_ERROR
+        except* _Stopping:
+            log.info("Exiting cleanly...")
+            return EXIT_OK
+        finally:
+            monitor.close()
+            nl.close()
+        return EXIT_OK
+
+    async def _setup_traffic(self, nc: NetConf, lease: Lease, old_env: object) -> None:
+        f = self.flags
+        exec_prefix: Sequence[str] = ()
+        # The other mode's leftovers go first (upstream PR #2239 does this at start-up).
+        await make_traffic_rules(not nc.enable_nftables, exec_prefix=exec_prefix).cleanup()
+        rules = make_traffic_rules(nc.enable_nftables, exec_prefix=exec_prefix)
+        cfg = TrafficConfig(
+            network=nc.network if nc.enable_ipv4 else None,
+            subnet=lease.subnet if nc.enable_ipv4 else None,
+            ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
+            ipv6_subnet=lease.ipv6_subnet if nc.enable_ipv6 else None,
+            masquerade=f.ip_masq, forward=f.iptables_forward_rules,
+            fully_random=not f.ip_masq_fully_random_disable)
+        previous = None
+        env = old_env
+        if env is not None and getattr(env, "subnet", None) is not None:
+            previous = TrafficConfig(
+                network=getattr(env, "network", None), subnet=env.subnet.network,  # type: ignore[attr-defined]
+                ipv6_network=getattr(env, "ipv6_network", None),
+                ipv6_subnet=(env.ipv6_subnet.network  # type: ignore[attr-defined]
+                             if getattr(env, "ipv6_subnet", None) else None),
+                masquerade=cfg.masquerade, forward=cfg.forward, fully_random=cfg.fully_random)
+        try:
+            await rules.ensure(cfg, previous=previous)
+        except Exception as e:  # a masq setup failure is fatal upstream too
+            raise StartupError(f"Failed to set up {rules.mode} rules: {e}") from None
+        self._traffic = (rules, cfg)
+
+    async def _stop_waiter(self) -> None:
+        await self._stop.wait()
+        raise _Stopping
+
+    async def _watch_leases(self, mgr: EtcdSubnetManager, table: LeaseTable,
+                            reconciler: RouteReconciler, ext: ExternalInterface,
+                            nc: NetConf) -> None:
+        desired: dict[str, Route] = {}
+        async for update in mgr.updates():
+            delta = table.apply(update)
+            for lease, reason in delta.refused:
+                self.metrics.refused_leases.labels(reason=reason.split(" ")[0]).inc()
+            if not delta.changed and table.synced and reconciler.stats.runs:
+                continue
+            for old in delta.removed:
+                for key in desired_routes([old], ext.index, ipv4=nc.enable_ipv4,
+                                          ipv6=nc.enable_ipv6):
+                    desired.pop(key, None)
+            desired.update(desired_routes(delta.added, ext.index, ipv4=nc.enable_ipv4,
+                                          ipv6=nc.enable_ipv6))
+            self.metrics.leases.set(len(table.peers))
+            reconciler.set_desired(desired)
+
+    async def _run_reconciler(self, reconciler: RouteReconciler) -> None:
+        last_repairs = 0
+        task = asyncio.create_task(reconciler.run())
+        try:
+            while True:
+                await asyncio.sleep(1)
+                s = reconciler.stats
+                self.metrics.routes.set(s.programmed)
+                self.metrics.unreachable_peers.set(len(s.unreachable))
+                if s.drift_repairs > last_repairs:
+                    self.metrics.drift_repairs.labels(kind="route").inc(
+                        s.drift_repairs - last_repairs)
+                    last_repairs = s.drift_repairs
+                if s.last_success:
+                    self.metrics.last_sync.set(s.last_success)
+                    self.metrics.reconcile_seconds.observe(s.last_duration)
+                await self._resync_traffic()
+        finally:
+            task.cancel()
+
+    async def _resync_traffic(self) -> None:
+        rules, cfg = self._traffic
+        now = time.monotonic()
+        if now - getattr(self, "_last_traffic", 0.0) < self.flags.iptables_resync:
+            return
+        self._last_traffic = now
+        try:
+            if await rules.ensure(cfg):
+                log.info("Some %s rules were missing or altered; restored them", rules.mode)
+                self.metrics.drift_repairs.labels(kind="rule").inc()
+        except Exception as e:
+            log.error("Failed to ensure %s rules: %s", rules.mode, e)
+
+    async def _watch_kernel(self, monitor: RtMonitor, reconciler: RouteReconciler) -> None:
+        async for batch in monitor.events():
+            reconciler.on_events(batch)
+
+    async def _keep_lease(self, mgr: EtcdSubnetManager, lease: Lease) -> None:
+        await mgr.keep_lease(lease)
+
+
+class _Stopping(Exception):
+    """SIGTERM/SIGINT: leave everything in place and exit 0."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        flags = parse_flags(args, os.environ)
+    except HelpRequested:
+        print(help_text(), file=sys.stderr)
+        return EXIT_OK
+    except ConfigError as e:
+        print(f"flanneld: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if flags.version:
+        print(__version__, file=sys.stderr)
+        return EXIT_OK
+    setup_logging(flags.v)
+    problem = unbuilt_flag_error(flags)
+    if problem:
+        log.error("%s", problem)
+        return EXIT_ERROR
+    log.info("CLI flags config: %s", flags.redacted())
+    try:
+        return asyncio.run(Daemon(flags).run())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

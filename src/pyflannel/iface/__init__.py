@@ -1,0 +1,1 @@
+"""Choosing the external interface and the addresses a node publishes (upstream §1.2)."""

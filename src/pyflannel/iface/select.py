@@ -1,0 +1,175 @@
+"""External interface selection, as upstream's LookupExtIface.
+
+Order: each --iface (a name or an address), each --iface-regex (matched against every
+interface's addresses, then names), then --iface-can-reach; with none of them, the
+interface owning --public-ip, else the default-route interface. The first address on
+the chosen interface is picked after sorting: global before link-local, permanent before
+dynamic, non-temporary before temporary, deprecated dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+
+IFA_F_TEMPORARY = 0x01
+IFA_F_DEPRECATED = 0x20
+IFA_F_PERMANENT = 0x80
+
+
+class InterfaceError(Exception):
+    """No usable external interface; the message says which option to set."""
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The interface flannel talks to peers on, and the addresses it publishes."""
+
+    name: str
+    index: int
+    mtu: int
+    iface_addr: IPv4Address | None
+    ext_addr: IPv4Address | None
+    iface_addr6: IPv6Address | None = None
+    ext_addr6: IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class _Link:
+    index: int
+    name: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class _Addr:
+    index: int
+    ip: IPv4Address | IPv6Address
+    flags: int
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name) if hasattr(msg, "get_attr") else msg.get(name)
+
+
+def sort_addresses(addrs: Sequence[_Addr]) -> list[_Addr]:
+    usable = [a for a in addrs if not a.flags & IFA_F_DEPRECATED]
+    return sorted(usable, key=lambda a: (a.ip.is_link_local, not a.flags & IFA_F_PERMANENT,
+                                         bool(a.flags & IFA_F_TEMPORARY)))
+
+
+async def _inventory(ipr: AsyncIPRoute) -> tuple[list[_Link], list[_Addr]]:
+    links = [
+        _Link(m["index"], _attr(m, "IFLA_IFNAME"), _attr(m, "IFLA_MTU") or 0)
+        async for m in await ipr.link("dump")
+    ]
+    addrs: list[_Addr] = []
+    async for m in await ipr.addr("dump"):
+        raw = _attr(m, "IFA_ADDRESS") or _attr(m, "IFA_LOCAL")
+        if raw is None:
+            continue
+        flags = _attr(m, "IFA_FLAGS")
+        addrs.append(_Addr(m["index"], ip_address(raw), flags if flags is not None
+                           else m["flags"]))
+    return links, addrs
+
+
+async def _default_route_index(ipr: AsyncIPRoute, family: int) -> int | None:
+    async for r in await ipr.route("dump", family=family, table=254):
+        if r["dst_len"] == 0 and _attr(r, "RTA_OIF") is not None:
+            return int(_attr(r, "RTA_OIF"))
+    return None
+
+
+def _first(addrs: Sequence[_Addr], index: int, version: int) -> Any:
+    cands = sort_addresses([a for a in addrs if a.index == index and a.ip.version == version])
+    return cands[0].ip if cands else None
+
+
+async def find_external_interface(
+    *,
+    ifaces: Sequence[str] = (),
+    iface_regexes: Sequence[str] = (),
+    can_reach: str = "",
+    public_ip: IPv4Address | None = None,
+    public_ipv6: IPv6Address | None = None,
+    ipv4: bool = True,
+    ipv6: bool = False,
+) -> ExternalInterface:
+    async with AsyncIPRoute() as ipr:
+        links, addrs = await _inventory(ipr)
+        by_index = {link.index: link for link in links}
+        by_name = {link.name: link for link in links}
+        chosen: _Link | None = None
+        if ifaces or iface_regexes or can_reach:
+            for spec in ifaces:
+                try:
+                    ip = ip_address(spec)
+                except ValueError:
+                    chosen = by_name.get(spec)
+                else:
+                    owner = next((a.index for a in addrs if a.ip == ip), None)
+                    chosen = by_index.get(owner) if owner is not None else None
+                if chosen:
+                    break
+            if chosen is None:
+                for pattern in iface_regexes:
+                    rx = re.compile(pattern)
+                    owner = next((a.index for a in addrs if rx.search(str(a.ip))), None)
+                    if owner is None:
+                        owner = next((link.index for link in links if rx.search(link.name)), None)
+                    if owner is not None:
+                        chosen = by_index.get(owner)
+                        break
+            if chosen is None and can_reach:
+                target = ip_address(can_reach)
+                routes = await ipr.route("get", dst=str(target))
+                oif = _attr(routes[0], "RTA_OIF") if routes else None
+                chosen = by_index.get(int(oif)) if oif is not None else None
+            if chosen is None:
+                raise InterfaceError(
+                    "Failed to find interface to use that matches the interfaces and/or regexes "
+                    "provided (check --iface / --iface-regex / --iface-can-reach against "
+                    "`ip addr` on this node)")
+        else:
+            pub = public_ip if public_ip is not None else public_ipv6
+            if pub is not None:
+                owner = next((a.index for a in addrs if a.ip == pub), None)
+                if owner is None:
+                    raise InterfaceError(
+                        f"Failed to find any valid interface to use: --public-ip {pub} is not on "
+                        "a local interface; if it is a NAT address, also set --iface")
+                chosen = by_index[owner]
+            else:
+                idx = await _default_route_index(ipr, socket.AF_INET if ipv4 else socket.AF_INET6)
+                if idx is None:
+                    raise InterfaceError(
+                        "Failed to find any valid interface to use: failed to get default "
+                        "interface: unable to find default route (set --iface to the interface "
+                        "that connects the nodes)")
+                chosen = by_index[idx]
+                if ipv4 and ipv6:
+                    idx6 = await _default_route_index(ipr, socket.AF_INET6)
+                    if idx6 is not None and idx6 != idx:
+                        raise InterfaceError(
+                            "the IPv4 and IPv6 default routes use different interfaces; set "
+                            "--iface")
+    if chosen.mtu == 0:
+        raise InterfaceError(f"interface {chosen.name} has MTU 0")
+    a4 = _first(addrs, chosen.index, 4) if ipv4 else None
+    a6 = _first(addrs, chosen.index, 6) if ipv6 else None
+    if ipv4 and a4 is None:
+        raise InterfaceError(f"interface {chosen.name} has no IPv4 address; set --iface")
+    if ipv6 and a6 is None:
+        raise InterfaceError(f"interface {chosen.name} has no global IPv6 address; set --iface")
+    return ExternalInterface(
+        name=chosen.name, index=chosen.index, mtu=chosen.mtu,
+        iface_addr=a4, ext_addr=public_ip if public_ip is not None else a4,
+        iface_addr6=a6, ext_addr6=public_ipv6 if public_ipv6 is not None else a6,
+    )

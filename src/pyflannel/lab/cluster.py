@@ -1,0 +1,249 @@
+"""A flannel cluster on one machine: every node is a network namespace.
+
+Topology: a "switch" namespace holds a Linux bridge (one L2 segment) and the etcd
+server; each node namespace has `eth0`, a veth whose other end is a port of that
+bridge, an address on the segment and a default route via the switch, so flanneld's
+default-interface detection works as on a real node. Nothing is created in the root
+namespace; `close()` removes every namespace, process and temporary file, also after
+a failure half-way through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyflannel.lab.etcd import EtcdServer
+from pyflannel.lab.netns import NetNamespace, veth_between
+
+SEGMENT = IPv4Network("192.168.77.0/24")
+SWITCH_ADDR = IPv4Address("192.168.77.254")
+
+
+@dataclass
+class LabNode:
+    index: int
+    ns: NetNamespace
+    addr: IPv4Address
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"node{self.index}"
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.workdir / "subnet.env"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "flanneld.log"
+
+    def routes(self, *args: str) -> str:
+        return self.ns.ip("route", "show", *args).stdout
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text()
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """Build with `Cluster(...)`, then `start()`; always `close()` (or use `with`)."""
+
+    def __init__(self, *, nodes: int = 3, network: str = "10.244.0.0/16",
+                 netconf: dict[str, Any] | None = None, prefix: str = "/coreos.com/network",
+                 flanneld_args: Sequence[str] = (), name: str = "pfl") -> None:
+        self.initial_nodes = nodes
+        self.netconf = netconf or {"Network": network, "Backend": {"Type": "host-gw"}}
+        self.prefix = prefix
+        self.flanneld_args = list(flanneld_args)
+        self.name = name
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-lab-"))
+        self.switch: NetNamespace | None = None
+        self.etcd: EtcdServer | None = None
+        self.nodes: dict[int, LabNode] = {}
+        self._next_index = 1
+
+    # -- building -----------------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.switch = NetNamespace.create(f"{self.name}-sw")
+        sw = self.switch
+        sw.ip("link", "add", "br0", "type", "bridge")
+        sw.ip("addr", "add", f"{SWITCH_ADDR}/{SEGMENT.prefixlen}", "dev", "br0")
+        sw.ip("link", "set", "br0", "up")
+        self.etcd = EtcdServer(netns=sw, host=str(SWITCH_ADDR), data_root=self.workdir)
+        self.etcd.start()
+        self.etcd.wait_ready()
+        self.put_netconf(self.netconf)
+        for _ in range(self.initial_nodes):
+            self.add_node()
+
+    def put_netconf(self, netconf: dict[str, Any]) -> None:
+        assert self.etcd is not None
+        self.etcd.etcdctl("put", f"{self.prefix}/config", json.dumps(netconf))
+
+    @property
+    def etcd_endpoint(self) -> str:
+        assert self.etcd is not None
+        return self.etcd.client_url
+
+    def add_node(self, *, start: bool = True, extra_args: Sequence[str] = ()) -> LabNode:
+        assert self.switch is not None
+        idx = self._next_index
+        self._next_index += 1
+        ns = NetNamespace.create(f"{self.name}-n{idx}")
+        addr = SEGMENT.network_address + idx
+        veth_between(ns, "eth0", self.switch, f"p{idx}")
+        self.switch.ip("link", "set", f"p{idx}", "master", "br0")
+        ns.ip("addr", "add", f"{addr}/{SEGMENT.prefixlen}", "dev", "eth0")
+        ns.ip("route", "add", "default", "via", str(SWITCH_ADDR))
+        # A node forwards pod traffic; per-namespace sysctl, the root namespace is untouched.
+        ns.sysctl("net.ipv4.ip_forward", "1")
+        workdir = self.workdir / f"node{idx}"
+        workdir.mkdir()
+        node = LabNode(idx, ns, addr, workdir, extra_args=list(extra_args))
+        self.nodes[idx] = node
+        if start:
+            self.start_daemon(node)
+        return node
+
+    def flanneld_argv(self, node: LabNode) -> list[str]:
+        return [sys.executable, "-m", "pyflannel.daemon.main",
+                f"--etcd-endpoints={self.etcd_endpoint}", f"--etcd-prefix={self.prefix}",
+                f"--subnet-file={node.subnet_file}", *self.flanneld_args, *node.extra_args]
+
+    def start_daemon(self, node: LabNode) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            return
+        with open(node.log_file, "ab") as logf:
+            node.proc = subprocess.Popen(node.ns.exec_args(*self.flanneld_argv(node)),
+                                         stdout=logf, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def stop_daemon(self, node: LabNode, *, sig: int = signal.SIGTERM,
+                    timeout: float = 10) -> int | None:
+        if node.proc is None:
+            return None
+        if node.proc.poll() is None:
+            node.proc.send_signal(sig)
+            try:
+                node.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+        rc = node.proc.returncode
+        node.proc = None
+        return rc
+
+    def remove_node(self, node: LabNode, *, delete_lease: bool = True) -> None:
+        self.stop_daemon(node)
+        if delete_lease:
+            key = self.lease_key_of(node)
+            if key:
+                self.etcdctl("del", key)
+        node.ns.delete()
+        self.nodes.pop(node.index, None)
+
+    # -- looking ------------------------------------------------------------------------
+
+    def etcdctl(self, *args: str) -> str:
+        assert self.etcd is not None
+        return str(self.etcd.etcdctl(*args))
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Lease key -> lease JSON, straight from etcd."""
+        out = self.etcdctl("get", "--prefix", f"{self.prefix}/subnets/").splitlines()
+        return {out[i]: json.loads(out[i + 1]) for i in range(0, len(out) - 1, 2)}
+
+    def lease_key_of(self, node: LabNode) -> str | None:
+        for key, attrs in self.leases().items():
+            if attrs.get("PublicIP") == str(node.addr):
+                return key
+        return None
+
+    def subnet_of(self, node: LabNode) -> IPv4Network | None:
+        try:
+            for line in node.subnet_file.read_text().splitlines():
+                if line.startswith("FLANNEL_SUBNET="):
+                    return IPv4Network(line.split("=", 1)[1], strict=False)
+        except OSError:
+            return None
+        return None
+
+    def expected_routes(self, node: LabNode) -> set[tuple[str, str]]:
+        """(subnet, gateway) host-gw routes `node` should have: one per other node."""
+        return {(str(self.subnet_of(o)), str(o.addr)) for o in self.nodes.values()
+                if o is not node and self.subnet_of(o) is not None}
+
+    def flannel_routes(self, node: LabNode) -> set[tuple[str, str]]:
+        """(dst, gateway) of the routes inside the cluster network on eth0."""
+        network = IPv4Network(self.netconf["Network"])
+        out = set()
+        for line in node.routes("dev", "eth0").splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "via" and "/" in parts[0]:
+                dst = IPv4Network(parts[0])
+                if dst.subnet_of(network):
+                    out.add((parts[0], parts[2]))
+        return out
+
+    def wait_until(self, cond: Callable[[], bool], timeout: float = 20, interval: float = 0.05,
+                   what: str = "condition") -> float:
+        """Wait for `cond`; returns the seconds it took, raises with the daemons' logs."""
+        start = time.monotonic()
+        while True:
+            if cond():
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                logs = "\n".join(f"--- {n.name} ---\n{n.log()[-3000:]}" for n in
+                                 self.nodes.values())
+                raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+            time.sleep(interval)
+
+    def converged(self) -> bool:
+        return all(self.subnet_of(n) is not None for n in self.nodes.values()) and all(
+            self.flannel_routes(n) == self.expected_routes(n) for n in self.nodes.values())
+
+    # -- tearing down -------------------------------------------------------------------
+
+    def close(self) -> None:
+        for node in list(self.nodes.values()):
+            try:
+                self.stop_daemon(node, timeout=5)
+            finally:
+                node.ns.delete()
+        self.nodes.clear()
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
+        if self.switch is not None:
+            self.switch.delete()
+            self.switch = None
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Reconcilers: compute the difference between desired and kernel state, apply only that."""
