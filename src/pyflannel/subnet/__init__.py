@@ -1,0 +1,1 @@
+"""Subnet leases: the subnet managers (etcd, kube) and the subnet.env file they lead to."""
