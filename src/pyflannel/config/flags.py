@@ -267,24 +267,20 @@ def _invalid(value: str, flag: str, expected: str) -> ConfigError:
 
 
 def _convert(spec: FlagSpec, value: str) -> str | bool | int:
-    """Turn one textual value into the flag's type, or raise a ConfigError naming the flag."""
+    """Turn one textual value into the flag's type; ValueError carries what was expected."""
     if spec.kind == "bool":
         try:
             return parse_go_bool(value)
         except ValueError:
-            raise _invalid(value, spec.name,
-                           "expected a boolean (1, 0, t, f, true, false)") from None
-    if spec.kind == "int":
+            raise ValueError("expected a boolean (1, 0, t, f, true, false)") from None
+    if spec.kind in ("int", "level"):
         try:
+            # klog's Level.Set (-v) is ParseInt(value, 10, 32); flag's Int is base 0, 64 bit.
+            if spec.kind == "level":
+                return parse_go_int(value, base0=False, bits=32)
             return parse_go_int(value)
         except ValueError:
-            raise _invalid(value, spec.name, "expected an integer") from None
-    if spec.kind == "level":
-        # klog's Level.Set is ParseInt(value, 10, 32).
-        try:
-            return parse_go_int(value, base0=False, bits=32)
-        except ValueError:
-            raise _invalid(value, spec.name, "expected an integer") from None
+            raise ValueError("expected an integer") from None
     return value
 
 
@@ -344,7 +340,10 @@ def parse_flags(argv: Sequence[str], env: Mapping[str, str]) -> Flags:
     """
     values: dict[str, str | bool | int | tuple[str, ...]] = {}
     for spec, raw in _scan_argv(argv):
-        converted = _convert(spec, raw)
+        try:
+            converted = _convert(spec, raw)
+        except ValueError as exc:
+            raise _invalid(raw, spec.name, str(exc)) from None
         if spec.kind == "list":
             previous = values.get(spec.attr, ())
             assert isinstance(previous, tuple)
@@ -360,8 +359,9 @@ def parse_flags(argv: Sequence[str], env: Mapping[str, str]) -> Flags:
             continue
         try:
             converted = _convert(spec, raw)
-        except ConfigError as exc:
-            raise ConfigError(f'invalid value "{raw}" for {spec.env_name}: {exc}') from None
+        except ValueError as exc:
+            raise ConfigError(f'invalid value "{raw}" for {spec.env_name} '
+                              f"(flag -{spec.name}): {exc}") from None
         values[spec.attr] = (raw,) if spec.kind == "list" else converted
 
     endpoints = values.pop("etcd_endpoints", DEFAULT_ETCD_ENDPOINTS)
@@ -381,7 +381,8 @@ def _check_ip(value: str, flag: str, version: int) -> None:
         addr = ipaddress.ip_address(value)
     except ValueError:
         addr = None
-    if addr is None or addr.version != version:
+    # Go's net.ParseIP knows no zones ("fe80::1%eth0").
+    if addr is None or addr.version != version or "%" in value:
         raise _invalid(value, flag, f"expected an IPv{version} address")
 
 
