@@ -27,8 +27,7 @@ from typing import Any
 from pyflannel.lab.etcd import EtcdServer
 from pyflannel.lab.netns import NetNamespace, veth_between
 
-SEGMENT = IPv4Network("192.168.77.0/24")
-SWITCH_ADDR = IPv4Address("192.168.77.254")
+DEFAULT_SEGMENT = "192.168.77.0/24"
 
 
 @dataclass
@@ -67,7 +66,11 @@ class Cluster:
 
     def __init__(self, *, nodes: int = 3, network: str = "10.244.0.0/16",
                  netconf: dict[str, Any] | None = None, prefix: str = "/coreos.com/network",
-                 flanneld_args: Sequence[str] = (), name: str = "pfl") -> None:
+                 flanneld_args: Sequence[str] = (), name: str = "pfl",
+                 segment: str = DEFAULT_SEGMENT) -> None:
+        # The nodes' L2 segment; the switch namespace takes its last address.
+        self.segment = IPv4Network(segment)
+        self.switch_addr = IPv4Address(int(self.segment.broadcast_address) - 1)
         self.initial_nodes = nodes
         self.netconf = netconf or {"Network": network, "Backend": {"Type": "host-gw"}}
         self.prefix = prefix
@@ -96,11 +99,10 @@ class Cluster:
         self.switch = NetNamespace.create(f"{self.name}-sw")
         sw = self.switch
         sw.ip("link", "add", "br0", "type", "bridge")
-        sw.ip("addr", "add", f"{SWITCH_ADDR}/{SEGMENT.prefixlen}", "dev", "br0")
+        sw.ip("addr", "add", f"{self.switch_addr}/{self.segment.prefixlen}", "dev", "br0")
         sw.ip("link", "set", "br0", "up")
-        self.etcd = EtcdServer(netns=sw, host=str(SWITCH_ADDR), data_root=self.workdir)
+        self.etcd = EtcdServer(netns=sw, host=str(self.switch_addr))
         self.etcd.start()
-        self.etcd.wait_ready()
         self.put_netconf(self.netconf)
         for _ in range(self.initial_nodes):
             self.add_node()
@@ -119,11 +121,11 @@ class Cluster:
         idx = self._next_index
         self._next_index += 1
         ns = NetNamespace.create(f"{self.name}-n{idx}")
-        addr = SEGMENT.network_address + idx
+        addr = self.segment.network_address + idx
         veth_between(ns, "eth0", self.switch, f"p{idx}")
         self.switch.ip("link", "set", f"p{idx}", "master", "br0")
-        ns.ip("addr", "add", f"{addr}/{SEGMENT.prefixlen}", "dev", "eth0")
-        ns.ip("route", "add", "default", "via", str(SWITCH_ADDR))
+        ns.ip("addr", "add", f"{addr}/{self.segment.prefixlen}", "dev", "eth0")
+        ns.ip("route", "add", "default", "via", str(self.switch_addr))
         # A node forwards pod traffic; per-namespace sysctl, the root namespace is untouched.
         ns.sysctl("net.ipv4.ip_forward", "1")
         workdir = self.workdir / f"node{idx}"
@@ -241,7 +243,7 @@ class Cluster:
                 node.ns.delete()
         self.nodes.clear()
         if self.etcd is not None:
-            self.etcd.stop()
+            self.etcd.close()
             self.etcd = None
         if self.switch is not None:
             self.switch.delete()

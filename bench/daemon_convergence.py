@@ -1,0 +1,161 @@
+"""Benchmark: one flanneld started against N existing leases (host-gw).
+
+Measures, in the same run and topology (a node namespace on a /16 segment, so every
+peer gateway is on-link, and a real etcd in a switch namespace):
+  * baseline: `ip -batch` adding the same N routes (the kernel's own cost; distinct
+    gateways make it quadratic in the kernel, see performance-facts.md §1.2);
+  * flanneld: from process start until the kernel holds all N routes, and its peak RSS.
+Prints medians over the repetitions and the ratio flanneld / ip -batch.
+
+Run as root:  .venv/bin/python bench/daemon_convergence.py [--sizes 1000,10000] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from pyflannel.lab.cluster import Cluster
+from pyflannel.lab.netns import NetNamespace, veth_between
+
+NETWORK = IPv4Network("10.0.0.0/8")
+SEGMENT = "172.20.0.0/16"
+PREFIX = "/coreos.com/network"
+
+
+def peer(i: int) -> tuple[IPv4Network, IPv4Address]:
+    """The i-th peer: subnet 10.x.y.0/24 and a gateway on the /16 segment."""
+    subnet = IPv4Network((int(IPv4Address("10.1.0.0")) + (i << 8), 24))
+    gw = IPv4Address(int(IPv4Address("172.20.1.0")) + i)
+    return subnet, gw
+
+
+async def seed(endpoint: str, n: int) -> None:
+    """Writes N leases as upstream nodes would (one shared etcd lease for speed)."""
+    import httpx
+
+    def b64(s: str) -> str:
+        return base64.b64encode(s.encode()).decode()
+
+    async with httpx.AsyncClient(base_url=endpoint, timeout=30) as c:
+        lease = (await c.post("/v3/lease/grant", json={"TTL": 86400})).json()["ID"]
+        ops = []
+        for i in range(n):
+            subnet, gw = peer(i)
+            key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+            val = json.dumps({"PublicIP": str(gw), "PublicIPv6": None,
+                              "BackendType": "host-gw"}, separators=(",", ":"))
+            ops.append({"requestPut": {"key": b64(key), "value": b64(val), "lease": lease}})
+        for i in range(0, len(ops), 128):  # etcd's default --max-txn-ops
+            r = await c.post("/v3/kv/txn", json={"success": ops[i:i + 128]})
+            r.raise_for_status()
+
+
+def count_routes(ns: NetNamespace) -> int:
+    out = ns.ip("-4", "route", "show", "dev", "eth0").stdout
+    return sum(1 for line in out.splitlines() if line.startswith("10.") and " via " in line)
+
+
+def ip_batch_baseline(n: int) -> float:
+    """Seconds for `ip -batch` to add the N routes in a fresh namespace."""
+    a = NetNamespace.create("pfb-ipb")
+    b = NetNamespace.create("pfb-ipp")
+    try:
+        veth_between(a, "eth0", b, "eth0p")
+        a.ip("addr", "add", "172.20.0.1/16", "dev", "eth0")
+        with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+            for i in range(n):
+                subnet, gw = peer(i)
+                f.write(f"route add {subnet} via {gw} dev eth0\n")
+        t0 = time.perf_counter()
+        subprocess.run(["ip", "-n", a.name, "-batch", f.name], check=True)
+        took = time.perf_counter() - t0
+        os.unlink(f.name)
+        assert count_routes(a) == n
+        return took
+    finally:
+        a.delete()
+        b.delete()
+
+
+def flanneld_run(n: int) -> tuple[float, float, float]:
+    """(seconds to all N routes, seconds of which were before the daemon's first route,
+    peak RSS MiB) for one daemon start against N leases."""
+    netconf = {"Network": str(NETWORK), "SubnetLen": 24, "Backend": {"Type": "host-gw"}}
+    with Cluster(nodes=0, name="pfb", netconf=netconf, segment=SEGMENT) as cl:
+        assert cl.switch is not None and cl.etcd is not None
+        cl.switch.run(sys.executable, __file__, "--seed", cl.etcd_endpoint, str(n),
+                      timeout=600)
+        node = cl.add_node(start=False)
+        t0 = time.perf_counter()
+        cl.start_daemon(node)
+        assert node.proc is not None
+        pid = node.proc.pid
+        first = None
+        hwm = 0.0
+        while True:
+            c = count_routes(node.ns)
+            now = time.perf_counter()
+            if c and first is None:
+                first = now - t0
+            hwm = max(hwm, vm_hwm_mib(pid))
+            if c >= n:
+                break
+            if now - t0 > 900 or node.proc.poll() is not None:
+                raise RuntimeError(f"flanneld did not converge ({c}/{n}):\n{node.log()[-3000:]}")
+            time.sleep(0.02)
+        took = time.perf_counter() - t0
+        time.sleep(1.0)  # let it settle, then read the high-water mark once more
+        hwm = max(hwm, vm_hwm_mib(pid))
+        return took, first or took, hwm
+
+
+def vm_hwm_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--seed":
+        asyncio.run(seed(sys.argv[2], int(sys.argv[3])))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'N':>6} {'ip -batch s':>12} {'flanneld s':>11} {'ratio':>6} "
+          f"{'first route s':>14} {'peak RSS MiB':>13}")
+    for n in (int(x) for x in args.sizes.split(",")):
+        base, ours, first, rss = [], [], [], []
+        for _ in range(args.reps):  # interleaved, so load drift hits both alike
+            base.append(ip_batch_baseline(n))
+            t, f0, h = flanneld_run(n)
+            ours.append(t)
+            first.append(f0)
+            rss.append(h)
+        mb, mo = statistics.median(base), statistics.median(ours)
+        print(f"{n:>6} {mb:>12.3f} {mo:>11.3f} {mo / mb:>6.2f} {statistics.median(first):>14.3f} "
+              f"{max(rss):>13.1f}", flush=True)
+        print(f"        runs: ip -batch {[round(x, 3) for x in base]}  "
+              f"flanneld {[round(x, 3) for x in ours]}  RSS {[round(x, 1) for x in rss]}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

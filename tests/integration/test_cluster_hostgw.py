@@ -1,0 +1,186 @@
+"""The real flanneld on a real etcd, three or more nodes in network namespaces.
+
+Each test builds its own cluster (lab.Cluster) and removes it, also when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pyflannel.lab.cluster import Cluster
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd (scripts/setup.sh)"),
+    pytest.mark.etcd,
+]
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with Cluster(nodes=3, name="pft") as cl:
+        cl.wait_until(cl.converged, timeout=60, what="initial convergence")
+        yield cl
+
+
+def test_every_node_routes_to_every_other_node(cluster: Cluster) -> None:
+    subnets = {cluster.subnet_of(n) for n in cluster.nodes.values()}
+    assert len(subnets) == 3 and None not in subnets
+    for node in cluster.nodes.values():
+        assert cluster.flannel_routes(node) == cluster.expected_routes(node)
+        assert len(cluster.flannel_routes(node)) == 2
+        # exactly upstream's shape: `<subnet> via <peer> dev eth0` (proto boot is hidden)
+        for subnet, gw in cluster.expected_routes(node):
+            assert f"{subnet} via {gw} dev eth0 \n" in node.routes() + " \n" or \
+                f"{subnet} via {gw} dev eth0" in node.routes().splitlines()
+    # the lease JSON in etcd is upstream's, byte for byte
+    for key, attrs in cluster.leases().items():
+        assert key.startswith("/coreos.com/network/subnets/10.244.")
+        assert list(attrs) == ["PublicIP", "PublicIPv6", "BackendType"]
+        assert attrs["PublicIPv6"] is None and attrs["BackendType"] == "host-gw"
+
+
+def test_subnet_env_has_upstreams_bytes(cluster: Cluster) -> None:
+    node = cluster.nodes[1]
+    subnet = cluster.subnet_of(node)
+    assert subnet is not None
+    assert node.subnet_file.read_bytes() == (
+        f"FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={subnet.network_address + 1}/24\n"
+        "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n").encode()
+    assert oct(node.subnet_file.stat().st_mode & 0o777) == "0o644"
+
+
+def test_node_joining_and_leaving_is_seen_everywhere(cluster: Cluster) -> None:
+    new = cluster.add_node()
+    cluster.wait_until(cluster.converged, what="the new node's routes everywhere")
+    assert all(len(cluster.flannel_routes(n)) == 3 for n in cluster.nodes.values())
+    new_subnet = str(cluster.subnet_of(new))
+    cluster.remove_node(new)  # stops its daemon and deletes its lease
+    cluster.wait_until(cluster.converged, what="the departed node's routes gone")
+    for n in cluster.nodes.values():
+        assert new_subnet not in {dst for dst, _ in cluster.flannel_routes(n)}
+
+
+def test_revoked_lease_stops_the_daemon_with_a_clear_message(cluster: Cluster) -> None:
+    node = cluster.nodes[3]
+    key = cluster.lease_key_of(node)
+    assert key
+    cluster.etcdctl("del", key)
+    assert node.proc is not None
+    rc = node.proc.wait(timeout=20)
+    assert rc != 0
+    assert "Lease has been revoked. Shutting down daemon." in node.log()
+    others = [n for n in cluster.nodes.values() if n is not node]
+    cluster.wait_until(lambda: all(len(cluster.flannel_routes(n)) == 1 for n in others),
+                       what="the revoked subnet's route removed from the peers")
+
+
+def test_hand_deleted_route_is_restored_by_the_event_path(cluster: Cluster) -> None:
+    node = cluster.nodes[1]
+    subnet, gw = sorted(cluster.expected_routes(node))[0]
+    for _ in range(3):
+        node.ns.ip("route", "del", subnet)
+        t0 = time.monotonic()
+        cluster.wait_until(lambda: (subnet, gw) in cluster.flannel_routes(node), timeout=5,
+                           interval=0.01, what="the deleted route to come back")
+        took = time.monotonic() - t0
+        print(f"route restored after {took * 1000:.0f} ms")
+    # it was the netlink event, not the 10 s periodic resync, that repaired it
+    assert "was deleted by someone else; restoring it" in node.log()
+    # a route altered by hand (another gateway) is put back too
+    other = "192.168.77.200"
+    node.ns.ip("route", "replace", subnet, "via", other, "dev", "eth0")
+    cluster.wait_until(lambda: (subnet, gw) in cluster.flannel_routes(node), timeout=5,
+                       what="the altered route to be corrected")
+
+
+def test_stale_routes_are_removed_at_start_and_foreign_routes_kept(cluster: Cluster) -> None:
+    node = cluster.nodes[2]
+    cluster.stop_daemon(node)
+    # a node that left while this daemon was down, and routes that are not ours
+    node.ns.ip("route", "add", "10.244.250.0/24", "via", "192.168.77.99", "dev", "eth0")
+    node.ns.ip("route", "add", "10.99.0.0/24", "via", "192.168.77.98", "dev", "eth0")
+    cluster.start_daemon(node)
+    cluster.wait_until(cluster.converged, what="the stale route removed")
+    assert "10.99.0.0/24 via 192.168.77.98 dev eth0" in node.routes()
+
+
+def test_restart_removes_no_route(cluster: Cluster) -> None:
+    node = cluster.nodes[1]
+    before = cluster.flannel_routes(node)
+    mon = subprocess.Popen(node.ns.exec_args("ip", "monitor", "route"), stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        time.sleep(0.3)
+        assert cluster.stop_daemon(node) == 0
+        assert cluster.flannel_routes(node) == before  # SIGTERM leaves routes in place
+        assert node.subnet_file.exists() and cluster.lease_key_of(node)
+        cluster.start_daemon(node)
+        cluster.wait_until(lambda: "flannel is ready" in node.log().split("Exiting cleanly")[-1],
+                           what="the restarted daemon to be ready")
+        time.sleep(1.5)
+    finally:
+        mon.terminate()
+        out, _ = mon.communicate(timeout=5)
+    assert "Deleted" not in out, out
+    assert cluster.flannel_routes(node) == before
+
+
+def test_etcd_outage_keeps_routes_and_the_watch_resumes(cluster: Cluster) -> None:
+    assert cluster.etcd is not None
+    before = {n.index: cluster.flannel_routes(n) for n in cluster.nodes.values()}
+    cluster.etcd.stop()
+    new = cluster.add_node()  # its daemon waits for etcd
+    time.sleep(10)
+    assert {n.index: cluster.flannel_routes(n) for n in cluster.nodes.values()
+            if n is not new} == before
+    cluster.etcd.start_again()
+    cluster.wait_until(cluster.converged, timeout=40,
+                       what="the lease added after the outage to be routed everywhere")
+    assert all(len(cluster.flannel_routes(n)) == 3 for n in cluster.nodes.values())
+
+
+def test_health_endpoints() -> None:
+    with Cluster(nodes=1, name="pft", flanneld_args=["--healthz-ip=127.0.0.1",
+                                                     "--healthz-port=18081"]) as cl:
+        node = cl.nodes[1]
+        cl.wait_until(lambda: cl.subnet_of(node) is not None, what="the lease")
+
+        def get(path: str) -> tuple[int, str]:
+            out = node.ns.run(sys.executable, "-c",
+                              "import urllib.request, urllib.error\n"
+                              "try:\n r=urllib.request.urlopen('http://127.0.0.1:18081"
+                              + path + "');print(r.status);print(r.read().decode())\n"
+                              "except urllib.error.HTTPError as e:\n print(e.code)",
+                              check=False).stdout.splitlines()
+            return int(out[0]), "\n".join(out[1:])
+
+        cl.wait_until(lambda: get("/readyz")[0] == 200, what="/readyz")
+        assert get("/healthz") == (200, "flanneld is running")
+        assert get("/readyz") == (200, "flanneld is ready")
+        code, metrics = get("/metrics")
+        assert code == 200 and "flannel_routes_programmed" in metrics
+
+
+def test_racing_daemons_get_distinct_leases() -> None:
+    # Only two subnets exist: two daemons starting together must not both take one.
+    netconf = {"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0",
+               "SubnetMax": "10.244.2.0", "Backend": {"Type": "host-gw"}}
+    with Cluster(nodes=0, name="pft", netconf=netconf) as cl:
+        for _round in range(3):
+            a, b = cl.add_node(start=False), cl.add_node(start=False)
+            cl.start_daemon(a)
+            cl.start_daemon(b)
+            cl.wait_until(lambda a=a, b=b: cl.subnet_of(a) is not None  # type: ignore[misc]
+                          and cl.subnet_of(b) is not None, what="both leases")
+            assert cl.subnet_of(a) != cl.subnet_of(b)
+            assert len(cl.leases()) == 2
+            cl.remove_node(a)
+            cl.remove_node(b)
