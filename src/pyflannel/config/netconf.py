@@ -235,8 +235,10 @@ def parse_netconf(text: str | bytes) -> NetConf:
     if not isinstance(obj, dict):
         raise NetConfError(f"net-conf.json: expected a JSON object, got {_json_kind(obj)}")
     assert isinstance(obj, _Pairs)
-    # null keeps the default, as Go's decoder does for non-pointer fields.
-    raw = {k: v for k, v in _match_fields(obj, _CONFIG_FIELDS).items() if v is not None}
+    # null keeps the default, as Go's decoder does for plain fields; Backend is raw JSON
+    # in Go, so a null there is "present" (and not an object).
+    raw = {k: v for k, v in _match_fields(obj, _CONFIG_FIELDS).items()
+           if v is not None or k == "Backend"}
     values: dict[str, Any] = {}
     if "Network" in raw:
         values["network"] = _parse_cidr("Network", raw["Network"], 4)
