@@ -58,7 +58,7 @@ def test_invalid_leases_are_refused(bad: Lease, reason: str) -> None:
     t = table()
     d = t.apply(LeaseChanges(upserted=(bad,)))
     assert not t.peers
-    assert len(d.refused) == 1 and reason in d.refused[0][1]
+    assert len(d.refused) == 1 and reason in d.refused[0][1].message
     # logged once: the same refusal again is not reported again
     assert not t.apply(LeaseChanges(upserted=(bad,))).refused
 

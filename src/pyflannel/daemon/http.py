@@ -6,6 +6,7 @@ Upstream answers any method; so do we.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -29,10 +30,8 @@ class HealthServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 3)
-            except TimeoutError:
-                pass
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

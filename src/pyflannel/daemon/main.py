@@ -36,7 +36,12 @@ from pyflannel.netlink import Route, RtMonitor, RtNetlink
 from pyflannel.reconcile.routes import RouteReconciler, RouteScope
 from pyflannel.subnet.etcd.client import EtcdClient, EtcdError
 from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
-from pyflannel.subnet.subnetenv import read_subnet_env, subnet_env_for, write_subnet_env
+from pyflannel.subnet.subnetenv import (
+    SubnetEnv,
+    read_subnet_env,
+    subnet_env_for,
+    write_subnet_env,
+)
 from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_rules
 
 log = logging.getLogger("main")
@@ -134,7 +139,7 @@ class Daemon:
             await mgr.aclose()
 
     async def _run(self, mgr: EtcdSubnetManager, subnet_file: Path,
-                   old_env: object) -> int:
+                   old_env: SubnetEnv | None) -> int:
         f = self.flags
         nc = await self._network_config(mgr)
         log.info("Found network config - Backend type: %s", nc.backend_type)
@@ -195,6 +200,7 @@ class Daemon:
         reconciler = RouteReconciler(nl, RouteScope(oif=ext.index, networks=networks))
         table = LeaseTable(lease.key, policy)
         log.info("Running backend.")
+        rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_leases(mgr, table, reconciler, ext, nc))
@@ -203,21 +209,20 @@ class Daemon:
                 tg.create_task(self._keep_lease(mgr, lease))
                 tg.create_task(self._stop_waiter())
         except* LeaseRevoked:
-            return EXIT_ERROR
+            rc = EXIT_ERROR
         except* _Stopping:
             log.info("Exiting cleanly...")
-            return EXIT_OK
         finally:
             monitor.close()
             nl.close()
-        return EXIT_OK
+        return rc
 
-    async def _setup_traffic(self, nc: NetConf, lease: Lease, old_env: object) -> None:
+    async def _setup_traffic(self, nc: NetConf, lease: Lease,
+                             old_env: SubnetEnv | None) -> None:
         f = self.flags
-        exec_prefix: Sequence[str] = ()
         # The other mode's leftovers go first (upstream PR #2239 does this at start-up).
-        await make_traffic_rules(not nc.enable_nftables, exec_prefix=exec_prefix).cleanup()
-        rules = make_traffic_rules(nc.enable_nftables, exec_prefix=exec_prefix)
+        await make_traffic_rules(not nc.enable_nftables).cleanup()
+        rules = make_traffic_rules(nc.enable_nftables)
         cfg = TrafficConfig(
             network=nc.network if nc.enable_ipv4 else None,
             subnet=lease.subnet if nc.enable_ipv4 else None,
@@ -225,14 +230,15 @@ class Daemon:
             ipv6_subnet=lease.ipv6_subnet if nc.enable_ipv6 else None,
             masquerade=f.ip_masq, forward=f.iptables_forward_rules,
             fully_random=not f.ip_masq_fully_random_disable)
+        # Rules computed from the previous subnet.env are removed if they differ (a new
+        # lease or network after a long downtime).
         previous = None
-        env = old_env
-        if env is not None and getattr(env, "subnet", None) is not None:
+        if old_env is not None and (old_env.subnet or old_env.ipv6_subnet):
             previous = TrafficConfig(
-                network=getattr(env, "network", None), subnet=env.subnet.network,  # type: ignore[attr-defined]
-                ipv6_network=getattr(env, "ipv6_network", None),
-                ipv6_subnet=(env.ipv6_subnet.network  # type: ignore[attr-defined]
-                             if getattr(env, "ipv6_subnet", None) else None),
+                network=old_env.network,
+                subnet=old_env.subnet.network if old_env.subnet else None,
+                ipv6_network=old_env.ipv6_network,
+                ipv6_subnet=old_env.ipv6_subnet.network if old_env.ipv6_subnet else None,
                 masquerade=cfg.masquerade, forward=cfg.forward, fully_random=cfg.fully_random)
         try:
             await rules.ensure(cfg, previous=previous)
@@ -250,8 +256,8 @@ class Daemon:
         desired: dict[str, Route] = {}
         async for update in mgr.updates():
             delta = table.apply(update)
-            for lease, reason in delta.refused:
-                self.metrics.refused_leases.labels(reason=reason.split(" ")[0]).inc()
+            for _lease, reason in delta.refused:
+                self.metrics.refused_leases.labels(reason=reason.kind).inc()
             if not delta.changed and table.synced and reconciler.stats.runs:
                 continue
             for old in delta.removed:

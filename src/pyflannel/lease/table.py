@@ -33,40 +33,51 @@ class LeasePolicy:
     own_public_ipv6: IPv6Address | None = None
 
 
-def refusal(lease: Lease, p: LeasePolicy) -> str | None:
+@dataclass(frozen=True)
+class Refusal:
+    """Why a lease is not routed to: `kind` is a short label for metrics."""
+
+    kind: str
+    message: str
+
+
+def refusal(lease: Lease, p: LeasePolicy) -> Refusal | None:
     """Why `lease` must not be programmed, or None when it is fine."""
     if p.backend_type is not None and lease.attrs.backend_type != p.backend_type:
-        return f"backend type {lease.attrs.backend_type!r} is not ours ({p.backend_type!r})"
+        return Refusal("backend-type", f"backend type {lease.attrs.backend_type!r} is not "
+                       f"ours ({p.backend_type!r})")
     if p.network is not None:
         s = lease.subnet
         if s is None:
-            return "it has no IPv4 subnet"
+            return Refusal("missing-subnet", "it has no IPv4 subnet")
         if not s.subnet_of(p.network):
-            return f"subnet {s} is outside the network {p.network}"
+            return Refusal("outside-network", f"subnet {s} is outside the network {p.network}")
         if p.subnet_len is not None and s.prefixlen != p.subnet_len:
-            return f"subnet {s} is not a /{p.subnet_len}"
+            return Refusal("prefix-length", f"subnet {s} is not a /{p.subnet_len}")
         if p.own_subnet is not None and s.overlaps(p.own_subnet):
-            return f"subnet {s} overlaps our own subnet {p.own_subnet}"
+            return Refusal("own-subnet", f"subnet {s} overlaps our own subnet {p.own_subnet}")
         ip = lease.attrs.public_ip
         if ip == UNSET_IPV4 or ip.is_loopback or ip.is_multicast or ip.is_reserved:
-            return f"public IP {ip} is not a usable unicast address"
+            return Refusal("public-ip", f"public IP {ip} is not a usable unicast address")
         if p.own_public_ip is not None and ip == p.own_public_ip:
-            return f"public IP {ip} is our own"
+            return Refusal("public-ip", f"public IP {ip} is our own")
     if p.ipv6_network is not None:
         s6 = lease.ipv6_subnet
         if s6 is None:
-            return "it has no IPv6 subnet"
+            return Refusal("missing-subnet", "it has no IPv6 subnet")
         if not s6.subnet_of(p.ipv6_network):
-            return f"IPv6 subnet {s6} is outside the network {p.ipv6_network}"
+            return Refusal("outside-network",
+                           f"IPv6 subnet {s6} is outside the network {p.ipv6_network}")
         if p.ipv6_subnet_len is not None and s6.prefixlen != p.ipv6_subnet_len:
-            return f"IPv6 subnet {s6} is not a /{p.ipv6_subnet_len}"
+            return Refusal("prefix-length", f"IPv6 subnet {s6} is not a /{p.ipv6_subnet_len}")
         if p.own_ipv6_subnet is not None and s6.overlaps(p.own_ipv6_subnet):
-            return f"IPv6 subnet {s6} overlaps our own subnet {p.own_ipv6_subnet}"
+            return Refusal("own-subnet",
+                           f"IPv6 subnet {s6} overlaps our own subnet {p.own_ipv6_subnet}")
         ip6 = lease.attrs.public_ipv6
         if ip6 is None or ip6.is_unspecified or ip6.is_loopback or ip6.is_multicast:
-            return f"public IPv6 {ip6} is not a usable unicast address"
+            return Refusal("public-ip", f"public IPv6 {ip6} is not a usable unicast address")
         if p.own_public_ipv6 is not None and ip6 == p.own_public_ipv6:
-            return f"public IPv6 {ip6} is our own"
+            return Refusal("public-ip", f"public IPv6 {ip6} is our own")
     return None
 
 
@@ -77,7 +88,7 @@ class TableDelta:
     changed: set[str] = field(default_factory=set)
     added: list[Lease] = field(default_factory=list)
     removed: list[Lease] = field(default_factory=list)
-    refused: list[tuple[Lease, str]] = field(default_factory=list)
+    refused: list[tuple[Lease, Refusal]] = field(default_factory=list)
 
 
 class LeaseTable:
@@ -123,11 +134,11 @@ class LeaseTable:
             return
         reason = refusal(lease, self.policy)
         if reason is not None:
-            if self._refused.get(key) != reason:
+            if self._refused.get(key) != reason.message:
                 log.warning("Refusing lease %s (public IP %s): %s", key,
-                            lease.attrs.public_ip, reason)
+                            lease.attrs.public_ip, reason.message)
                 delta.refused.append((lease, reason))
-            self._refused[key] = reason
+            self._refused[key] = reason.message
             self._remove(key, delta)
             return
         self._refused.pop(key, None)
