@@ -8,6 +8,7 @@ moved into one at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -68,11 +69,10 @@ class NetNamespace:
     def delete(self) -> None:
         """Delete the namespace, first killing processes still inside it that we started."""
         pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
+        # Only our own processes can be inside a namespace we created and named randomly.
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
         run(["ip", "netns", "del", self.name], check=False)
 
     def __repr__(self) -> str:

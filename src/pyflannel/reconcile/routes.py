@@ -11,6 +11,7 @@ also clears routes of nodes that left while the daemon was down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -150,10 +151,8 @@ class RouteReconciler:
 
     async def run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):  # a timeout means: periodic safety-net pass
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.resync_interval)
-            except TimeoutError:
-                pass  # periodic safety-net pass
             if not self._have_desired:
                 self._dirty.clear()
                 continue
