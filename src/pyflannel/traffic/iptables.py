@@ -21,6 +21,7 @@ from pyflannel.traffic.rules import (
     TrafficConfig,
     desired_iptables,
     iptables_table_drift,
+    is_reconfiguration,
     parse_iptables_save,
     render_iptables_restore,
     render_iptables_table,
@@ -50,13 +51,11 @@ class IptablesRules:
         self._random_fully: dict[IpVersion, bool] = {}
         # Families enabled at the previous ensure; None before the first one.
         self._last_families: frozenset[IpVersion] | None = None
+        self._last_cfg: TrafficConfig | None = None
 
     async def ensure(self, cfg: TrafficConfig, *, previous: TrafficConfig | None = None) -> bool:
         async with self._lock:
-            if previous is not None and previous != cfg:
-                log.info("Network or subnet changed (was %s %s / %s %s); replacing flannel's "
-                         "iptables rules", previous.network, previous.subnet,
-                         previous.ipv6_network, previous.ipv6_subnet)
+            reconfigured = is_reconfiguration(cfg, previous, self._last_cfg)
             changed = False
             for version in self._families_to_check(cfg, previous):
                 plan = await self._plan(cfg, version)
@@ -65,8 +64,11 @@ class IptablesRules:
                 problems, payload, fresh = plan
                 if not payload:
                     continue
-                if fresh:
+                if fresh and self._last_cfg is None:
                     log.info("Adding flannel's IPv%d iptables rules", version)
+                elif reconfigured:
+                    log.info("Network or subnet changed; replacing flannel's IPv%d iptables "
+                             "rules", version)
                 else:
                     log.warning("Some iptables rules are missing; deleting and recreating rules "
                                 "(IPv%d): %s", version, "; ".join(problems))
@@ -74,6 +76,7 @@ class IptablesRules:
                                    "--noflush", "--wait"], stdin=payload)
                 changed = True
             self._last_families = frozenset(v for v in VERSIONS if cfg.family(v) is not None)
+            self._last_cfg = cfg
             return changed
 
     async def drift(self, cfg: TrafficConfig) -> list[str]:
@@ -98,6 +101,7 @@ class IptablesRules:
                     await run_checked([*self._prefix, _binary(version, "iptables-restore"),
                                        "--noflush", "--wait"], stdin=payload)
             self._last_families = None
+            self._last_cfg = None
 
     def _families_to_check(self, cfg: TrafficConfig, previous: TrafficConfig | None
                            ) -> list[IpVersion]:

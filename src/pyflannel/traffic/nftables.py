@@ -20,6 +20,7 @@ from pyflannel.traffic.rules import (
     IpVersion,
     TrafficConfig,
     desired_nft_table,
+    is_reconfiguration,
     nft_table_drift,
     normalise_nft_listing,
     render_nft_script,
@@ -43,13 +44,11 @@ class NftablesRules:
         # resync would see drift and rewrite the table.
         self._listed_as: dict[str, str] = {}
         self._last_families: frozenset[IpVersion] | None = None
+        self._last_cfg: TrafficConfig | None = None
 
     async def ensure(self, cfg: TrafficConfig, *, previous: TrafficConfig | None = None) -> bool:
         async with self._lock:
-            if previous is not None and previous != cfg:
-                log.info("Network or subnet changed (was %s %s / %s %s); replacing flannel's "
-                         "nftables tables", previous.network, previous.subnet,
-                         previous.ipv6_network, previous.ipv6_subnet)
+            reconfigured = is_reconfiguration(cfg, previous, self._last_cfg)
             changes: list[tuple[IpVersion, str | None]] = []
             for version in self._families_to_check(cfg, previous):
                 fam = cfg.family(version)
@@ -61,8 +60,10 @@ class NftablesRules:
                 if self._matches(want, have):
                     continue
                 _family, name = NFT_TABLES[version]
-                if have is None:
+                if have is None and self._last_cfg is None:
                     log.info("Creating nftables table %s", name)
+                elif reconfigured:
+                    log.info("Network or subnet changed; replacing nftables table %s", name)
                 else:
                     log.warning("Some nftables rules are missing; recreating table %s: %s", name,
                                 "; ".join(nft_table_drift(version, want, have)))
@@ -71,6 +72,7 @@ class NftablesRules:
                 await self._apply(render_nft_script(changes))
                 await self._learn_listing(changes)
             self._last_families = frozenset(v for v in VERSIONS if cfg.family(v) is not None)
+            self._last_cfg = cfg
             return bool(changes)
 
     async def drift(self, cfg: TrafficConfig) -> list[str]:
@@ -99,6 +101,7 @@ class NftablesRules:
                          ", ".join(NFT_TABLES[v][1] for v, _ in present))
                 await self._apply(render_nft_script(present))
             self._last_families = None
+            self._last_cfg = None
 
     def _families_to_check(self, cfg: TrafficConfig, previous: TrafficConfig | None
                            ) -> list[IpVersion]:

@@ -78,6 +78,13 @@ class TrafficRules(Protocol):
         ...
 
 
+def is_reconfiguration(cfg: TrafficConfig, previous: TrafficConfig | None,
+                       last: TrafficConfig | None) -> bool:
+    """Whether differences from the kernel are expected (a new lease or config, logged as
+    such) rather than drift made by someone else (logged as a warning)."""
+    return (previous is not None and previous != cfg) or (last is not None and last != cfg)
+
+
 def multicast_of(version: IpVersion) -> str:
     return "224.0.0.0/4" if version == 4 else "ff00::/8"
 
