@@ -177,7 +177,7 @@ class Cluster:
 
     def etcdctl(self, *args: str) -> str:
         assert self.etcd is not None
-        return str(self.etcd.etcdctl(*args))
+        return self.etcd.etcdctl(*args).stdout
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Lease key -> lease JSON, straight from etcd."""
