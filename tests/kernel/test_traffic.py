@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
@@ -370,31 +371,69 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
 """
 
 
+@dataclass
+class RoutedLab:
+    """pod (10.244.1.2, own subnet P) and remote (10.244.2.2, another node's pod in C) hang
+    off `node`, which also reaches outside (192.168.77.2). Pod, outside and remote each run
+    a TCP server that answers every client with the address it saw."""
+
+    pod: NetNamespace
+    node: NetNamespace
+    outside: NetNamespace
+    remote: NetNamespace
+    outside_port: str
+    remote_port: str
+    pod_port: str
+
+    def seen_by_outside(self) -> str:
+        return connect(self.pod, "192.168.77.2", self.outside_port)
+
+    def seen_by_remote(self, client: NetNamespace) -> str:
+        return connect(client, "10.244.2.2", self.remote_port)
+
+
+def connect(client: NetNamespace, host: str, port: str) -> str:
+    return client.run(sys.executable, "-c", CLIENT, host, port).stdout.strip()
+
+
+def start_server(ns: NetNamespace, address: str) -> tuple[subprocess.Popen[str], str]:
+    server = subprocess.Popen(ns.exec_args(sys.executable, "-c", SERVER, address),
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    return server, server.stdout.readline().strip()
+
+
 @pytest.fixture
-def routed_pod(netns_factory: Callable[[str], NetNamespace]
-               ) -> Iterator[tuple[NetNamespace, NetNamespace, NetNamespace, str]]:
-    """pod (10.244.1.2) -> node (10.244.1.1 | 192.168.77.1) -> outside (192.168.77.2),
-    with a TCP server in `outside` answering each client with the address it saw."""
-    pod, node, outside = netns_factory("pfpod"), netns_factory("pfnode"), netns_factory("pfout")
+def lab(netns_factory: Callable[[str], NetNamespace]) -> Iterator[RoutedLab]:
+    pod, node = netns_factory("pfpod"), netns_factory("pfnode")
+    outside, remote = netns_factory("pfout"), netns_factory("pfrem")
     veth_between(pod, "eth0", node, "cni0")
     veth_between(node, "eth1", outside, "eth0")
+    veth_between(node, "eth2", remote, "eth0")
     pod.ip("addr", "add", "10.244.1.2/24", "dev", "eth0")
     pod.ip("route", "add", "default", "via", "10.244.1.1")
     node.ip("addr", "add", "10.244.1.1/24", "dev", "cni0")
     node.ip("addr", "add", "192.168.77.1/24", "dev", "eth1")
+    node.ip("addr", "add", "10.244.2.1/24", "dev", "eth2")
     node.sysctl("net.ipv4.ip_forward", "1")
     outside.ip("addr", "add", "192.168.77.2/24", "dev", "eth0")
     # The outside can route back to pods, so without masquerade it sees the pod address.
     outside.ip("route", "add", str(C4), "via", "192.168.77.1")
-    server = subprocess.Popen(outside.exec_args(sys.executable, "-c", SERVER, "192.168.77.2"),
-                              stdout=subprocess.PIPE, text=True)
+    remote.ip("addr", "add", "10.244.2.2/24", "dev", "eth0")
+    remote.ip("route", "add", "default", "via", "10.244.2.1")
+    servers: list[subprocess.Popen[str]] = []
     try:
-        assert server.stdout is not None
-        port = server.stdout.readline().strip()
-        yield pod, node, outside, port
+        out_server, out_port = start_server(outside, "192.168.77.2")
+        servers.append(out_server)
+        rem_server, rem_port = start_server(remote, "10.244.2.2")
+        servers.append(rem_server)
+        pod_server, pod_port = start_server(pod, "10.244.1.2")
+        servers.append(pod_server)
+        yield RoutedLab(pod, node, outside, remote, out_port, rem_port, pod_port)
     finally:
-        server.kill()
-        server.wait()
+        for server in servers:
+            server.kill()
+            server.wait()
 
 
 # What kube-proxy does for traffic it will masquerade itself: set the 0x4000 bit (here
@@ -409,33 +448,38 @@ table ip kube-mark {
 """
 
 
-def peer_seen(pod: NetNamespace, port: str) -> str:
-    return pod.run(sys.executable, "-c", CLIENT, "192.168.77.2", port).stdout.strip()
-
-
-async def test_masquerade_hides_pod_address_from_the_outside(
-        routed_pod: tuple[NetNamespace, NetNamespace, NetNamespace, str], mode: str) -> None:
-    pod, node, _outside, port = routed_pod
+async def test_masquerade_hides_pod_address_from_the_outside(lab: RoutedLab, mode: str) -> None:
     if mode == "iptables":
         # Docker's FORWARD policy: only flannel's forward rules let pod traffic through.
-        node.run("iptables", "-P", "FORWARD", "DROP")
+        lab.node.run("iptables", "-P", "FORWARD", "DROP")
     else:
-        assert peer_seen(pod, port) == "10.244.1.2"
-    rules = rules_in(node, mode)
-    await rules.ensure(V4_ONLY)
-    assert peer_seen(pod, port) == "192.168.77.1"
+        assert lab.seen_by_outside() == "10.244.1.2"
+    await rules_in(lab.node, mode).ensure(V4_ONLY)
+    assert lab.seen_by_outside() == "192.168.77.1"
+    # Pod to pod stays unNATed: the remote pod sees the real pod address.
+    assert lab.seen_by_remote(lab.pod) == "10.244.1.2"
 
     # Kube-proxy-marked packets are left to kube-proxy: not masqueraded by flannel.
-    node.run("nft", "-f", "-", input=MARK_TO_OUTSIDE)
-    assert peer_seen(pod, port) == "10.244.1.2"
+    lab.node.run("nft", "-f", "-", input=MARK_TO_OUTSIDE)
+    assert lab.seen_by_outside() == "10.244.1.2"
 
 
-async def test_forward_rules_let_pod_traffic_through_drop_policy(
-        routed_pod: tuple[NetNamespace, NetNamespace, NetNamespace, str]) -> None:
-    pod, node, _outside, port = routed_pod
-    node.run("iptables", "-P", "FORWARD", "DROP")
+async def test_outside_to_remote_pod_is_masqueraded(lab: RoutedLab, mode: str) -> None:
+    """Traffic from outside the cluster to another node's pod hits the last rule
+    (`! -s C -d C MASQUERADE`). Upstream's nft rule 4 (`saddr != P daddr C return`)
+    returned it first, so the remote pod saw the outside address (upstream §14.4)."""
+    assert lab.seen_by_remote(lab.outside) == "192.168.77.2"
+    await rules_in(lab.node, mode).ensure(V4_ONLY)
+    assert lab.seen_by_remote(lab.outside) == "10.244.2.1"
+    # ... while traffic into this node's own subnet keeps its source (rule 4).
+    assert connect(lab.outside, "10.244.1.2", lab.pod_port) == "192.168.77.2"
+
+
+async def test_forward_rules_let_pod_traffic_through_drop_policy(lab: RoutedLab) -> None:
+    lab.node.run("iptables", "-P", "FORWARD", "DROP")
     forward_only = TrafficConfig(C4, P4, None, None, masquerade=False, forward=True)
-    client = pod.run(sys.executable, "-c", CLIENT, "192.168.77.2", port, check=False)
+    client = lab.pod.run(sys.executable, "-c", CLIENT, "192.168.77.2", lab.outside_port,
+                         check=False)
     assert client.returncode != 0
-    await rules_in(node, "iptables").ensure(forward_only)
-    assert peer_seen(pod, port) == "10.244.1.2"
+    await rules_in(lab.node, "iptables").ensure(forward_only)
+    assert lab.seen_by_outside() == "10.244.1.2"
