@@ -296,8 +296,7 @@ class Daemon:
             return
         self._last_traffic = now
         try:
-            if await rules.ensure(cfg):
-                log.info("Some %s rules were missing or altered; restored them", rules.mode)
+            if await rules.ensure(cfg):  # the rules module logs what it repaired
                 self.metrics.drift_repairs.labels(kind="rule").inc()
         except Exception as e:
             log.error("Failed to ensure %s rules: %s", rules.mode, e)

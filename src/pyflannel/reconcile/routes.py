@@ -26,6 +26,7 @@ from pyflannel.netlink import Op, Route, RtEvent, RtNetlink
 log = logging.getLogger(__name__)
 
 RTN_UNICAST = 1
+LOG_EACH_LIMIT = 50  # route changes logged one by one per pass
 
 
 @dataclass(frozen=True)
@@ -185,17 +186,24 @@ class RouteReconciler:
         changed = 0
         if ops:
             results = await self.nl.apply(ops)
+            logged = 0
             for res in results:
                 r = res.op.obj
                 assert isinstance(r, Route)
                 if res.errno == 0:
                     changed += 1
+                    # One line per route as upstream, but a start-up against thousands of
+                    # peers logs a summary instead of flooding the log (and the CPU).
+                    logged += 1
+                    verbose = logged <= LOG_EACH_LIMIT or log.isEnabledFor(logging.DEBUG)
                     if res.op.action == "replace":
                         self.stats.replaced += 1
-                        log.info("Subnet added: %s via %s", r.dst, r.gateway)
+                        if verbose:
+                            log.info("Subnet added: %s via %s", r.dst, r.gateway)
                     else:
                         self.stats.deleted += 1
-                        log.info("Removed stale route to %s via %s", r.dst, r.gateway)
+                        if verbose:
+                            log.info("Removed stale route to %s via %s", r.dst, r.gateway)
                 elif res.op.action == "delete" and res.errno in (errno.ESRCH, errno.ENOENT):
                     continue  # already gone: that is what we wanted
                 elif res.op.action == "replace" and res.errno in (errno.ENETUNREACH,
@@ -211,6 +219,9 @@ class RouteReconciler:
                     self.stats.failures += 1
                     log.error("Error %s route to %s: %s", "adding" if res.op.action ==
                               "replace" else "deleting", r.dst, os.strerror(res.errno))
+            if changed > LOG_EACH_LIMIT and not log.isEnabledFor(logging.DEBUG):
+                log.info("... and %d more route changes (%d in this pass; -v=2 lists each)",
+                         changed - LOG_EACH_LIMIT, changed)
         for key in self.stats.unreachable - unreachable:
             if key in desired:
                 log.info("Route to %s recovered: peer reachable again", key)
