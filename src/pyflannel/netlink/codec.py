@@ -1,0 +1,573 @@
+"""rtnetlink message encoding and decoding: routes, neighbours, FDB entries, links.
+
+Pure functions over bytes, no I/O. Only what flannel programs and reads is covered, so the
+hot paths (bulk route/neighbour/FDB changes, 10k-route dumps) cost a few microseconds per
+message instead of pyroute2's ~0.5 ms. Layouts follow <linux/netlink.h>, <linux/rtnetlink.h>
+and <linux/neighbour.h>; all integers are in host byte order except addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from socket import AF_INET, AF_INET6
+from typing import Literal, TypeVar
+
+# --- netlink header -------------------------------------------------------------------------
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+# Flags on NLMSG_ERROR replies.
+NLM_F_CAPPED = 0x100
+NLM_F_ACK_TLVS = 0x200
+
+NLMSGERR_ATTR_MSG = 1
+
+# --- rtnetlink message types ----------------------------------------------------------------
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+RTM_GETNEIGH = 30
+
+# Multicast group bitmasks for bind() (RTMGRP_*).
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
+
+AF_BRIDGE = 7
+
+# --- routes ---------------------------------------------------------------------------------
+RTPROT_UNSPEC = 0
+RTPROT_KERNEL = 2
+RTPROT_BOOT = 3  # vishvananda/netlink's default; `ip route` does not print "proto boot"
+
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_SCOPE_HOST = 254
+RT_SCOPE_NOWHERE = 255
+
+RTN_UNSPEC = 0
+RTN_UNICAST = 1
+RTN_LOCAL = 2
+RTN_BLACKHOLE = 6
+RTN_UNREACHABLE = 7
+
+RT_TABLE_UNSPEC = 0
+RT_TABLE_MAIN = 254
+RT_TABLE_LOCAL = 255
+
+RTNH_F_ONLINK = 0x4
+
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_PRIORITY = 6
+RTA_MULTIPATH = 9
+RTA_TABLE = 15
+
+# --- neighbours -----------------------------------------------------------------------------
+NDA_DST = 1
+NDA_LLADDR = 2
+NDA_IFINDEX = 8
+
+NUD_INCOMPLETE = 0x01
+NUD_REACHABLE = 0x02
+NUD_STALE = 0x04
+NUD_FAILED = 0x20
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+
+IFLA_IFNAME = 3
+
+_NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+# family, dst_len, src_len, tos, table, protocol, scope, type; flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BBHiHBB")  # family, pad1, pad2, ifindex, state, flags, type
+IFINFOMSG = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
+RTGENMSG_LEN = 4
+RTATTR = struct.Struct("=HH")
+_ATTR_U32 = struct.Struct("=HHI")
+_ATTR_I32 = struct.Struct("=HHi")
+_I32 = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
+
+
+
+class NetlinkDecodeError(ValueError):
+    """A message that is shorter or longer than its own length fields say."""
+
+
+# --- objects --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route. Equality covers every field, so a desired route equals a dumped one only
+    if protocol, scope, type and flags match too."""
+
+    dst: IPv4Network | IPv6Network
+    gateway: IPv4Address | IPv6Address | None
+    oif: int | None
+    table: int = RT_TABLE_MAIN
+    protocol: int = RTPROT_BOOT
+    onlink: bool = False  # RTNH_F_ONLINK, used by vxlan
+    scope: int = RT_SCOPE_UNIVERSE
+    type: int = RTN_UNICAST
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """ARP/NDP entry: `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    lladdr is lowercase colon hex ("" when the kernel has none, e.g. INCOMPLETE)."""
+
+    ifindex: int
+    ip: IPv4Address | IPv6Address
+    lladdr: str
+    state: int = NUD_PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class FdbEntry:
+    """vxlan forwarding entry: `bridge fdb replace <mac> dev <ifindex> dst <ip> self permanent`."""
+
+    ifindex: int
+    lladdr: str
+    dst: IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
+    ifindex: int
+    ifname: str
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One requested change."""
+
+    action: Literal["replace", "delete"]
+    obj: Route | Neighbour | FdbEntry
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    """errno 0 = ok; message is the kernel's extended-ack text when it gave one."""
+
+    op: Op
+    errno: int
+    message: str = ""
+
+
+EventKind = Literal[
+    "route_new", "route_del", "neigh_new", "neigh_del", "link_new", "link_del", "overflow"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RtEvent:
+    kind: EventKind
+    obj: Route | Neighbour | FdbEntry | LinkEvent | None
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+_FLAGS_REPLACE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+_FLAGS_DELETE = NLM_F_REQUEST | NLM_F_ACK
+_FLAGS_DUMP = NLM_F_REQUEST | NLM_F_DUMP
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return RTATTR.pack(length, atype) + payload + b"\0" * (-length & 3)
+
+
+def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    return NLMSGHDR.pack(16 + len(body), msg_type, flags, seq, 0) + body
+
+
+def _family_of(version: int) -> int:
+    return AF_INET if version == 4 else AF_INET6
+
+
+def parse_lladdr(lladdr: str) -> bytes:
+    """'0e:00:00:00:00:01' -> 6 bytes; any colon-separated length (ipip uses 4)."""
+    raw = bytes.fromhex(lladdr.replace(":", ""))
+    if not raw:
+        raise ValueError(f"empty link-layer address {lladdr!r}")
+    return raw
+
+
+def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
+    """RTM_NEWROUTE (CREATE|REPLACE) or RTM_DELROUTE, with NLM_F_ACK.
+
+    A delete matches on table + dst, plus gateway/oif when given: protocol, type and scope are
+    sent as wildcards (0, RTN_UNSPEC, RT_SCOPE_NOWHERE) the way `ip route del` does."""
+    dst = route.dst
+    family = _family_of(dst.version)
+    table = route.table
+    gw = route.gateway
+    if gw is not None and gw.version != dst.version:
+        raise ValueError(f"gateway {gw} is not in the family of {dst}")
+    rtm_table = table if table < 256 else RT_TABLE_UNSPEC
+    if action == "replace":
+        msg_type, flags = RTM_NEWROUTE, _FLAGS_REPLACE
+        hdr = RTMSG.pack(family, dst.prefixlen, 0, 0, rtm_table, route.protocol, route.scope,
+                         route.type, RTNH_F_ONLINK if route.onlink else 0)
+    else:
+        msg_type, flags = RTM_DELROUTE, _FLAGS_DELETE
+        hdr = RTMSG.pack(family, dst.prefixlen, 0, 0, rtm_table, RTPROT_UNSPEC, RT_SCOPE_NOWHERE,
+                         RTN_UNSPEC, 0)
+    # Every attribute here is 4-byte aligned already (u32, 4- or 16-byte addresses).
+    parts = [hdr, _ATTR_U32.pack(8, RTA_TABLE, table)]
+    if dst.prefixlen:
+        addr = dst.network_address.packed
+        parts.append(RTATTR.pack(4 + len(addr), RTA_DST) + addr)
+    if gw is not None:
+        addr = gw.packed
+        parts.append(RTATTR.pack(4 + len(addr), RTA_GATEWAY) + addr)
+    if route.oif is not None:
+        parts.append(_ATTR_I32.pack(8, RTA_OIF, route.oif))
+    return _message(msg_type, flags, seq, b"".join(parts))
+
+
+def encode_neighbour(action: Literal["replace", "delete"], neigh: Neighbour, seq: int) -> bytes:
+    """RTM_NEWNEIGH (CREATE|REPLACE, state as given) or RTM_DELNEIGH for an ARP/NDP entry."""
+    ip = neigh.ip
+    family = _family_of(ip.version)
+    dst_attr = _attr(NDA_DST, ip.packed)
+    if action == "replace":
+        body = (NDMSG.pack(family, 0, 0, neigh.ifindex, neigh.state, 0, RTN_UNICAST)
+                + dst_attr + _attr(NDA_LLADDR, parse_lladdr(neigh.lladdr)))
+        return _message(RTM_NEWNEIGH, _FLAGS_REPLACE, seq, body)
+    body = NDMSG.pack(family, 0, 0, neigh.ifindex, 0, 0, 0) + dst_attr
+    return _message(RTM_DELNEIGH, _FLAGS_DELETE, seq, body)
+
+
+FDB_STATE = NUD_PERMANENT | NUD_NOARP  # what `bridge fdb replace ... permanent` sends
+
+
+def encode_fdb(action: Literal["replace", "delete"], entry: FdbEntry, seq: int) -> bytes:
+    """AF_BRIDGE RTM_NEWNEIGH/RTM_DELNEIGH with NTF_SELF (the entry lives on the vxlan device,
+    not in a bridge). A delete names the remote (dst), so only that remote is removed."""
+    attrs = _attr(NDA_LLADDR, parse_lladdr(entry.lladdr)) + _attr(NDA_DST, entry.dst.packed)
+    if action == "replace":
+        body = NDMSG.pack(AF_BRIDGE, 0, 0, entry.ifindex, FDB_STATE, NTF_SELF, 0) + attrs
+        return _message(RTM_NEWNEIGH, _FLAGS_REPLACE, seq, body)
+    body = NDMSG.pack(AF_BRIDGE, 0, 0, entry.ifindex, 0, NTF_SELF, 0) + attrs
+    return _message(RTM_DELNEIGH, _FLAGS_DELETE, seq, body)
+
+
+def encode_op(op: Op, seq: int) -> bytes:
+    obj = op.obj
+    if op.action not in ("replace", "delete"):
+        raise ValueError(f"unknown action {op.action!r}")
+    if isinstance(obj, Route):
+        return encode_route(op.action, obj, seq)
+    if isinstance(obj, Neighbour):
+        return encode_neighbour(op.action, obj, seq)
+    if isinstance(obj, FdbEntry):
+        return encode_fdb(op.action, obj, seq)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode_route_dump(family: int, seq: int, table: int | None) -> bytes:
+    """RTM_GETROUTE dump. With NETLINK_GET_STRICT_CHK the kernel filters by table itself;
+    without it the attribute is ignored and the caller filters."""
+    if table is None:
+        return _message(RTM_GETROUTE, _FLAGS_DUMP, seq, RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+    hdr = RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, 0, 0)
+    return _message(RTM_GETROUTE, _FLAGS_DUMP, seq, hdr + _ATTR_U32.pack(8, RTA_TABLE, table))
+
+
+def encode_neigh_dump(family: int, seq: int, ifindex: int | None) -> bytes:
+    """RTM_GETNEIGH dump; the ifindex filter is an NDA_IFINDEX attribute (strict checking
+    rejects a non-zero ndm_ifindex for IP neighbours)."""
+    body = NDMSG.pack(family, 0, 0, 0, 0, 0, 0)
+    if ifindex is not None:
+        body += _ATTR_U32.pack(8, NDA_IFINDEX, ifindex)
+    return _message(RTM_GETNEIGH, _FLAGS_DUMP, seq, body)
+
+
+def encode_fdb_dump(seq: int, ifindex: int | None) -> bytes:
+    """AF_BRIDGE RTM_GETNEIGH dump; strict checking takes the port filter from ndm_ifindex."""
+    body = NDMSG.pack(AF_BRIDGE, 0, 0, ifindex or 0, 0, 0, 0)
+    return _message(RTM_GETNEIGH, _FLAGS_DUMP, seq, body)
+
+
+def encode_get_route(dst: IPv4Address | IPv6Address, seq: int) -> bytes:
+    """RTM_GETROUTE for one address (`ip route get`)."""
+    family = _family_of(dst.version)
+    body = RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, dst.packed)
+    return _message(RTM_GETROUTE, NLM_F_REQUEST, seq, body)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+Buffer = bytes | bytearray | memoryview
+
+
+def iter_messages(buf: Buffer, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """Split a receive buffer into (type, flags, seq, payload_start, payload_end)."""
+    limit = len(buf) if end is None else end
+    off = 0
+    unpack = NLMSGHDR.unpack_from
+    while off + 16 <= limit:
+        length, mtype, flags, seq, _pid = unpack(buf, off)
+        if length < 16 or off + length > limit:
+            raise NetlinkDecodeError(f"bad nlmsg_len {length} at offset {off} of {limit}")
+        yield mtype, flags, seq, off + 16, off + length
+        off += (length + 3) & ~3
+
+
+def iter_attrs(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload_start, payload_end) of each rtattr in buf[start:end]."""
+    off = start
+    unpack = RTATTR.unpack_from
+    while off + 4 <= end:
+        alen, atype = unpack(buf, off)
+        if alen < 4 or off + alen > end:
+            raise NetlinkDecodeError(f"bad rta_len {alen} at offset {off}")
+        yield atype & _NLA_TYPE_MASK, off + 4, off + alen
+        off += (alen + 3) & ~3
+
+
+def decode_error(buf: Buffer, start: int, end: int, flags: int) -> tuple[int, str]:
+    """NLMSG_ERROR payload -> (positive errno or 0, extended-ack message)."""
+    if end - start < 4:
+        raise NetlinkDecodeError("short NLMSG_ERROR")
+    err = -_I32.unpack_from(buf, start)[0]
+    message = ""
+    if flags & NLM_F_ACK_TLVS and end - start >= 20:
+        # The echoed request follows the error code; only its header when capped.
+        orig_len = _U32.unpack_from(buf, start + 4)[0]
+        tlv_start = start + 4 + (16 if flags & NLM_F_CAPPED else (orig_len + 3) & ~3)
+        if tlv_start <= end:
+            for atype, p, q in iter_attrs(buf, tlv_start, end):
+                if atype == NLMSGERR_ATTR_MSG:
+                    message = bytes(buf[p:q]).split(b"\0", 1)[0].decode(errors="replace")
+    return err, message
+
+
+def decode_done_errno(buf: Buffer, start: int, end: int) -> int:
+    """NLMSG_DONE carries the dump's final status (0 or -errno) when the kernel includes it."""
+    if end - start >= 4:
+        status: int = _I32.unpack_from(buf, start)[0]
+        return -status
+    return 0
+
+
+# Cached: the same prefixes and gateways come back on every periodic resync dump, and
+# building ipaddress objects is the largest part of decoding a route.
+@lru_cache(maxsize=32768)
+def _v4_net(addr: bytes, plen: int) -> IPv4Network:
+    return IPv4Network((addr, plen), strict=False)
+
+
+@lru_cache(maxsize=32768)
+def _v6_net(addr: bytes, plen: int) -> IPv6Network:
+    return IPv6Network((addr, plen), strict=False)
+
+
+@lru_cache(maxsize=32768)
+def _v4_addr(addr: bytes) -> IPv4Address:
+    return IPv4Address(addr)
+
+
+def _ip(buf: Buffer, p: int, q: int) -> IPv4Address | IPv6Address | None:
+    n = q - p
+    if n == 4:
+        return _v4_addr(bytes(buf[p:q]))
+    if n == 16:
+        return IPv6Address(bytes(buf[p:q]))
+    return None
+
+
+# The exact message the kernel sends for `<dst> via <gw> dev <oif>` (host-gw and vxlan routes):
+# rtmsg, then RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF, each 8 bytes. Decoding it with one
+# unpack is ~2x faster than the attribute loop, which every other shape still takes.
+_V4_VIA_ROUTE = struct.Struct("=BBBBBBBBI HHI HH4s HH4s HHi")
+_V4_VIA_TYPES = (8, RTA_TABLE, 8, RTA_DST, 8, RTA_GATEWAY, 8, RTA_OIF)
+
+
+def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
+    """An RTM_NEWROUTE/RTM_DELROUTE payload -> Route; None for families other than IPv4/6.
+
+    Multipath routes are reported by their first nexthop (flannel creates none)."""
+    if end - start == _V4_VIA_ROUTE.size:
+        (family, dst_len, _s, _t, _tb, proto, scope, rtype, rflags, l1, t1, table, l2, t2, dst_b,
+         l3, t3, gw_b, l4, t4, via_oif) = _V4_VIA_ROUTE.unpack_from(buf, start)
+        if family == AF_INET and (l1, t1, l2, t2, l3, t3, l4, t4) == _V4_VIA_TYPES:
+            return Route(_v4_net(dst_b, dst_len), _v4_addr(gw_b), via_oif, table, proto,
+                         bool(rflags & RTNH_F_ONLINK), scope, rtype)
+    family, dst_len, _src_len, _tos, table, proto, scope, rtype, rflags = RTMSG.unpack_from(
+        buf, start)
+    if family == AF_INET:
+        width = 4
+    elif family == AF_INET6:
+        width = 16
+    else:
+        return None
+    dst_b = bytes(width)
+    gw: IPv4Address | IPv6Address | None = None
+    oif: int | None = None
+    onlink = bool(rflags & RTNH_F_ONLINK)
+    off = start + 12
+    unpack_attr = RTATTR.unpack_from
+    while off + 4 <= end:
+        alen, atype = unpack_attr(buf, off)
+        if alen < 4 or off + alen > end:
+            raise NetlinkDecodeError(f"bad rta_len {alen} in route at offset {off}")
+        p = off + 4
+        q = off + alen
+        atype &= _NLA_TYPE_MASK
+        if atype == RTA_TABLE:
+            table = _U32.unpack_from(buf, p)[0]
+        elif atype == RTA_DST and q - p == width:
+            dst_b = bytes(buf[p:q])
+        elif atype == RTA_GATEWAY:
+            gw = _ip(buf, p, q)
+        elif atype == RTA_OIF:
+            oif = _I32.unpack_from(buf, p)[0]
+        elif atype == RTA_MULTIPATH and q - p >= 8:
+            nh_len, nh_flags, _hops, nh_ifindex = _RTNEXTHOP.unpack_from(buf, p)
+            oif = nh_ifindex
+            onlink = onlink or bool(nh_flags & RTNH_F_ONLINK)
+            for natype, np_, nq in iter_attrs(buf, p + 8, min(p + nh_len, q)):
+                if natype == RTA_GATEWAY:
+                    gw = _ip(buf, np_, nq)
+        off += (alen + 3) & ~3
+    dst: IPv4Network | IPv6Network = (
+        _v4_net(dst_b, dst_len) if width == 4 else _v6_net(dst_b, dst_len))
+    return Route(dst, gw, oif, table, proto, onlink, scope, rtype)
+
+
+def decode_neigh(buf: Buffer, start: int, end: int) -> Neighbour | FdbEntry | None:
+    """An RTM_NEWNEIGH/RTM_DELNEIGH payload -> Neighbour (AF_INET/AF_INET6) or FdbEntry
+    (AF_BRIDGE with a remote). FDB entries without NDA_DST (a device's own unicast/multicast
+    addresses, bridge-learned MACs) have no tunnel endpoint and are skipped."""
+    family, _p1, _p2, ifindex, state, _flags, _ntype = NDMSG.unpack_from(buf, start)
+    ip: IPv4Address | IPv6Address | None = None
+    lladdr = ""
+    for atype, p, q in iter_attrs(buf, start + NDMSG.size, end):
+        if atype == NDA_DST:
+            ip = _ip(buf, p, q)
+        elif atype == NDA_LLADDR:
+            lladdr = bytes(buf[p:q]).hex(":")
+    if family == AF_BRIDGE:
+        if ip is None or not lladdr:
+            return None
+        return FdbEntry(ifindex, lladdr, ip)
+    if family not in (AF_INET, AF_INET6) or ip is None:
+        return None
+    return Neighbour(ifindex, ip, lladdr, state)
+
+
+def decode_link(buf: Buffer, start: int, end: int) -> LinkEvent:
+    _family, _pad, _type, index, _flags, _change = IFINFOMSG.unpack_from(buf, start)
+    name = ""
+    for atype, p, q in iter_attrs(buf, start + IFINFOMSG.size, end):
+        if atype == IFLA_IFNAME:
+            name = bytes(buf[p:q]).split(b"\0", 1)[0].decode(errors="replace")
+            break
+    return LinkEvent(index, name)
+
+
+_EVENT_KINDS: dict[int, EventKind] = {
+    RTM_NEWROUTE: "route_new",
+    RTM_DELROUTE: "route_del",
+    RTM_NEWNEIGH: "neigh_new",
+    RTM_DELNEIGH: "neigh_del",
+    RTM_NEWLINK: "link_new",
+    RTM_DELLINK: "link_del",
+}
+
+
+def decode_events(buf: Buffer, end: int) -> list[RtEvent]:
+    """Multicast notifications in one receive buffer -> events (unknown kinds skipped)."""
+    events: list[RtEvent] = []
+    for mtype, _flags, _seq, start, stop in iter_messages(buf, end):
+        kind = _EVENT_KINDS.get(mtype)
+        if kind is None:
+            continue
+        obj: Route | Neighbour | FdbEntry | LinkEvent | None
+        if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+            obj = decode_route(buf, start, stop)
+        elif mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            obj = decode_neigh(buf, start, stop)
+        else:
+            obj = decode_link(buf, start, stop)
+        if obj is not None:
+            events.append(RtEvent(kind, obj))
+    return events
+
+
+T = TypeVar("T")
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request (errno and its extended-ack text)."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        text = os.strerror(errno) + (f": {message}" if message else "")
+        super().__init__(errno, text)
+        self.kernel_message = message
+
+
+def parse_dump_chunk(buf: Buffer, end: int, seq: int, reply_type: int,
+                     decode: Callable[[Buffer, int, int], T | None],
+                     keep: Callable[[T], bool] | None = None) -> tuple[list[T], bool, bool]:
+    """Decode the messages of `seq` in one receive buffer of a dump.
+
+    Returns (items, done, interrupted). Messages of other sequence numbers (left over from an
+    abandoned request) are skipped. An NLMSG_ERROR, or an NLMSG_DONE carrying an error,
+    raises NetlinkError."""
+    items: list[T] = []
+    done = False
+    interrupted = False
+    for mtype, flags, mseq, start, stop in iter_messages(buf, end):
+        if mseq != seq:
+            continue
+        if flags & NLM_F_DUMP_INTR:
+            interrupted = True
+        if mtype == reply_type:
+            obj = decode(buf, start, stop)
+            if obj is not None and (keep is None or keep(obj)):
+                items.append(obj)
+        elif mtype == NLMSG_DONE:
+            err = decode_done_errno(buf, start, stop)
+            if err:
+                raise NetlinkError(err)
+            done = True
+            break
+        elif mtype == NLMSG_ERROR:
+            err, message = decode_error(buf, start, stop, flags)
+            if err:
+                raise NetlinkError(err, message)
+            done = True
+            break
+    return items, done, interrupted

@@ -1,0 +1,406 @@
+"""RtNetlink / RtMonitor against the real kernel, inside throw-away network namespaces.
+
+What the kernel ends up holding is checked with iproute2 (`ip`, `bridge`), not with our own
+decoder, so an encoder bug cannot hide behind a matching decoder bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+import pytest
+
+from pyflannel.lab.netns import NetNamespace
+from pyflannel.netlink import (
+    RT_SCOPE_LINK,
+    RTPROT_KERNEL,
+    FdbEntry,
+    LinkEvent,
+    Neighbour,
+    Op,
+    Route,
+    RtEvent,
+    RtMonitor,
+    RtNetlink,
+)
+from pyflannel.netlink.codec import FDB_STATE, NTF_SELF, NUD_STALE
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None
+                       or shutil.which("bridge") is None,
+                       reason="needs root and iproute2"),
+]
+
+# Hang protection only: every wait below normally ends in milliseconds.
+EVENT_TIMEOUT = 20.0
+
+
+def ifindex(ns: NetNamespace, name: str) -> int:
+    return int(ns.ip("-o", "link", "show", name).stdout.split(":", 1)[0])
+
+
+def with_veth(ns: NetNamespace, addr: str = "192.168.0.1/24") -> int:
+    """veth v0 (peer v1, same namespace: the kernel has no dummy links) with `addr`."""
+    ns.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    ns.ip("addr", "add", addr, "dev", "v0")
+    ns.ip("link", "set", "v0", "up")
+    ns.ip("link", "set", "v1", "up")
+    return ifindex(ns, "v0")
+
+
+def route_lines(ns: NetNamespace, *args: str) -> set[str]:
+    return {line.strip() for line in ns.ip(*args, "route", "show").stdout.splitlines()}
+
+
+def net4(text: str) -> IPv4Network:
+    return IPv4Network(text)
+
+
+def ip4(text: str) -> IPv4Address:
+    return IPv4Address(text)
+
+
+# --- host-gw routes ---------------------------------------------------------------------------
+
+async def test_hostgw_routes_replace_dump_delete(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    good = [Route(net4(f"10.244.{i}.0/24"), ip4(f"192.168.0.{i + 1}"), v0) for i in (1, 2, 3)]
+    off_link = Route(net4("10.244.9.0/24"), ip4("10.99.0.1"), v0)
+    ops = [Op("replace", good[0]), Op("replace", off_link), Op("replace", good[1]),
+           Op("replace", good[2])]
+    with RtNetlink.open(netns.name) as nl:
+        results = await nl.apply(ops, window=2)  # the failing op sits inside a window
+        assert [r.op for r in results] == ops
+        assert [r.errno for r in results] == [0, errno.ENETUNREACH, 0, 0]
+        assert route_lines(netns) == {
+            "10.244.1.0/24 via 192.168.0.2 dev v0",
+            "10.244.2.0/24 via 192.168.0.3 dev v0",
+            "10.244.3.0/24 via 192.168.0.4 dev v0",
+            "192.168.0.0/24 dev v0 proto kernel scope link src 192.168.0.1",
+        }
+        dumped = {r async for r in nl.dump_routes(socket.AF_INET)}
+        connected = Route(net4("192.168.0.0/24"), None, v0, protocol=RTPROT_KERNEL,
+                          scope=RT_SCOPE_LINK)
+        assert dumped == set(good) | {connected}
+
+        # replace moves an existing route to a new gateway instead of adding a second one
+        moved = Route(net4("10.244.1.0/24"), ip4("192.168.0.20"), v0)
+        assert [r.errno for r in await nl.apply([Op("replace", moved)])] == [0]
+
+        deletes = [
+            Op("delete", moved),                                      # dst + gateway + oif
+            Op("delete", Route(net4("10.244.2.0/24"), None, None)),  # dst only
+            Op("delete", Route(net4("10.244.3.0/24"), ip4("192.168.0.99"), v0)),  # wrong gw
+            Op("delete", Route(net4("10.250.0.0/24"), None, None)),  # not there
+        ]
+        assert [r.errno for r in await nl.apply(deletes)] == [0, 0, errno.ESRCH, errno.ESRCH]
+        assert route_lines(netns) == {
+            "10.244.3.0/24 via 192.168.0.4 dev v0",
+            "192.168.0.0/24 dev v0 proto kernel scope link src 192.168.0.1",
+        }
+
+
+def table_1000(ns: NetNamespace) -> set[str]:
+    return {line.strip() for line in ns.ip("route", "show", "table", "1000").stdout.splitlines()}
+
+
+async def test_routes_in_other_tables(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    route = Route(net4("10.7.0.0/16"), ip4("192.168.0.2"), v0, table=1000)
+    with RtNetlink.open(netns.name) as nl:
+        assert [r.errno for r in await nl.apply([Op("replace", route)])] == [0]
+        assert table_1000(netns) == {"10.7.0.0/16 via 192.168.0.2 dev v0"}
+        assert [r async for r in nl.dump_routes(socket.AF_INET, table=1000)] == [route]
+        assert route not in {r async for r in nl.dump_routes(socket.AF_INET)}
+        everything = {r async for r in nl.dump_routes(socket.AF_INET, table=None)}
+        assert route in everything and any(r.table == 255 for r in everything)  # local table
+        assert [r async for r in nl.dump_routes(socket.AF_INET, table=77)] == []
+        assert [r.errno for r in await nl.apply([Op("delete", route)])] == [0]
+        assert table_1000(netns) == set()
+
+
+async def test_ipv6_routes(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    netns.ip("-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad")
+    route = Route(IPv6Network("2001:db8:1::/64"), IPv6Address("2001:db8::2"), v0)
+    with RtNetlink.open(netns.name) as nl:
+        assert [r.errno for r in await nl.apply([Op("replace", route)])] == [0]
+        assert "2001:db8:1::/64 via 2001:db8::2 dev v0 metric 1024 pref medium" in route_lines(
+            netns, "-6")
+        assert route in {r async for r in nl.dump_routes(socket.AF_INET6)}
+        got = await nl.get_route(IPv6Address("2001:db8:1::5"))
+        assert got is not None and (got.gateway, got.oif) == (IPv6Address("2001:db8::2"), v0)
+        assert [r.errno for r in await nl.apply([Op("delete", route)])] == [0]
+        assert not any(line.startswith("2001:db8:1::") for line in route_lines(netns, "-6"))
+
+
+async def test_get_route(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    netns.ip("route", "add", "10.8.0.0/16", "via", "192.168.0.7", "dev", "v0")
+    with RtNetlink.open(netns.name) as nl:
+        direct = await nl.get_route(ip4("192.168.0.5"))
+        assert direct is not None
+        assert (direct.dst, direct.gateway, direct.oif) == (net4("192.168.0.5/32"), None, v0)
+        via = await nl.get_route(ip4("10.8.1.1"))
+        assert via is not None and (via.gateway, via.oif) == (ip4("192.168.0.7"), v0)
+        assert await nl.get_route(ip4("172.31.0.1")) is None  # no default route here
+
+
+async def test_open_inside_netns_leaves_this_thread_where_it_was(netns: NetNamespace) -> None:
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    with_veth(netns, "192.168.77.1/24")
+    with RtNetlink.open(netns.name) as nl:
+        assert os.stat("/proc/thread-self/ns/net").st_ino == before
+        dsts = {r.dst async for r in nl.dump_routes(socket.AF_INET)}
+    assert dsts == {net4("192.168.77.0/24")}
+
+
+# --- vxlan peers: neighbour + fdb + onlink route ----------------------------------------------
+
+def vxlan_setup(ns: NetNamespace) -> int:
+    with_veth(ns)
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "v0",
+          "local", "192.168.0.1", "nolearning", "dstport", "8472")
+    ns.ip("addr", "add", "10.244.0.0/32", "dev", "flannel.1")
+    ns.ip("link", "set", "flannel.1", "up")
+    return ifindex(ns, "flannel.1")
+
+
+def peer_ops(vx: int, i: int, action: str = "replace") -> list[Op]:
+    mac = f"0e:00:00:00:00:{i:02x}"
+    vtep = ip4(f"10.244.{i}.0")
+    objs: list[Neighbour | FdbEntry | Route] = [
+        Neighbour(vx, vtep, mac),
+        FdbEntry(vx, mac, ip4(f"192.168.0.{i + 1}")),
+        Route(net4(f"10.244.{i}.0/24"), vtep, vx, onlink=True),
+    ]
+    if action == "delete":
+        objs.reverse()
+    return [Op("replace" if action == "replace" else "delete", o) for o in objs]
+
+
+def fdb_json(ns: NetNamespace) -> list[dict[str, object]]:
+    out = ns.run("bridge", "-j", "fdb", "show", "dev", "flannel.1").stdout
+    entries: list[dict[str, object]] = json.loads(out or "[]")
+    return entries
+
+
+RAW_FDB_DUMP = """
+import json, socket
+from pyflannel.netlink.codec import (NDA_LLADDR, NDMSG, NLMSG_DONE, encode_fdb_dump,
+                                     iter_attrs, iter_messages)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.send(encode_fdb_dump(1, None))
+out, done = {}, False
+while not done:
+    buf = s.recv(65536)
+    for mtype, _f, _s, start, stop in iter_messages(buf):
+        if mtype == NLMSG_DONE:
+            done = True
+        elif mtype == 28:
+            _fam, _p1, _p2, _idx, state, flags, _t = NDMSG.unpack_from(buf, start)
+            for atype, p, q in iter_attrs(buf, start + NDMSG.size, stop):
+                if atype == NDA_LLADDR:
+                    out[buf[p:q].hex(":")] = [state, flags]
+print(json.dumps(out))
+"""
+
+
+def raw_fdb_state(ns: NetNamespace) -> dict[str, list[int]]:
+    """(ndm_state, ndm_flags) per MAC, read in a separate process inside the namespace."""
+    result: dict[str, list[int]] = json.loads(ns.run(sys.executable, "-c", RAW_FDB_DUMP).stdout)
+    return result
+
+
+async def test_vxlan_peers(netns: NetNamespace) -> None:
+    vx = vxlan_setup(netns)
+    ops = peer_ops(vx, 1) + peer_ops(vx, 2)
+    with RtNetlink.open(netns.name) as nl:
+        assert [r.errno for r in await nl.apply(ops)] == [0] * 6
+
+        assert {line.strip() for line in netns.ip("neigh", "show", "dev", "flannel.1")
+                .stdout.splitlines()} == {"10.244.1.0 lladdr 0e:00:00:00:00:01 PERMANENT",
+                                          "10.244.2.0 lladdr 0e:00:00:00:00:02 PERMANENT"}
+        fdb_text = netns.run("bridge", "fdb", "show", "dev", "flannel.1").stdout
+        assert "0e:00:00:00:00:01 dst 192.168.0.2 self permanent" in fdb_text
+        assert "0e:00:00:00:00:02 dst 192.168.0.3 self permanent" in fdb_text
+        assert {line for line in route_lines(netns) if "flannel.1" in line} == {
+            "10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink",
+        }
+
+        # Our FDB entry is indistinguishable from one made by `bridge fdb replace ... self
+        # permanent` (same state and flags), apart from its address fields.
+        netns.run("bridge", "fdb", "replace", "0e:00:00:00:00:63", "dev", "flannel.1",
+                  "dst", "192.168.0.100", "self", "permanent")
+        by_mac = {str(e["mac"]): e for e in fdb_json(netns)}
+
+        def strip(entry: dict[str, object]) -> dict[str, object]:
+            return {k: v for k, v in entry.items() if k not in ("mac", "dst")}
+
+        assert strip(by_mac["0e:00:00:00:00:01"]) == strip(by_mac["0e:00:00:00:00:63"])
+        # `bridge` prints only "permanent"; the raw ndm_state/ndm_flags must match too.
+        raw = raw_fdb_state(netns)
+        assert raw["0e:00:00:00:00:01"] == raw["0e:00:00:00:00:63"] == [FDB_STATE, NTF_SELF]
+
+        expected_fdb = {FdbEntry(vx, "0e:00:00:00:00:01", ip4("192.168.0.2")),
+                        FdbEntry(vx, "0e:00:00:00:00:02", ip4("192.168.0.3")),
+                        FdbEntry(vx, "0e:00:00:00:00:63", ip4("192.168.0.100"))}
+        assert {e async for e in nl.dump_fdb(ifindex=vx)} == expected_fdb
+        # Unfiltered: the veths' own multicast entries have no remote and are left out.
+        assert {e async for e in nl.dump_fdb()} == expected_fdb
+        assert {n async for n in nl.dump_neighbours(socket.AF_INET, ifindex=vx)} == {
+            Neighbour(vx, ip4("10.244.1.0"), "0e:00:00:00:00:01"),
+            Neighbour(vx, ip4("10.244.2.0"), "0e:00:00:00:00:02")}
+        dumped_routes = {r async for r in nl.dump_routes(socket.AF_INET)}
+        assert Route(net4("10.244.1.0/24"), ip4("10.244.1.0"), vx, onlink=True) in dumped_routes
+
+        # A peer whose node address changed: replace moves the FDB remote, no second entry.
+        moved = FdbEntry(vx, "0e:00:00:00:00:01", ip4("192.168.0.50"))
+        assert [r.errno for r in await nl.apply([Op("replace", moved)])] == [0]
+        remotes = [e["dst"] for e in fdb_json(netns) if e["mac"] == "0e:00:00:00:00:01"]
+        assert remotes == ["192.168.0.50"]
+
+        removal = [op if not isinstance(op.obj, FdbEntry) or op.obj.lladdr != moved.lladdr
+                   else Op("delete", moved)
+                   for op in peer_ops(vx, 1, "delete") + peer_ops(vx, 2, "delete")]
+        assert [r.errno for r in await nl.apply(removal)] == [0] * 6
+        assert netns.ip("neigh", "show", "dev", "flannel.1").stdout.strip() == ""
+        assert {str(e["mac"]) for e in fdb_json(netns)} == {"0e:00:00:00:00:63"}
+        assert not any("flannel.1" in line for line in route_lines(netns))
+        again = await nl.apply([Op("delete", Neighbour(vx, ip4("10.244.1.0"), ""))])
+        assert again[0].errno == errno.ENOENT
+
+
+async def test_neighbour_dump_keeps_every_state(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    netns.ip("neigh", "add", "192.168.0.9", "lladdr", "aa:bb:cc:00:00:09", "dev", "v0",
+             "nud", "stale")
+    netns.ip("neigh", "add", "192.168.0.10", "lladdr", "aa:bb:cc:00:00:0a", "dev", "v0",
+             "nud", "permanent")
+    with RtNetlink.open(netns.name) as nl:
+        got = {n async for n in nl.dump_neighbours(socket.AF_INET, ifindex=v0)}
+    assert got == {Neighbour(v0, ip4("192.168.0.9"), "aa:bb:cc:00:00:09", NUD_STALE),
+                   Neighbour(v0, ip4("192.168.0.10"), "aa:bb:cc:00:00:0a")}
+
+
+# --- monitor ----------------------------------------------------------------------------------
+
+class EventLog:
+    """Reads the monitor continuously in a task, as a daemon would; tests wait on it."""
+
+    def __init__(self, mon: RtMonitor) -> None:
+        self.events: list[RtEvent] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._read(mon))
+
+    async def _read(self, mon: RtMonitor) -> None:
+        async for batch in mon.events():
+            self.events.extend(batch)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, wanted: Callable[[RtEvent], bool]) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: any(wanted(e) for e in self.events)),
+                EVENT_TIMEOUT)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def test_monitor_sees_ip_route_del_and_link_events(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    route = Route(net4("10.5.0.0/16"), ip4("192.168.0.2"), v0)
+    with RtMonitor.open(netns.name, routes=True, links=True) as mon:
+        log = EventLog(mon)
+        try:
+            netns.ip("route", "add", "10.5.0.0/16", "via", "192.168.0.2", "dev", "v0")
+            netns.ip("route", "del", "10.5.0.0/16")
+            await log.wait_for(lambda e: e.kind == "route_del")
+            assert [e for e in log.events if e.kind.startswith("route")] == [
+                RtEvent("route_new", route), RtEvent("route_del", route)]
+
+            netns.ip("link", "add", "x0", "type", "veth", "peer", "name", "x1")
+            x0 = ifindex(netns, "x0")
+            await log.wait_for(lambda e: e == RtEvent("link_new", LinkEvent(x0, "x0")))
+            netns.ip("link", "del", "x0")
+            await log.wait_for(lambda e: e == RtEvent("link_del", LinkEvent(x0, "x0")))
+        finally:
+            await log.stop()
+
+
+async def test_monitor_without_route_group_sees_no_routes(netns: NetNamespace) -> None:
+    with_veth(netns)
+    with RtMonitor.open(netns.name, routes=False, links=True) as mon:
+        log = EventLog(mon)
+        try:
+            netns.ip("route", "add", "10.5.0.0/16", "via", "192.168.0.2", "dev", "v0")
+            netns.ip("link", "add", "x0", "type", "veth", "peer", "name", "x1")
+            await log.wait_for(lambda e: isinstance(e.obj, LinkEvent) and e.obj.ifname == "x0")
+            assert not any(e.kind.startswith("route") for e in log.events)
+        finally:
+            await log.stop()
+
+
+async def test_monitor_reports_overflow_and_keeps_going(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    routes = [Route(net4(f"10.{i >> 8}.{i & 255}.0/24"), ip4("192.168.0.2"), v0)
+              for i in range(2000)]
+    # A tiny receive buffer that 2000 unread notifications cannot fit into.
+    with RtMonitor.open(netns.name, rcvbuf=4096) as mon, RtNetlink.open(netns.name) as nl:
+        # Nothing reads while the routes go in (apply never yields to the reader task
+        # before the kernel has queued every notification).
+        assert all(r.errno == 0 for r in await nl.apply([Op("replace", r) for r in routes]))
+        log = EventLog(mon)
+        try:
+            await log.wait_for(lambda e: e.kind == "overflow")
+            # What was queued behind the overflow is discarded: the caller resyncs anyway.
+            assert log.events == [RtEvent("overflow", None)]
+            late = Route(net4("10.99.0.0/24"), ip4("192.168.0.3"), v0)
+            assert (await nl.apply([Op("replace", late)]))[0].errno == 0
+            await log.wait_for(lambda e: e == RtEvent("route_new", late))
+        finally:
+            await log.stop()
+
+
+# --- scale ------------------------------------------------------------------------------------
+
+async def test_10k_route_dump_streams_and_early_exit_is_safe(netns: NetNamespace) -> None:
+    v0 = with_veth(netns, "192.168.0.1/16")
+    # One shared gateway keeps the kernel's insert cost linear (per-route gateways are O(N^2)).
+    routes = [Route(net4(f"10.{i >> 8}.{i & 255}.0/24"), ip4("192.168.0.2"), v0)
+              for i in range(10_000)]
+    with RtNetlink.open(netns.name) as nl:
+        results = await nl.apply([Op("replace", r) for r in routes], window=256)
+        assert len(results) == 10_000 and not any(r.errno for r in results)
+        ip_count = sum(1 for line in route_lines(netns) if line.startswith("10."))
+        assert ip_count == 10_000
+
+        seen = {r async for r in nl.dump_routes(socket.AF_INET)
+                if r.dst.network_address.packed[0] == 10}
+        assert seen == set(routes)
+
+        # Stop reading after a few routes: the unread rest must not break the next request.
+        first = []
+        async for r in nl.dump_routes(socket.AF_INET):
+            first.append(r)
+            if len(first) == 5:
+                break
+        results = await nl.apply([Op("delete", r) for r in routes])
+        assert not any(r.errno for r in results)
+        assert [r async for r in nl.dump_routes(socket.AF_INET)] == [
+            Route(net4("192.168.0.0/16"), None, v0, protocol=RTPROT_KERNEL, scope=RT_SCOPE_LINK)]
