@@ -1,0 +1,1 @@
+"""pyflannel.cni: the flannel CNI plugin and its installer."""
