@@ -343,6 +343,27 @@ async def test_monitor_sees_ip_route_del_and_link_events(netns: NetNamespace) ->
             await log.stop()
 
 
+async def test_monitor_neighbour_and_fdb_events(netns: NetNamespace) -> None:
+    vx = vxlan_setup(netns)
+    neigh, fdb, _route = (op.obj for op in peer_ops(vx, 1))
+    with RtMonitor.open(netns.name, routes=False, neighbours=True) as mon, \
+            RtNetlink.open(netns.name) as nl:
+        log = EventLog(mon)
+        try:
+            assert [r.errno for r in await nl.apply(peer_ops(vx, 1)[:2])] == [0, 0]
+            await log.wait_for(lambda e: e == RtEvent("neigh_new", fdb))
+            await log.wait_for(lambda e: e == RtEvent("neigh_new", neigh))
+            netns.ip("neigh", "del", "10.244.1.0", "dev", "flannel.1")
+            # A deleted entry is reported in state FAILED without lladdr: match on the key.
+            await log.wait_for(lambda e: e.kind == "neigh_del" and isinstance(e.obj, Neighbour)
+                               and (e.obj.ifindex, e.obj.ip) == (vx, ip4("10.244.1.0")))
+            netns.run("bridge", "fdb", "del", "0e:00:00:00:00:01", "dev", "flannel.1",
+                      "dst", "192.168.0.2", "self")
+            await log.wait_for(lambda e: e == RtEvent("neigh_del", fdb))
+        finally:
+            await log.stop()
+
+
 async def test_monitor_without_route_group_sees_no_routes(netns: NetNamespace) -> None:
     with_veth(netns)
     with RtMonitor.open(netns.name, routes=False, links=True) as mon:
