@@ -24,10 +24,54 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from pyflannel.cni.install import install_plugin
+from pyflannel.lab.cniruntime import Attachment, CniRuntime
 from pyflannel.lab.etcd import EtcdServer
 from pyflannel.lab.netns import NetNamespace, veth_between
 
 DEFAULT_SEGMENT = "192.168.77.0/24"
+SYSTEM_CNI_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+
+# A tiny TCP service for reachability checks: it answers every connection with the
+# address it sees the client coming from (so NAT, or its absence, is visible).
+WHOAMI_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
+    "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind((sys.argv[1],int(sys.argv[2])));s.listen(64)\n"
+    "print('ready',flush=True)\n"
+    "while True:\n"
+    " c,a=s.accept();c.sendall(a[0].encode());c.close()\n")
+WHOAMI_CLIENT = (
+    "import socket,sys\n"
+    "try:\n"
+    " c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[3]))\n"
+    " print(c.recv(100).decode())\n"
+    "except OSError as e:\n"
+    " print('error:',e);sys.exit(1)\n")
+WHOAMI_PORT = 7777
+
+
+@dataclass
+class LabPod:
+    """A pod: a network namespace attached through the flannel CNI plugin."""
+
+    name: str
+    node: LabNode
+    ns: NetNamespace
+    ip: IPv4Address
+    result: dict[str, Any]
+    attachment: Attachment
+    server: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class OutsideHost:
+    """A machine on the nodes' segment that is not part of the cluster."""
+
+    ns: NetNamespace
+    addr: IPv4Address
+    server: subprocess.Popen[bytes] | None = None
 
 
 @dataclass
@@ -80,7 +124,10 @@ class Cluster:
         self.switch: NetNamespace | None = None
         self.etcd: EtcdServer | None = None
         self.nodes: dict[int, LabNode] = {}
+        self.pods: dict[str, LabPod] = {}
+        self.outside: OutsideHost | None = None
         self._next_index = 1
+        self._cni_bin: Path | None = None
 
     # -- building -----------------------------------------------------------------------
 
@@ -173,6 +220,99 @@ class Cluster:
         node.ns.delete()
         self.nodes.pop(node.index, None)
 
+    # -- pods ---------------------------------------------------------------------------
+
+    def conflist(self, node: LabNode) -> dict[str, Any]:
+        """Upstream's 10-flannel.conflist, with this node's files instead of the
+        machine-wide /run/flannel, /var/lib/cni/flannel and /var/lib/cni/networks."""
+        return {"name": "cbr0", "cniVersion": "0.3.1", "plugins": [
+            {"type": "flannel", "subnetFile": str(node.subnet_file),
+             "dataDir": str(node.workdir / "cni-flannel"),
+             "ipam": {"dataDir": str(node.workdir / "cni-ipam")},
+             "delegate": {"hairpinMode": True, "isDefaultGateway": True}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ]}
+
+    def cni_runtime(self, node: LabNode) -> CniRuntime:
+        if self._cni_bin is None:
+            self._cni_bin = self.workdir / "cni-bin"
+            self._cni_bin.mkdir()
+            install_plugin(self._cni_bin)
+        return CniRuntime(self.conflist(node), [self._cni_bin, SYSTEM_CNI_DIR], node=node.ns.name)
+
+    def add_pod(self, node: LabNode, name: str | None = None, *, serve: bool = True) -> LabPod:
+        """Creates a pod on `node` exactly as a container runtime does (CNI ADD through
+        the conflist); with `serve`, starts the whoami service in it."""
+        name = name or f"pod{len(self.pods) + 1}"
+        ns = NetNamespace.create(f"{self.name}-{name}")
+        att = Attachment(container_id=ns.name, netns=ns.path,
+                         args={"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default",
+                               "K8S_POD_NAME": name})
+        try:
+            result = self.cni_runtime(node).add(att)
+        except BaseException:
+            ns.delete()
+            raise
+        ips = result.get("ips")
+        assert isinstance(ips, list) and ips, f"CNI ADD returned no IP: {result}"
+        ip = IPv4Address(str(ips[0]["address"]).split("/")[0])
+        pod = LabPod(name, node, ns, ip, result, att)
+        self.pods[name] = pod
+        if serve:
+            pod.server = self._serve(ns, str(ip))
+        return pod
+
+    def delete_pod(self, pod: LabPod) -> None:
+        self._stop_proc(pod.server)
+        try:
+            self.cni_runtime(pod.node).delete(pod.attachment, pod.result)
+        finally:
+            pod.ns.delete()
+            self.pods.pop(pod.name, None)
+
+    def add_outside_host(self) -> OutsideHost:
+        """A host on the segment, outside the cluster, running the whoami service."""
+        assert self.switch is not None
+        ns = NetNamespace.create(f"{self.name}-out")
+        addr = IPv4Address(int(self.switch_addr) - 1)
+        veth_between(ns, "eth0", self.switch, "pout")
+        self.switch.ip("link", "set", "pout", "master", "br0")
+        ns.ip("addr", "add", f"{addr}/{self.segment.prefixlen}", "dev", "eth0")
+        self.outside = OutsideHost(ns, addr, self._serve(ns, str(addr)))
+        return self.outside
+
+    def _serve(self, ns: NetNamespace, addr: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ns.exec_args(sys.executable, "-I", "-S", "-c", WHOAMI_SERVER, addr,
+                         str(WHOAMI_PORT)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "ready": listening before anyone connects
+        return proc
+
+    @staticmethod
+    def _stop_proc(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def whoami(self, src: NetNamespace, dst: IPv4Address | str, timeout: float = 3) -> str:
+        """Connects from `src` to the whoami service at `dst`: the address the other side
+        saw us coming from, or 'error: ...'."""
+        out = src.run(sys.executable, "-I", "-S", "-c", WHOAMI_CLIENT, str(dst),
+                      str(WHOAMI_PORT), str(timeout), check=False, timeout=timeout + 10)
+        return out.stdout.strip()
+
+    def reachability(self) -> dict[tuple[str, str], str]:
+        """(from pod, to pod or 'outside') -> the source address the receiver saw."""
+        out: dict[tuple[str, str], str] = {}
+        for a in self.pods.values():
+            for b in self.pods.values():
+                if a is not b:
+                    out[(a.name, b.name)] = self.whoami(a.ns, b.ip)
+            if self.outside is not None:
+                out[(a.name, "outside")] = self.whoami(a.ns, self.outside.addr)
+        return out
+
     # -- looking ------------------------------------------------------------------------
 
     def etcdctl(self, *args: str) -> str:
@@ -236,6 +376,14 @@ class Cluster:
     # -- tearing down -------------------------------------------------------------------
 
     def close(self) -> None:
+        for pod in list(self.pods.values()):
+            self._stop_proc(pod.server)
+            pod.ns.delete()  # the node namespaces (with their cni0) go below
+        self.pods.clear()
+        if self.outside is not None:
+            self._stop_proc(self.outside.server)
+            self.outside.ns.delete()
+            self.outside = None
         for node in list(self.nodes.values()):
             try:
                 self.stop_daemon(node, timeout=5)
