@@ -13,10 +13,34 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def print_matrix(cl: Cluster) -> bool:
+    """Who reaches whom, and with which source address the receiver saw."""
+    matrix = cl.reachability()
+    pods = list(cl.pods.values())
+    cols = [p.name for p in pods] + (["outside"] if cl.outside else [])
+    _say("\nReachability (TCP): each cell is the source address the receiver saw")
+    _say("  " + "from \\ to".ljust(12) + "".join(c.ljust(16) for c in cols))
+    ok = True
+    for a in pods:
+        row = []
+        for c in cols:
+            if c == a.name:
+                row.append("-")
+                continue
+            seen = matrix[(a.name, c)]
+            want = str(a.node.addr) if c == "outside" else str(a.ip)
+            ok = ok and seen == want
+            row.append(seen if seen == want else f"FAIL {seen}"[:15])
+        _say("  " + a.name.ljust(12) + "".join(x.ljust(16) for x in row))
+    _say("  Pod to pod keeps the pod IP (no NAT inside the cluster); pod to outside is "
+         "masqueraded to the node's IP." if ok else "  Some paths FAILED (see above).")
+    return ok
+
+
 def run_demo(*, nodes: int = 3, keep: bool = False) -> int:
     _say(f"Building a {nodes}-node flannel cluster (host-gw, etcd) in network namespaces...")
     t0 = time.monotonic()
-    with Cluster(nodes=nodes, name="pfl") as cl:
+    with Cluster(nodes=nodes, name="pfl", flanneld_args=["--ip-masq"]) as cl:
         _say(f"  etcd at {cl.etcd_endpoint} (inside namespace {cl.switch.name})"  # type: ignore[union-attr]
              )
         for n in cl.nodes.values():
@@ -35,9 +59,16 @@ def run_demo(*, nodes: int = 3, keep: bool = False) -> int:
             _say(f"{n.name} $ cat {n.subnet_file.name}")
             for line in n.subnet_file.read_text().splitlines():
                 _say(f"  {line}")
+        _say("\nCreating a pod on every node through the flannel CNI plugin "
+             "(bridge + host-local), and an outside host that is not in the cluster...")
+        cl.add_outside_host()
+        for n in cl.nodes.values():
+            pod = cl.add_pod(n, f"pod{n.index}")
+            _say(f"  {pod.name} on {n.name}: {pod.ip}")
+        all_ok = print_matrix(cl)
         if keep:
             _say("\nThe cluster stays up until you press Enter.")
             sys.stdin.readline()
         _say("\nRemoving the cluster (namespaces, daemons, etcd)...")
     _say("Done: nothing is left on this machine.")
-    return 0
+    return 0 if all_ok else 1
