@@ -184,3 +184,37 @@ def test_racing_daemons_get_distinct_leases() -> None:
             assert len(cl.leases()) == 2
             cl.remove_node(a)
             cl.remove_node(b)
+
+
+def test_bad_leases_are_refused_and_unreachable_peers_retried(cluster: Cluster) -> None:
+    node = cluster.nodes[1]
+    prefix = "/coreos.com/network/subnets/"
+    own = cluster.subnet_of(node)
+    bad = {
+        "10.99.7.0-24": "192.168.77.50",       # outside Network
+        "10.244.200.0-25": "192.168.77.51",    # wrong prefix length
+        "10.244.201.0-24": "127.0.0.1",        # unusable public IP
+    }
+    for key, ip in bad.items():
+        cluster.etcdctl("put", prefix + key,
+                        f'{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"host-gw"}}')
+    # a peer that is not on our L2 segment: the kernel refuses a route via it
+    cluster.etcdctl("put", prefix + "10.244.202.0-24",
+                    '{"PublicIP":"10.77.0.5","PublicIPv6":null,"BackendType":"host-gw"}')
+    cluster.wait_until(lambda: node.log().count("Refusing lease") >= 3
+                       and "not reachable on this node's L2 segment" in node.log(),
+                       what="refusals and the unreachable peer logged")
+    routes = node.routes()
+    for key in bad:
+        assert key.split("-")[0] not in routes
+    assert "10.244.202.0" not in routes
+    assert own is not None and f"{own}" not in {d for d, _ in cluster.flannel_routes(node)}
+    # the good peers are untouched
+    assert cluster.expected_routes(node) <= cluster.flannel_routes(node)
+    # logged once, not on every retry
+    time.sleep(11)  # past one periodic resync
+    assert node.log().count("not reachable on this node's L2 segment") == 1
+    # once the peer becomes reachable (an address on its subnet), the retry programs it
+    node.ns.ip("addr", "add", "10.77.0.1/24", "dev", "eth0")
+    cluster.wait_until(lambda: "10.244.202.0/24 via 10.77.0.5 dev eth0" in node.routes(),
+                       timeout=15, what="the unreachable peer's route after it became reachable")

@@ -101,8 +101,11 @@ async def find_external_interface(
     public_ipv6: IPv6Address | None = None,
     ipv4: bool = True,
     ipv6: bool = False,
+    netns: str | None = None,
 ) -> ExternalInterface:
-    async with AsyncIPRoute() as ipr:
+    """The external interface; `netns` (a name under /run/netns) is for tests and the
+    lab, the daemon looks at its own namespace."""
+    async with AsyncIPRoute(netns=netns) as ipr:
         links, addrs = await _inventory(ipr)
         by_index = {link.index: link for link in links}
         by_name = {link.name: link for link in links}
