@@ -76,16 +76,16 @@ async def test_no_default_route(netns: NetNamespace) -> None:
 
 
 async def test_address_preference(node: NetNamespace) -> None:
-    # a secondary, dynamic (finite lifetime) address sorts after the permanent one
+    # a deprecated address is never picked, even when listed first; a dynamic (finite
+    # lifetime) address sorts after a permanent one
+    node.ip("addr", "add", "192.168.30.5/24", "dev", "eth0", "valid_lft", "1000",
+            "preferred_lft", "0")
     node.ip("addr", "add", "192.168.20.5/24", "dev", "eth0", "valid_lft", "1000",
             "preferred_lft", "1000")
     ext = await find_external_interface(netns=node.name)
     assert ext.iface_addr == IPv4Address("192.168.10.5")
-    # a deprecated address is never picked
     node.ip("addr", "del", "192.168.10.5/24", "dev", "eth0")
     node.ip("route", "replace", "default", "via", "192.168.20.1")
-    node.ip("addr", "add", "192.168.30.5/24", "dev", "eth0", "valid_lft", "1000",
-            "preferred_lft", "0")
     ext = await find_external_interface(netns=node.name)
     assert ext.iface_addr == IPv4Address("192.168.20.5")
 
