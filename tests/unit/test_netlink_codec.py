@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import struct
 import sys
+from dataclasses import replace
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -18,7 +19,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Op, Route, RtEvent
+from pyflannel.netlink import (
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_PERMANENT,
+    RTPROT_KERNEL,
+    Address,
+    FdbEntry,
+    Link,
+    LinkEvent,
+    Neighbour,
+    Nexthop,
+    Op,
+    Route,
+    RtEvent,
+)
 from pyflannel.netlink.codec import (
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
@@ -26,18 +40,28 @@ from pyflannel.netlink.codec import (
     NLM_F_MULTI,
     NLMSG_DONE,
     NLMSG_ERROR,
+    RTM_DELNEXTHOP,
+    RTM_NEWADDR,
+    RTM_NEWNEXTHOP,
     RTM_NEWROUTE,
     NetlinkDecodeError,
     NetlinkError,
+    decode_address,
     decode_error,
     decode_events,
+    decode_link_info,
     decode_neigh,
+    decode_nexthop,
     decode_route,
+    encode_address_dump,
     encode_fdb,
     encode_fdb_dump,
     encode_get_route,
+    encode_link_dump,
     encode_neigh_dump,
     encode_neighbour,
+    encode_nexthop,
+    encode_nexthop_dump,
     encode_op,
     encode_route,
     encode_route_dump,
@@ -55,7 +79,8 @@ def h(text: str) -> bytes:
 
 def payload(msg: bytes) -> tuple[int, int, int, int, int]:
     (only,) = list(iter_messages(msg))
-    return only
+    mtype, flags, seq, start, stop = only
+    return mtype, flags, seq, start, stop
 
 
 # --- hand-checked layouts ---------------------------------------------------------------------
@@ -183,7 +208,7 @@ def test_mixed_families_are_refused() -> None:
         encode_route("replace", Route(IPv6Network("2001:db8::/64"),
                                       IPv4Address("192.168.0.1"), 2), 1)
     with pytest.raises(TypeError):
-        encode_op(Op("replace", "10.0.0.0/8"), 1)  # type: ignore[arg-type]
+        encode_op(Op("replace", "10.0.0.0/8"), 1)
 
 
 # --- decoding kernel messages -----------------------------------------------------------------
@@ -367,3 +392,238 @@ def test_uppercase_mac_encodes_like_lowercase() -> None:
     a = Neighbour(1, IPv4Address("10.0.0.1"), "0E:AA:00:00:00:01")
     b = Neighbour(1, IPv4Address("10.0.0.1"), "0e:aa:00:00:00:01")
     assert encode_neighbour("replace", a, 1) == encode_neighbour("replace", b, 1)
+
+
+# --- nexthop objects --------------------------------------------------------------------------
+
+def test_nexthop_replace_layout() -> None:
+    nh = Nexthop(7, IPv4Address("192.168.0.2"), 3)
+    assert encode_nexthop("replace", nh, 5) == h("""
+        30000000 6800 0505 05000000 00000000
+        02 00 03 00 00000000
+        0800 0100 07000000
+        0800 0600 c0a80002
+        0800 0500 03000000
+    """)
+    # RTM_NEWNEXTHOP, REQUEST|ACK|REPLACE|CREATE; nhmsg: AF_INET, scope 0 (the kernel refuses
+    # any other), proto boot, resvd 0, no flags; NHA_ID, NHA_GATEWAY, NHA_OIF
+    assert encode_op(Op("replace", nh), 5) == encode_nexthop("replace", nh, 5)
+
+
+def test_nexthop_replace_ipv6_onlink() -> None:
+    nh = Nexthop(9, IPv6Address("2001:db8::2"), 4, protocol=RTPROT_KERNEL, onlink=True)
+    assert encode_nexthop("replace", nh, 1) == h("""
+        3c000000 6800 0505 01000000 00000000
+        0a 00 02 00 04000000
+        0800 0100 09000000
+        1400 0600 20010db8000000000000000000000002
+        0800 0500 04000000
+    """)  # AF_INET6 from the gateway, RTNH_F_ONLINK in nh_flags
+
+
+def test_nexthop_device_and_blackhole_layouts() -> None:
+    assert encode_nexthop("replace", Nexthop(5, None, 3), 1)[16:] == h("""
+        02 00 03 00 00000000
+        0800 0100 05000000
+        0800 0500 03000000
+    """)  # `dev X` only: AF_INET
+    assert encode_nexthop("replace", Nexthop(4, None, None), 1)[16:] == h("""
+        02 00 03 00 00000000
+        0800 0100 04000000
+        0400 0400
+    """)  # neither: NHA_BLACKHOLE (a flag attribute), AF_INET like `ip nexthop ... blackhole`
+
+
+def test_nexthop_delete_layout_sends_only_the_id() -> None:
+    nh = Nexthop(7, IPv4Address("192.168.0.2"), 3, onlink=True)
+    assert encode_nexthop("delete", nh, 2) == h("""
+        20000000 6900 0500 02000000 00000000
+        00 00 00 00 00000000
+        0800 0100 07000000
+    """)  # RTM_DELNEXTHOP, REQUEST|ACK; the kernel refuses a protocol/flags in a delete
+
+
+def test_route_with_nhid_layout_leaves_gateway_and_oif_out() -> None:
+    route = Route(IPv4Network("10.244.1.0/24"), IPv4Address("192.168.0.2"), 3, nhid=7)
+    expected = h("""
+        34000000 1800 0505 01000000 00000000
+        02 18 00 00 fe 03 00 01 00000000
+        0800 0f00 fe000000
+        0800 0100 0af40100
+        0800 1e00 07000000
+    """)  # RTA_NH_ID = 30; gateway/oif with nhid is "mutually exclusive" for the kernel
+    assert encode_route("replace", route, 1) == expected
+    assert encode_route("replace", Route(route.dst, None, None, nhid=7), 1) == expected
+    assert encode_route("delete", route, 1) == h("""
+        34000000 1900 0500 01000000 00000000
+        02 18 00 00 fe 00 ff 00 00000000
+        0800 0f00 fe000000
+        0800 0100 0af40100
+        0800 1e00 07000000
+    """)  # a delete matches on the nexthop id
+
+
+def test_new_dump_requests() -> None:
+    assert encode_nexthop_dump(3, None) == h("""
+        18000000 6a00 0103 03000000 00000000
+        00 00 00 00 00000000
+    """)
+    assert encode_nexthop_dump(3, 5) == h("""
+        20000000 6a00 0103 03000000 00000000
+        00 00 00 00 00000000
+        0800 0500 05000000
+    """)  # NHA_OIF filter, applied by the kernel
+    assert encode_link_dump(4) == h("""
+        28000000 1200 0103 04000000 00000000
+        00 00 0000 00000000 00000000 00000000
+        0800 1d00 08000000
+    """)  # RTM_GETLINK; IFLA_EXT_MASK = RTEXT_FILTER_SKIP_STATS
+    assert encode_address_dump(AF_INET6, 6) == h("""
+        18000000 1600 0103 06000000 00000000
+        0a 00 00 00 00000000
+    """)  # RTM_GETADDR
+
+
+# Captured from kernel 6.18 (`ip nexthop add id 7 via 192.168.0.2 dev eth0 onlink`, then
+# `... id 9 group 7/8`, dumped with encode_nexthop_dump).
+KERNEL_NEXTHOP = h("""
+    30000000 6800 0200 01000000 4c590000
+    02 fd 00 00 04000000
+    0800 0100 07000000
+    0800 0500 03000000
+    0800 0600 c0a80002
+""")
+KERNEL_NEXTHOP_GROUP = h("""
+    44000000 6800 0200 01000000 4c590000
+    00 00 00 00 00000000
+    0800 0100 09000000
+    0600 0300 0000 0000
+    1400 0200 0700000000000000 0800000000000000
+    0800 0e00 00000080
+""")
+
+
+def test_decode_kernel_nexthops() -> None:
+    _, _, _, start, stop = payload(KERNEL_NEXTHOP)
+    assert decode_nexthop(KERNEL_NEXTHOP, start, stop) == Nexthop(
+        7, IPv4Address("192.168.0.2"), 3, protocol=0, onlink=True)
+    _, _, _, start, stop = payload(KERNEL_NEXTHOP_GROUP)
+    assert decode_nexthop(KERNEL_NEXTHOP_GROUP, start, stop) is None
+
+
+def test_decode_route_with_nhid_both_shapes() -> None:
+    # nexthop_compat_mode = 1 (default): TABLE, DST, NH_ID, then the nexthop's GATEWAY, OIF.
+    compat = h("""
+        44000000 1800 0200 01000000 00000000
+        02 18 00 00 fe 03 00 01 04000000
+        0800 0f00 fe000000
+        0800 0100 0af40100
+        0800 1e00 07000000
+        0800 0500 c0a80002
+        0800 0400 03000000
+    """)
+    _, _, _, start, stop = payload(compat)
+    assert decode_route(compat, start, stop) == Route(
+        IPv4Network("10.244.1.0/24"), IPv4Address("192.168.0.2"), 3, onlink=True, nhid=7)
+    # The same attributes in another order take the general loop and agree with it.
+    reordered = compat[:44] + compat[52:60] + compat[44:52] + compat[60:]
+    _, _, _, start, stop = payload(reordered)
+    assert decode_route(reordered, start, stop) == decode_route(compat, 16, len(compat))
+    # nexthop_compat_mode = 0: only the id.
+    bare = compat[:16 + 36]
+    bare = struct.pack("=I", len(bare)) + bare[4:]
+    _, _, _, start, stop = payload(bare)
+    assert decode_route(bare, start, stop) == Route(
+        IPv4Network("10.244.1.0/24"), None, None, onlink=True, nhid=7)
+
+
+def test_decode_events_with_nexthops() -> None:
+    deleted = bytearray(KERNEL_NEXTHOP)
+    struct.pack_into("=H", deleted, 4, RTM_DELNEXTHOP)
+    buf = KERNEL_NEXTHOP + KERNEL_NEXTHOP_GROUP + bytes(deleted)
+    nh = Nexthop(7, IPv4Address("192.168.0.2"), 3, protocol=0, onlink=True)
+    assert decode_events(buf, len(buf)) == [RtEvent("nexthop_new", nh),
+                                            RtEvent("nexthop_del", nh)]  # group skipped
+
+
+@st.composite
+def nexthops(draw: st.DrawFn) -> Nexthop:
+    gw: IPv4Address | IPv6Address | None = draw(st.none() | ips)
+    # A gateway needs a device; only blackhole has neither.
+    oif = draw(st.integers(1, 2**31 - 1)) if gw is not None else draw(
+        st.none() | st.integers(1, 2**31 - 1))
+    return Nexthop(draw(st.integers(1, 2**32 - 1)), gw, oif,
+                   protocol=draw(st.integers(0, 255)), onlink=draw(st.booleans()))
+
+
+@given(nexthops(), st.integers(0, 2**32 - 1))
+def test_nexthop_round_trip(nh: Nexthop, seq: int) -> None:
+    msg = encode_nexthop("replace", nh, seq)
+    mtype, _flags, got_seq, start, stop = payload(msg)
+    assert (mtype, got_seq) == (RTM_NEWNEXTHOP, seq)
+    assert decode_nexthop(msg, start, stop) == nh
+
+
+@given(routes(), st.integers(1, 2**32 - 1))
+def test_route_with_nhid_round_trip(route: Route, nhid: int) -> None:
+    # gateway/oif are not sent with an nhid, so what comes back has neither.
+    msg = encode_route("replace", replace(route, nhid=nhid), 1)
+    _, _, _, start, stop = payload(msg)
+    assert decode_route(msg, start, stop) == replace(route, gateway=None, oif=None, nhid=nhid)
+
+
+# --- links and addresses ----------------------------------------------------------------------
+
+def _link_msg(index: int, flags: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBHiII", 0, 0, 1, index, flags, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), 16, NLM_F_MULTI, 1, 0) + body
+
+
+def _nla(atype: int, data: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(data), atype) + data + b"\0" * (-len(data) & 3)
+
+
+def test_decode_link() -> None:
+    linkinfo = _nla(1, b"vxlan\0") + _nla(2, _nla(1, struct.pack("=I", 1)))  # KIND, DATA
+    msg = _link_msg(7, 0x11043, _nla(3, b"flannel.1\0") + _nla(4, struct.pack("=I", 1450))
+                    + _nla(1, bytes.fromhex("0E0000000001")) + _nla(0x8000 | 18, linkinfo))
+    _, _, _, start, stop = payload(msg)
+    assert decode_link_info(msg, start, stop) == Link(7, "flannel.1", 1450, 0x11043, "vxlan",
+                                                      "0e:00:00:00:00:01")
+    bare = _link_msg(1, 0x49, _nla(3, b"lo\0") + _nla(4, struct.pack("=I", 65536)))
+    _, _, _, start, stop = payload(bare)
+    assert decode_link_info(bare, start, stop) == Link(1, "lo", 65536, 0x49, None, None)
+
+
+# Captured from kernel 6.18: `192.168.9.1/24 dev eth0 noprefixroute` (ifa_flags 0x80, the
+# NOPREFIXROUTE bit only in IFA_FLAGS), with IFA_LABEL and IFA_CACHEINFO.
+KERNEL_ADDRESS = h("""
+    50000000 1400 0200 02000000 4c590000
+    02 18 80 00 03000000
+    0800 0100 c0a80901
+    0800 0200 c0a80901
+    0900 0300 65746830 00000000
+    0800 0800 80020000
+    1400 0600 ffffffff ffffffff fdc80100 fdc80100
+""")
+
+
+def test_decode_kernel_address_uses_ifa_flags() -> None:
+    mtype, _, _, start, stop = payload(KERNEL_ADDRESS)
+    assert mtype == RTM_NEWADDR
+    assert decode_address(KERNEL_ADDRESS, start, stop) == Address(
+        3, IPv4Address("192.168.9.1"), 24, IFA_F_PERMANENT | IFA_F_NOPREFIXROUTE, 0)
+
+
+def test_decode_address_prefers_local_over_peer() -> None:
+    body = (struct.pack("=BBBBI", AF_INET6, 128, 0x80, 0, 4)
+            + _nla(2, IPv6Address("2001:db8::1").packed)  # IFA_LOCAL
+            + _nla(1, IPv6Address("2001:db8::2").packed))  # IFA_ADDRESS: the peer
+    assert decode_address(body, 0, len(body)) == Address(4, IPv6Address("2001:db8::1"), 128,
+                                                         0x80, 0)  # no IFA_FLAGS: ifa_flags
+    only_address = struct.pack("=BBBBI", AF_INET6, 64, 0x80, 253, 4) + _nla(
+        1, IPv6Address("fe80::1").packed)
+    assert decode_address(only_address, 0, len(only_address)) == Address(
+        4, IPv6Address("fe80::1"), 64, 0x80, 253)
+    other_family = struct.pack("=BBBBI", 7, 0, 0, 0, 4)
+    assert decode_address(other_family, 0, len(other_family)) is None

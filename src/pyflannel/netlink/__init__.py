@@ -1,13 +1,24 @@
 """A small stdlib-only rtnetlink client for flannel's hot paths.
 
-Bulk route/neighbour/FDB programming, dumps and event monitoring go through here (pyroute2
-costs ~0.5 ms per request; this costs a few microseconds). Link and address creation stay
-with pyroute2.
+Bulk route/nexthop/neighbour/FDB programming, dumps (also of links and addresses) and event
+monitoring go through here (pyroute2 costs ~0.5 ms per request; this costs a few
+microseconds). Link and address creation stay with pyroute2.
 """
 
 from pyflannel.netlink.codec import (
     AF_BRIDGE,
     FDB_STATE,
+    IFA_F_DEPRECATED,
+    IFA_F_HOMEADDRESS,
+    IFA_F_NODAD,
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_PERMANENT,
+    IFA_F_SECONDARY,
+    IFA_F_TENTATIVE,
+    IFF_LOOPBACK,
+    IFF_LOWER_UP,
+    IFF_RUNNING,
+    IFF_UP,
     NTF_SELF,
     NUD_NOARP,
     NUD_PERMANENT,
@@ -20,11 +31,14 @@ from pyflannel.netlink.codec import (
     RTN_UNICAST,
     RTPROT_BOOT,
     RTPROT_KERNEL,
+    Address,
     FdbEntry,
+    Link,
     LinkEvent,
     Neighbour,
     NetlinkDecodeError,
     NetlinkError,
+    Nexthop,
     Op,
     OpResult,
     Route,
@@ -35,6 +49,17 @@ from pyflannel.netlink.rtnl import DumpInterrupted, RtMonitor, RtNetlink, dump_c
 __all__ = [
     "AF_BRIDGE",
     "FDB_STATE",
+    "IFA_F_DEPRECATED",
+    "IFA_F_HOMEADDRESS",
+    "IFA_F_NODAD",
+    "IFA_F_NOPREFIXROUTE",
+    "IFA_F_PERMANENT",
+    "IFA_F_SECONDARY",
+    "IFA_F_TENTATIVE",
+    "IFF_LOOPBACK",
+    "IFF_LOWER_UP",
+    "IFF_RUNNING",
+    "IFF_UP",
     "NTF_SELF",
     "NUD_NOARP",
     "NUD_PERMANENT",
@@ -47,12 +72,15 @@ __all__ = [
     "RT_SCOPE_LINK",
     "RT_SCOPE_UNIVERSE",
     "RT_TABLE_MAIN",
+    "Address",
     "DumpInterrupted",
     "FdbEntry",
+    "Link",
     "LinkEvent",
     "Neighbour",
     "NetlinkDecodeError",
     "NetlinkError",
+    "Nexthop",
     "Op",
     "OpResult",
     "Route",

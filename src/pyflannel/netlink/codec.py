@@ -1,9 +1,11 @@
-"""rtnetlink message encoding and decoding: routes, neighbours, FDB entries, links.
+"""rtnetlink message encoding and decoding: routes, nexthop objects, neighbours, FDB entries,
+links and addresses.
 
 Pure functions over bytes, no I/O. Only what flannel programs and reads is covered, so the
 hot paths (bulk route/neighbour/FDB changes, 10k-route dumps) cost a few microseconds per
-message instead of pyroute2's ~0.5 ms. Layouts follow <linux/netlink.h>, <linux/rtnetlink.h>
-and <linux/neighbour.h>; all integers are in host byte order except addresses.
+message instead of pyroute2's ~0.5 ms. Layouts follow <linux/netlink.h>, <linux/rtnetlink.h>,
+<linux/neighbour.h>, <linux/nexthop.h>, <linux/if_link.h> and <linux/if_addr.h>; all integers
+are in host byte order except addresses.
 """
 
 from __future__ import annotations
@@ -40,18 +42,26 @@ NLMSGERR_ATTR_MSG = 1
 # --- rtnetlink message types ----------------------------------------------------------------
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
+RTM_NEWNEXTHOP = 104
+RTM_DELNEXTHOP = 105
+RTM_GETNEXTHOP = 106
 
 # Multicast group bitmasks for bind() (RTMGRP_*).
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
+# Groups above 32 have no bind() bit: NETLINK_ADD_MEMBERSHIP takes the group number.
+RTNLGRP_NEXTHOP = 32
 
 AF_BRIDGE = 7
 
@@ -83,6 +93,14 @@ RTA_GATEWAY = 5
 RTA_PRIORITY = 6
 RTA_MULTIPATH = 9
 RTA_TABLE = 15
+RTA_NH_ID = 30
+
+# --- nexthop objects (kernel >= 5.3) --------------------------------------------------------
+NHA_ID = 1
+NHA_GROUP = 2
+NHA_BLACKHOLE = 4
+NHA_OIF = 5
+NHA_GATEWAY = 6
 
 # --- neighbours -----------------------------------------------------------------------------
 NDA_DST = 1
@@ -99,7 +117,35 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
 
+# --- links and addresses --------------------------------------------------------------------
+IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINKINFO = 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND = 1
+# Leaves the per-device counters out of link dumps: about half of each message's size.
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_FLAGS = 8
+
+IFA_F_SECONDARY = 0x01
+IFA_F_NODAD = 0x02
+IFA_F_OPTIMISTIC = 0x04
+IFA_F_DADFAILED = 0x08
+IFA_F_HOMEADDRESS = 0x10
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+IFA_F_PERMANENT = 0x80
+IFA_F_MANAGETEMPADDR = 0x100
+IFA_F_NOPREFIXROUTE = 0x200
+
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFF_RUNNING = 0x40
+IFF_LOWER_UP = 0x10000
 
 _NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
@@ -108,6 +154,8 @@ NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RTMSG = struct.Struct("=BBBBBBBBI")
 NDMSG = struct.Struct("=BBHiHBB")  # family, pad1, pad2, ifindex, state, flags, type
 IFINFOMSG = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
+NHMSG = struct.Struct("=BBBBI")  # family, scope, protocol, resvd; flags
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope; index
 RTGENMSG_LEN = 4
 RTATTR = struct.Struct("=HH")
 _ATTR_U32 = struct.Struct("=HHI")
@@ -115,8 +163,6 @@ _ATTR_I32 = struct.Struct("=HHi")
 _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
 _RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
-
-
 
 class NetlinkDecodeError(ValueError):
     """A message that is shorter or longer than its own length fields say."""
@@ -138,6 +184,50 @@ class Route:
     onlink: bool = False  # RTNH_F_ONLINK, used by vxlan
     scope: int = RT_SCOPE_UNIVERSE
     type: int = RTN_UNICAST
+    # RTA_NH_ID: the route uses nexthop object `nhid`. When set, gateway/oif are not sent
+    # (the kernel refuses both together); dumps fill them from the nexthop unless the
+    # namespace has net.ipv4.nexthop_compat_mode = 0.
+    nhid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """A nexthop object: `ip nexthop replace id <id> via <gateway> dev <oif> [onlink]`.
+
+    gateway None with an oif is a device nexthop (`dev X`, sent as AF_INET); gateway and oif
+    both None is `blackhole`. Groups are not modelled (decoding skips them)."""
+
+    id: int
+    gateway: IPv4Address | IPv6Address | None
+    oif: int | None
+    protocol: int = RTPROT_BOOT
+    onlink: bool = False  # RTNH_F_ONLINK in nh_flags
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One network device as `ip link` shows it. address is lowercase colon hex, None when
+    the device has none; kind is IFLA_INFO_KIND ("veth", "vxlan", ...), None for loopback
+    and other devices without link info."""
+
+    index: int
+    name: str
+    mtu: int
+    flags: int  # ifi_flags: IFF_UP, IFF_LOWER_UP, ...
+    kind: str | None
+    address: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """One IPv4/IPv6 interface address. flags is the full IFA_F_* set (IFA_FLAGS, so the
+    bits above 0xff such as NOPREFIXROUTE are kept)."""
+
+    index: int
+    ip: IPv4Address | IPv6Address
+    prefixlen: int
+    flags: int
+    scope: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +261,7 @@ class Op:
     """One requested change."""
 
     action: Literal["replace", "delete"]
-    obj: Route | Neighbour | FdbEntry
+    obj: Route | Neighbour | FdbEntry | Nexthop
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +274,15 @@ class OpResult:
 
 
 EventKind = Literal[
-    "route_new", "route_del", "neigh_new", "neigh_del", "link_new", "link_del", "overflow"
+    "route_new", "route_del", "neigh_new", "neigh_del", "link_new", "link_del",
+    "nexthop_new", "nexthop_del", "overflow"
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class RtEvent:
     kind: EventKind
-    obj: Route | Neighbour | FdbEntry | LinkEvent | None
+    obj: Route | Neighbour | FdbEntry | LinkEvent | Nexthop | None
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -225,12 +316,16 @@ def parse_lladdr(lladdr: str) -> bytes:
 def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
     """RTM_NEWROUTE (CREATE|REPLACE) or RTM_DELROUTE, with NLM_F_ACK.
 
-    A delete matches on table + dst, plus gateway/oif when given: protocol, type and scope are
-    sent as wildcards (0, RTN_UNSPEC, RT_SCOPE_NOWHERE) the way `ip route del` does."""
+    A delete matches on table + dst, plus gateway/oif (or nhid) when given: protocol, type and
+    scope are sent as wildcards (0, RTN_UNSPEC, RT_SCOPE_NOWHERE) the way `ip route del` does.
+    With nhid set, RTA_NH_ID replaces RTA_GATEWAY/RTA_OIF (the kernel refuses both), so a
+    dumped route, which carries all three, can be sent back as it is."""
     dst = route.dst
     family = _family_of(dst.version)
     table = route.table
-    gw = route.gateway
+    nhid = route.nhid
+    gw = route.gateway if nhid is None else None
+    oif = route.oif if nhid is None else None
     if gw is not None and gw.version != dst.version:
         raise ValueError(f"gateway {gw} is not in the family of {dst}")
     rtm_table = table if table < 256 else RT_TABLE_UNSPEC
@@ -247,12 +342,36 @@ def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -
     if dst.prefixlen:
         addr = dst.network_address.packed
         parts.append(RTATTR.pack(4 + len(addr), RTA_DST) + addr)
+    if nhid is not None:
+        parts.append(_ATTR_U32.pack(8, RTA_NH_ID, nhid))
     if gw is not None:
         addr = gw.packed
         parts.append(RTATTR.pack(4 + len(addr), RTA_GATEWAY) + addr)
-    if route.oif is not None:
-        parts.append(_ATTR_I32.pack(8, RTA_OIF, route.oif))
+    if oif is not None:
+        parts.append(_ATTR_I32.pack(8, RTA_OIF, oif))
     return _message(msg_type, flags, seq, b"".join(parts))
+
+
+def encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
+    """RTM_NEWNEXTHOP (CREATE|REPLACE) or RTM_DELNEXTHOP (by id only), with NLM_F_ACK.
+
+    The kernel requires nh_scope and resvd to be 0 and accepts only RTNH_F_ONLINK in
+    nh_flags; a delete must carry nothing but NHA_ID (protocol 0, AF_UNSPEC)."""
+    id_attr = _ATTR_U32.pack(8, NHA_ID, nh.id)
+    if action == "delete":
+        return _message(RTM_DELNEXTHOP, _FLAGS_DELETE, seq, NHMSG.pack(0, 0, 0, 0, 0) + id_attr)
+    gw = nh.gateway
+    nh_flags = RTNH_F_ONLINK if nh.onlink else 0
+    family = AF_INET if gw is None else _family_of(gw.version)
+    parts = [NHMSG.pack(family, 0, nh.protocol, 0, nh_flags), id_attr]
+    if gw is None and nh.oif is None:
+        parts.append(RTATTR.pack(4, NHA_BLACKHOLE))  # `ip nexthop add id N blackhole`
+    if gw is not None:
+        addr = gw.packed
+        parts.append(RTATTR.pack(4 + len(addr), NHA_GATEWAY) + addr)
+    if nh.oif is not None:
+        parts.append(_ATTR_U32.pack(8, NHA_OIF, nh.oif))
+    return _message(RTM_NEWNEXTHOP, _FLAGS_REPLACE, seq, b"".join(parts))
 
 
 def encode_neighbour(action: Literal["replace", "delete"], neigh: Neighbour, seq: int) -> bytes:
@@ -292,6 +411,8 @@ def encode_op(op: Op, seq: int) -> bytes:
         return encode_neighbour(op.action, obj, seq)
     if isinstance(obj, FdbEntry):
         return encode_fdb(op.action, obj, seq)
+    if isinstance(obj, Nexthop):
+        return encode_nexthop(op.action, obj, seq)
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
@@ -317,6 +438,27 @@ def encode_fdb_dump(seq: int, ifindex: int | None) -> bytes:
     """AF_BRIDGE RTM_GETNEIGH dump; strict checking takes the port filter from ndm_ifindex."""
     body = NDMSG.pack(AF_BRIDGE, 0, 0, ifindex or 0, 0, 0, 0)
     return _message(RTM_GETNEIGH, _FLAGS_DUMP, seq, body)
+
+
+def encode_nexthop_dump(seq: int, oif: int | None) -> bytes:
+    """RTM_GETNEXTHOP dump; the kernel filters by NHA_OIF itself (and then leaves groups out).
+    Every nhmsg field but the family must be 0 or the kernel refuses the dump."""
+    body = NHMSG.pack(0, 0, 0, 0, 0)
+    if oif is not None:
+        body += _ATTR_U32.pack(8, NHA_OIF, oif)
+    return _message(RTM_GETNEXTHOP, _FLAGS_DUMP, seq, body)
+
+
+def encode_link_dump(seq: int) -> bytes:
+    """RTM_GETLINK dump of every device, without the statistics blocks."""
+    body = (IFINFOMSG.pack(0, 0, 0, 0, 0, 0)
+            + _ATTR_U32.pack(8, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS))
+    return _message(RTM_GETLINK, _FLAGS_DUMP, seq, body)
+
+
+def encode_address_dump(family: int, seq: int) -> bytes:
+    """RTM_GETADDR dump; AF_UNSPEC covers IPv4 and IPv6 in one dump."""
+    return _message(RTM_GETADDR, _FLAGS_DUMP, seq, IFADDRMSG.pack(family, 0, 0, 0, 0))
 
 
 def encode_get_route(dst: IPv4Address | IPv6Address, seq: int) -> bytes:
@@ -412,18 +554,30 @@ def _ip(buf: Buffer, p: int, q: int) -> IPv4Address | IPv6Address | None:
 # unpack is ~2x faster than the attribute loop, which every other shape still takes.
 _V4_VIA_ROUTE = struct.Struct("=BBBBBBBBI HHI HH4s HH4s HHi")
 _V4_VIA_TYPES = (8, RTA_TABLE, 8, RTA_DST, 8, RTA_GATEWAY, 8, RTA_OIF)
+# The same for `<dst> nhid <id>` as dumped with net.ipv4.nexthop_compat_mode = 1 (the
+# default): the kernel adds the nexthop's gateway and device after RTA_NH_ID.
+_V4_NHID_ROUTE = struct.Struct("=BBBBBBBBI HHI HH4s HHI HH4s HHi")
+_V4_NHID_TYPES = (8, RTA_TABLE, 8, RTA_DST, 8, RTA_NH_ID, 8, RTA_GATEWAY, 8, RTA_OIF)
 
 
 def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
     """An RTM_NEWROUTE/RTM_DELROUTE payload -> Route; None for families other than IPv4/6.
 
-    Multipath routes are reported by their first nexthop (flannel creates none)."""
+    Multipath routes are reported by their first nexthop (flannel creates none). A route
+    using a nexthop object comes with nhid and, unless nexthop_compat_mode is 0, with that
+    nexthop's gateway, device and onlink flag (rtm_flags carries the nexthop's flags)."""
     if end - start == _V4_VIA_ROUTE.size:
         (family, dst_len, _s, _t, _tb, proto, scope, rtype, rflags, l1, t1, table, l2, t2, dst_b,
          l3, t3, gw_b, l4, t4, via_oif) = _V4_VIA_ROUTE.unpack_from(buf, start)
         if family == AF_INET and (l1, t1, l2, t2, l3, t3, l4, t4) == _V4_VIA_TYPES:
             return Route(_v4_net(dst_b, dst_len), _v4_addr(gw_b), via_oif, table, proto,
                          bool(rflags & RTNH_F_ONLINK), scope, rtype)
+    elif end - start == _V4_NHID_ROUTE.size:
+        (family, dst_len, _s, _t, _tb, proto, scope, rtype, rflags, l1, t1, table, l2, t2, dst_b,
+         l3, t3, nh_id, l4, t4, gw_b, l5, t5, via_oif) = _V4_NHID_ROUTE.unpack_from(buf, start)
+        if family == AF_INET and (l1, t1, l2, t2, l3, t3, l4, t4, l5, t5) == _V4_NHID_TYPES:
+            return Route(_v4_net(dst_b, dst_len), _v4_addr(gw_b), via_oif, table, proto,
+                         bool(rflags & RTNH_F_ONLINK), scope, rtype, nh_id)
     family, dst_len, _src_len, _tos, table, proto, scope, rtype, rflags = RTMSG.unpack_from(
         buf, start)
     if family == AF_INET:
@@ -435,6 +589,7 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
     dst_b = bytes(width)
     gw: IPv4Address | IPv6Address | None = None
     oif: int | None = None
+    nhid: int | None = None
     onlink = bool(rflags & RTNH_F_ONLINK)
     off = start + 12
     unpack_attr = RTATTR.unpack_from
@@ -453,6 +608,8 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
             gw = _ip(buf, p, q)
         elif atype == RTA_OIF:
             oif = _I32.unpack_from(buf, p)[0]
+        elif atype == RTA_NH_ID:
+            nhid = _U32.unpack_from(buf, p)[0]
         elif atype == RTA_MULTIPATH and q - p >= 8:
             nh_len, nh_flags, _hops, nh_ifindex = _RTNEXTHOP.unpack_from(buf, p)
             oif = nh_ifindex
@@ -463,7 +620,73 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
         off += (alen + 3) & ~3
     dst: IPv4Network | IPv6Network = (
         _v4_net(dst_b, dst_len) if width == 4 else _v6_net(dst_b, dst_len))
-    return Route(dst, gw, oif, table, proto, onlink, scope, rtype)
+    return Route(dst, gw, oif, table, proto, onlink, scope, rtype, nhid)
+
+
+def decode_nexthop(buf: Buffer, start: int, end: int) -> Nexthop | None:
+    """An RTM_NEWNEXTHOP/RTM_DELNEXTHOP payload -> Nexthop; None for groups (NHA_GROUP)."""
+    _family, _scope, proto, _resvd, nh_flags = NHMSG.unpack_from(buf, start)
+    nh_id = 0
+    gw: IPv4Address | IPv6Address | None = None
+    oif: int | None = None
+    for atype, p, q in iter_attrs(buf, start + NHMSG.size, end):
+        if atype == NHA_ID:
+            nh_id = _U32.unpack_from(buf, p)[0]
+        elif atype == NHA_GATEWAY:
+            gw = _ip(buf, p, q)
+        elif atype == NHA_OIF:
+            oif = _U32.unpack_from(buf, p)[0]
+        elif atype == NHA_GROUP:
+            return None
+    return Nexthop(nh_id, gw, oif, proto, bool(nh_flags & RTNH_F_ONLINK))
+
+
+def _text(buf: Buffer, p: int, q: int) -> str:
+    return bytes(buf[p:q]).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def decode_link_info(buf: Buffer, start: int, end: int) -> Link:
+    """An RTM_NEWLINK payload -> Link."""
+    _family, _pad, _type, index, flags, _change = IFINFOMSG.unpack_from(buf, start)
+    name = ""
+    mtu = 0
+    kind: str | None = None
+    address: str | None = None
+    for atype, p, q in iter_attrs(buf, start + IFINFOMSG.size, end):
+        if atype == IFLA_IFNAME:
+            name = _text(buf, p, q)
+        elif atype == IFLA_MTU:
+            mtu = _U32.unpack_from(buf, p)[0]
+        elif atype == IFLA_ADDRESS:
+            address = bytes(buf[p:q]).hex(":")
+        elif atype == IFLA_LINKINFO:
+            for itype, ip_, iq in iter_attrs(buf, p, q):
+                if itype == IFLA_INFO_KIND:
+                    kind = _text(buf, ip_, iq)
+    return Link(index, name, mtu, flags, kind, address)
+
+
+def decode_address(buf: Buffer, start: int, end: int) -> Address | None:
+    """An RTM_NEWADDR payload -> Address; None for families other than IPv4/6.
+
+    The address is IFA_LOCAL when present: on a point-to-point address IFA_ADDRESS is the
+    peer (both families). IFA_FLAGS (u32) supersedes the 8-bit ifa_flags when present."""
+    family, prefixlen, flags, scope, index = IFADDRMSG.unpack_from(buf, start)
+    if family not in (AF_INET, AF_INET6):
+        return None
+    local: IPv4Address | IPv6Address | None = None
+    address: IPv4Address | IPv6Address | None = None
+    for atype, p, q in iter_attrs(buf, start + IFADDRMSG.size, end):
+        if atype == IFA_LOCAL:
+            local = _ip(buf, p, q)
+        elif atype == IFA_ADDRESS:
+            address = _ip(buf, p, q)
+        elif atype == IFA_FLAGS and q - p >= 4:
+            flags = _U32.unpack_from(buf, p)[0]
+    ip = local if local is not None else address
+    if ip is None:
+        return None
+    return Address(index, ip, prefixlen, flags, scope)
 
 
 def decode_neigh(buf: Buffer, start: int, end: int) -> Neighbour | FdbEntry | None:
@@ -504,6 +727,8 @@ _EVENT_KINDS: dict[int, EventKind] = {
     RTM_DELNEIGH: "neigh_del",
     RTM_NEWLINK: "link_new",
     RTM_DELLINK: "link_del",
+    RTM_NEWNEXTHOP: "nexthop_new",
+    RTM_DELNEXTHOP: "nexthop_del",
 }
 
 
@@ -514,11 +739,13 @@ def decode_events(buf: Buffer, end: int) -> list[RtEvent]:
         kind = _EVENT_KINDS.get(mtype)
         if kind is None:
             continue
-        obj: Route | Neighbour | FdbEntry | LinkEvent | None
+        obj: Route | Neighbour | FdbEntry | LinkEvent | Nexthop | None
         if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
             obj = decode_route(buf, start, stop)
         elif mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
             obj = decode_neigh(buf, start, stop)
+        elif mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
+            obj = decode_nexthop(buf, start, stop)
         else:
             obj = decode_link(buf, start, stop)
         if obj is not None:

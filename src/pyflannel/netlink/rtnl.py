@@ -19,27 +19,40 @@ from typing import TypeVar
 
 from pyflannel.netlink.codec import (
     NLMSG_ERROR,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
     RTM_NEWNEIGH,
+    RTM_NEWNEXTHOP,
     RTM_NEWROUTE,
     RTMGRP_IPV4_ROUTE,
     RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
+    RTNLGRP_NEXTHOP,
+    Address,
     Buffer,
     FdbEntry,
+    Link,
     Neighbour,
     NetlinkError,
+    Nexthop,
     Op,
     OpResult,
     Route,
     RtEvent,
+    decode_address,
     decode_error,
     decode_events,
+    decode_link_info,
     decode_neigh,
+    decode_nexthop,
     decode_route,
+    encode_address_dump,
     encode_fdb_dump,
     encode_get_route,
+    encode_link_dump,
     encode_neigh_dump,
+    encode_nexthop_dump,
     encode_op,
     encode_route_dump,
     iter_messages,
@@ -49,6 +62,7 @@ from pyflannel.netlink.codec import (
 T = TypeVar("T")
 
 SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
@@ -330,6 +344,30 @@ class RtNetlink(_NetlinkSocket):
             assert isinstance(obj, FdbEntry)
             yield obj
 
+    async def dump_nexthops(self, *, protocol: int | None = None,
+                            oif: int | None = None) -> AsyncIterator[Nexthop]:
+        """Single nexthop objects (groups are skipped), optionally only those of one
+        protocol (filtered here: the kernel refuses a protocol in the dump header) and/or one
+        device (filtered by the kernel)."""
+        def keep(nh: Nexthop) -> bool:
+            return ((protocol is None or nh.protocol == protocol)
+                    and (oif is None or nh.oif == oif))
+
+        async for nh in self._dump(lambda seq: encode_nexthop_dump(seq, oif), RTM_NEWNEXTHOP,
+                                   decode_nexthop, keep):
+            yield nh
+
+    async def dump_links(self) -> AsyncIterator[Link]:
+        """Every network device of the namespace (`ip link show`)."""
+        async for link in self._dump(encode_link_dump, RTM_NEWLINK, decode_link_info, None):
+            yield link
+
+    async def dump_addresses(self, family: int = socket.AF_UNSPEC) -> AsyncIterator[Address]:
+        """Every IPv4 and/or IPv6 address of every device (`ip addr show`)."""
+        async for addr in self._dump(lambda seq: encode_address_dump(family, seq), RTM_NEWADDR,
+                                     decode_address, None):
+            yield addr
+
     async def get_route(self, dst: IPv4Address | IPv6Address) -> Route | None:
         """The route the kernel would use for `dst` (`ip route get`); None when unreachable.
 
@@ -376,10 +414,24 @@ class RtMonitor(_NetlinkSocket):
 
     @classmethod
     def open(cls, netns: str | None = None, *, routes: bool = True, neighbours: bool = False,
-             links: bool = False, rcvbuf: int = MONITOR_RCVBUF) -> RtMonitor:
+             links: bool = False, nexthops: bool = False,
+             rcvbuf: int = MONITOR_RCVBUF) -> RtMonitor:
+        """nexthops: nexthop object events ("nexthop_new"/"nexthop_del"). Deleting a nexthop
+        also removes the IPv4 routes that use it WITHOUT any RTM_DELROUTE (IPv6 routes do get
+        one while net.ipv4.nexthop_compat_mode = 1), so whoever keeps nhid routes must watch
+        nexthop_del to notice them gone."""
         groups = ((RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE if routes else 0)
                   | (RTMGRP_NEIGH if neighbours else 0) | (RTMGRP_LINK if links else 0))
-        return cls(_open_socket(netns, groups, rcvbuf))
+        sock = _open_socket(netns, groups, rcvbuf)
+        if nexthops:
+            try:
+                # By group number: the bind() mask only reaches groups 1-32 (bit n-1), and
+                # the number also works for the groups after RTNLGRP_NEXTHOP.
+                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
+            except BaseException:
+                sock.close()
+                raise
+        return cls(sock)
 
     def __enter__(self) -> RtMonitor:
         return self
