@@ -15,17 +15,29 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 import pytest
 
 from pyflannel.lab.netns import NetNamespace
 from pyflannel.netlink import (
+    IFA_F_DEPRECATED,
+    IFA_F_HOMEADDRESS,
+    IFA_F_NODAD,
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_PERMANENT,
+    IFA_F_SECONDARY,
+    IFF_LOWER_UP,
+    IFF_RUNNING,
+    IFF_UP,
     RT_SCOPE_LINK,
+    RTPROT_BOOT,
     RTPROT_KERNEL,
+    Address,
     FdbEntry,
     LinkEvent,
     Neighbour,
+    Nexthop,
     Op,
     Route,
     RtEvent,
@@ -425,3 +437,254 @@ async def test_10k_route_dump_streams_and_early_exit_is_safe(netns: NetNamespace
         assert not any(r.errno for r in results)
         assert [r async for r in nl.dump_routes(socket.AF_INET)] == [
             Route(net4("192.168.0.0/16"), None, v0, protocol=RTPROT_KERNEL, scope=RT_SCOPE_LINK)]
+
+
+# --- nexthop objects and routes using them ----------------------------------------------------
+
+def nexthop_lines(ns: NetNamespace) -> set[str]:
+    return {line.strip() for line in ns.ip("nexthop", "show").stdout.splitlines()}
+
+
+def nexthops_from_ip(ns: NetNamespace, oif_of: dict[str, int]) -> set[Nexthop]:
+    """What `ip -j nexthop show` lists, as Nexthop objects (groups left out)."""
+    protocols = {"boot": RTPROT_BOOT, "kernel": RTPROT_KERNEL, "unspec": 0}
+    found = set()
+    for e in json.loads(ns.ip("-j", "nexthop", "show").stdout or "[]"):
+        if "group" in e:
+            continue
+        gw = e.get("gateway")
+        found.add(Nexthop(
+            int(e["id"]), None if gw is None else ip_address(gw),
+            oif_of[e["dev"]] if "dev" in e else None,
+            protocols[e.get("protocol", "unspec")], "onlink" in e.get("flags", [])))
+    return found
+
+
+async def test_nexthops_replace_dump_delete(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    v1 = ifindex(netns, "v1")
+    netns.ip("addr", "add", "192.168.1.1/24", "dev", "v1")
+    netns.ip("-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad")
+    nh7 = Nexthop(7, ip4("192.168.0.2"), v0)
+    off_link = Nexthop(8, ip4("10.99.0.1"), v0)
+    nh9 = Nexthop(9, ip4("10.244.9.0"), v0, onlink=True)  # vxlan's shape: an on-link VTEP
+    nh10 = Nexthop(10, IPv6Address("2001:db8::2"), v0)
+    nh11 = Nexthop(11, ip4("192.168.1.2"), v1)
+    ops = [Op("replace", nh7), Op("replace", off_link), Op("replace", nh9),
+           Op("replace", nh10), Op("replace", nh11)]
+    with RtNetlink.open(netns.name) as nl:
+        results = await nl.apply(ops, window=2)  # the failing op sits inside a window
+        assert [r.op for r in results] == ops
+        assert [r.errno for r in results] == [0, errno.ENETUNREACH, 0, 0, 0]
+        assert results[1].message == "Nexthop has invalid gateway"
+        assert nexthop_lines(netns) == {
+            "id 7 via 192.168.0.2 dev v0 scope link proto boot",
+            "id 9 via 10.244.9.0 dev v0 scope link proto boot onlink",
+            "id 10 via 2001:db8::2 dev v0 scope link proto boot",
+            "id 11 via 192.168.1.2 dev v1 scope link proto boot",
+        }
+        # Made by someone else (protocol unspec) and a group: both are in the kernel's dump.
+        netns.ip("nexthop", "add", "id", "20", "via", "192.168.0.9", "dev", "v0")
+        netns.ip("nexthop", "add", "id", "30", "group", "7/20")
+        ours = {nh7, nh9, nh10, nh11}
+        foreign = Nexthop(20, ip4("192.168.0.9"), v0, protocol=0)
+        dumped = {nh async for nh in nl.dump_nexthops()}
+        assert dumped == ours | {foreign}
+        assert dumped == nexthops_from_ip(netns, {"v0": v0, "v1": v1})
+        assert {nh async for nh in nl.dump_nexthops(protocol=RTPROT_BOOT)} == ours
+        assert {nh async for nh in nl.dump_nexthops(oif=v1)} == {nh11}
+        assert {nh async for nh in nl.dump_nexthops(oif=v0, protocol=RTPROT_BOOT)} == {
+            nh7, nh9, nh10}
+
+        # replace moves an existing nexthop object
+        moved = Nexthop(7, ip4("192.168.0.3"), v0)
+        assert [r.errno for r in await nl.apply([Op("replace", moved)])] == [0]
+        assert "id 7 via 192.168.0.3 dev v0 scope link proto boot" in nexthop_lines(netns)
+
+        netns.ip("nexthop", "del", "id", "30")
+        deletes = [Op("delete", Nexthop(9, None, None)), Op("delete", nh11),
+                   Op("delete", Nexthop(99, None, None))]
+        results = await nl.apply(deletes)
+        assert [r.errno for r in results] == [0, 0, errno.ENOENT]
+        assert nexthop_lines(netns) == {
+            "id 7 via 192.168.0.3 dev v0 scope link proto boot",
+            "id 10 via 2001:db8::2 dev v0 scope link proto boot",
+            "id 20 via 192.168.0.9 dev v0 scope link",
+        }
+
+
+async def test_routes_with_nhid(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    with RtNetlink.open(netns.name) as nl:
+        nhs = [Nexthop(7, ip4("192.168.0.2"), v0), Nexthop(8, ip4("10.244.2.0"), v0, onlink=True)]
+        routes = [Route(net4("10.244.1.0/24"), None, None, nhid=7),
+                  Route(net4("10.244.2.0/24"), None, None, nhid=8)]
+        no_such_nexthop = Route(net4("10.244.3.0/24"), None, None, nhid=99)
+        results = await nl.apply([Op("replace", o) for o in [*nhs, *routes, no_such_nexthop]])
+        assert [r.errno for r in results] == [0, 0, 0, 0, errno.EINVAL]
+        assert results[-1].message == "Nexthop id does not exist"
+        # `proto boot` is not printed for routes; the nexthop's gateway and device are.
+        assert route_lines(netns) == {
+            "10.244.1.0/24 nhid 7 via 192.168.0.2 dev v0",
+            "10.244.2.0/24 nhid 8 via 10.244.2.0 dev v0 onlink",
+            "192.168.0.0/24 dev v0 proto kernel scope link src 192.168.0.1",
+        }
+        # With nexthop_compat_mode = 1 (the default) the dump carries RTA_NH_ID and the
+        # nexthop's RTA_GATEWAY/RTA_OIF, and rtm_flags has the nexthop's RTNH_F_ONLINK.
+        dumped = {r async for r in nl.dump_routes(socket.AF_INET) if r.nhid is not None}
+        assert dumped == {
+            Route(net4("10.244.1.0/24"), ip4("192.168.0.2"), v0, nhid=7),
+            Route(net4("10.244.2.0/24"), ip4("10.244.2.0"), v0, onlink=True, nhid=8)}
+        # `ip route get` answers with the resolved gateway and device but no RTA_NH_ID.
+        got = await nl.get_route(ip4("10.244.1.5"))
+        assert got is not None
+        assert (got.gateway, got.oif, got.nhid) == (ip4("192.168.0.2"), v0, None)
+
+        # Moving the nexthop moves the route (no route change needed).
+        assert [r.errno for r in await nl.apply(
+            [Op("replace", Nexthop(7, ip4("192.168.0.3"), v0))])] == [0]
+        assert "10.244.1.0/24 nhid 7 via 192.168.0.3 dev v0" in route_lines(netns)
+
+        # A dumped route can be deleted as it is (gateway/oif are not sent with an nhid);
+        # a delete naming another nhid does not match.
+        one = next(r for r in dumped if r.nhid == 8)
+        wrong = Route(net4("10.244.1.0/24"), None, None, nhid=8)
+        assert [r.errno for r in await nl.apply([Op("delete", one), Op("delete", wrong)])] == [
+            0, errno.ESRCH]
+        assert route_lines(netns) == {
+            "10.244.1.0/24 nhid 7 via 192.168.0.3 dev v0",
+            "192.168.0.0/24 dev v0 proto kernel scope link src 192.168.0.1",
+        }
+
+        # With compat mode off (per namespace) dumps carry only the id.
+        netns.sysctl("net.ipv4.nexthop_compat_mode", "0")
+        assert "10.244.1.0/24 nhid 7" in route_lines(netns)
+        assert [r async for r in nl.dump_routes(socket.AF_INET) if r.nhid is not None] == [
+            Route(net4("10.244.1.0/24"), None, None, nhid=7)]
+
+
+async def test_monitor_nexthop_deletion_and_dependent_routes(netns: NetNamespace) -> None:
+    v0 = with_veth(netns)
+    netns.ip("-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad")
+    nh4 = Nexthop(7, ip4("192.168.0.2"), v0)
+    nh6 = Nexthop(6, IPv6Address("2001:db8::2"), v0)
+    r4 = Route(net4("10.244.1.0/24"), None, None, nhid=7)
+    r6 = Route(IPv6Network("2001:db8:1::/64"), None, None, nhid=6)
+    with RtMonitor.open(netns.name, routes=True, nexthops=True) as mon, \
+            RtMonitor.open(netns.name, routes=True) as plain, RtNetlink.open(netns.name) as nl:
+        log = EventLog(mon)
+        plain_log = EventLog(plain)
+        try:
+            ops = [Op("replace", o) for o in (nh4, nh6, r4, r6)]
+            assert [r.errno for r in await nl.apply(ops)] == [0] * 4
+            await log.wait_for(lambda e: e == RtEvent("nexthop_new", nh4))
+            await log.wait_for(lambda e: e == RtEvent("nexthop_new", nh6))
+            await log.wait_for(lambda e: e.kind == "route_new" and isinstance(e.obj, Route)
+                               and e.obj.nhid == 6)
+
+            netns.ip("nexthop", "del", "id", "7")
+            netns.ip("nexthop", "del", "id", "6")
+            await log.wait_for(lambda e: e == RtEvent("nexthop_del", nh4))
+            await log.wait_for(lambda e: e == RtEvent("nexthop_del", nh6))
+            # IPv6 routes using the nexthop are reported deleted (compat mode 1) ...
+            await log.wait_for(lambda e: e.kind == "route_del" and isinstance(e.obj, Route)
+                               and e.obj.dst == r6.dst)
+            # ... IPv4 ones vanish silently. A later change marks the end of what the kernel
+            # sent for the deletion (notifications are delivered in order).
+            netns.ip("route", "add", "10.9.0.0/16", "via", "192.168.0.2", "dev", "v0")
+            for events in (log, plain_log):
+                await events.wait_for(lambda e: e.kind == "route_new" and isinstance(e.obj, Route)
+                                      and e.obj.dst == net4("10.9.0.0/16"))
+            assert not any(e.kind == "route_del" and isinstance(e.obj, Route)
+                           and e.obj.dst == r4.dst for e in log.events)
+            assert not any(line.startswith("10.244.1.0/24") for line in route_lines(netns))
+            # Without nexthops=True no nexthop events arrive.
+            assert not any(e.kind.startswith("nexthop") for e in plain_log.events)
+        finally:
+            await log.stop()
+            await plain_log.stop()
+
+
+# --- links and addresses ----------------------------------------------------------------------
+
+# The ifi_flags `ip` names (it leaves IFF_RUNNING out: NO-CARRIER is printed instead).
+IP_LINK_FLAGS = {
+    "UP": 0x1, "BROADCAST": 0x2, "DEBUG": 0x4, "LOOPBACK": 0x8, "POINTOPOINT": 0x10,
+    "NOTRAILERS": 0x20, "NOARP": 0x80, "PROMISC": 0x100, "ALLMULTI": 0x200, "MASTER": 0x400,
+    "SLAVE": 0x800, "MULTICAST": 0x1000, "PORTSEL": 0x2000, "AUTOMEDIA": 0x4000,
+    "DYNAMIC": 0x8000, "LOWER_UP": 0x10000, "DORMANT": 0x20000, "ECHO": 0x40000,
+}
+
+
+async def test_dump_links_matches_ip(netns: NetNamespace) -> None:
+    vxlan_setup(netns)
+    netns.ip("link", "set", "v1", "mtu", "1400")
+    netns.ip("link", "add", "x0", "type", "veth", "peer", "name", "x1")  # down, no carrier
+    netns.ip("link", "set", "x0", "up")
+    with RtNetlink.open(netns.name) as nl:
+        links = {link.index: link async for link in nl.dump_links()}
+    shown = json.loads(netns.ip("-j", "-d", "link", "show").stdout)
+    assert sorted(links) == sorted(int(e["ifindex"]) for e in shown)
+    for e in shown:
+        link = links[int(e["ifindex"])]
+        # NO-CARRIER and M-DOWN (peer down) are not ifi_flags bits.
+        named = [f for f in e["flags"] if f not in ("NO-CARRIER", "M-DOWN")]
+        assert (link.name, link.mtu, link.kind, link.address) == (
+            e["ifname"], e["mtu"], e.get("linkinfo", {}).get("info_kind"), e.get("address"))
+        assert link.flags & ~IFF_RUNNING == sum(IP_LINK_FLAGS[f] for f in named), e["ifname"]
+    by_name = {link.name: link for link in links.values()}
+    assert by_name["lo"].kind is None and by_name["lo"].address == "00:00:00:00:00:00"
+    assert by_name["flannel.1"].kind == "vxlan" and by_name["v1"].mtu == 1400
+    assert not by_name["x0"].flags & IFF_LOWER_UP and by_name["x0"].flags & IFF_UP
+
+
+# The address flags `ip -j addr` names; "dynamic" stands for IFA_F_PERMANENT being unset.
+IP_ADDR_FLAGS = {
+    "secondary": 0x01, "temporary": 0x01, "nodad": 0x02, "optimistic": 0x04, "dadfailed": 0x08,
+    "home": 0x10, "deprecated": 0x20, "tentative": 0x40, "mngtmpaddr": 0x100,
+    "noprefixroute": 0x200, "autojoin": 0x400, "stable-privacy": 0x800,
+}
+IP_SCOPES = {"global": 0, "site": 200, "link": 253, "host": 254, "nowhere": 255}
+
+
+def addresses_from_ip(ns: NetNamespace, *args: str) -> set[Address]:
+    found = set()
+    for link in json.loads(ns.ip("-j", *args, "addr", "show").stdout):
+        for a in link.get("addr_info", []):
+            flags = sum(bit for name, bit in IP_ADDR_FLAGS.items() if a.get(name))
+            flags |= 0 if a.get("dynamic") else IFA_F_PERMANENT
+            flags |= int(a.get("flags", "0"), 16)
+            scope = a["scope"]
+            found.add(Address(int(link["ifindex"]), ip_address(a["local"]), a["prefixlen"],
+                              flags, IP_SCOPES[scope] if scope in IP_SCOPES else int(scope)))
+    return found
+
+
+async def test_dump_addresses_matches_ip(netns: NetNamespace) -> None:
+    # No duplicate address detection: a link-local address must not turn from "tentative"
+    # to final between our dump and `ip`'s.
+    netns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+    netns.sysctl("net.ipv6.conf.all.accept_dad", "0")
+    v0 = with_veth(netns)
+    v1 = ifindex(netns, "v1")
+    netns.ip("addr", "add", "192.168.0.7/24", "dev", "v0")  # secondary
+    netns.ip("addr", "add", "192.168.9.1/24", "dev", "v0", "noprefixroute")
+    netns.ip("addr", "add", "192.168.5.1/24", "dev", "v0", "preferred_lft", "0")  # deprecated
+    netns.ip("addr", "add", "10.1.1.1", "peer", "10.1.1.2/32", "dev", "v1")
+    netns.ip("-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad", "home")
+    netns.ip("-6", "addr", "add", "2001:db8:5::1/64", "dev", "v0", "nodad",
+             "preferred_lft", "0")
+    with RtNetlink.open(netns.name) as nl:
+        everything = {a async for a in nl.dump_addresses()}
+        v4 = {a async for a in nl.dump_addresses(socket.AF_INET)}
+        v6 = {a async for a in nl.dump_addresses(socket.AF_INET6)}
+    assert everything == addresses_from_ip(netns)
+    assert v4 == addresses_from_ip(netns, "-4") and v6 == addresses_from_ip(netns, "-6")
+    assert everything == v4 | v6
+    flags = {(a.index, str(a.ip)): a.flags for a in everything}
+    assert flags[(v0, "192.168.0.7")] == IFA_F_PERMANENT | IFA_F_SECONDARY
+    assert flags[(v0, "192.168.9.1")] == IFA_F_PERMANENT | IFA_F_NOPREFIXROUTE  # > 0xff
+    assert flags[(v0, "192.168.5.1")] & IFA_F_DEPRECATED
+    assert flags[(v0, "2001:db8::1")] == IFA_F_PERMANENT | IFA_F_NODAD | IFA_F_HOMEADDRESS
+    assert flags[(v0, "2001:db8:5::1")] & IFA_F_DEPRECATED
+    assert Address(v1, ip4("10.1.1.1"), 32, IFA_F_PERMANENT, 0) in everything  # not the peer
