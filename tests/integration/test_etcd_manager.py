@@ -6,18 +6,22 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import random
 import secrets
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pyflannel.config.netconf import NetConf
 from pyflannel.lab.etcd import ETCD_BIN, EtcdServer, make_tls_files
+from pyflannel.lab.netns import NetNamespace
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.subnet.etcd import (
@@ -89,6 +93,10 @@ def stored(etcd: EtcdServer, key: str) -> tuple[str, int] | None:
     if not kvs:
         return None
     return base64.b64decode(kvs[0]["value"]).decode(), int(kvs[0].get("lease", 0))
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
 
 
 def etcd_leases(etcd: EtcdServer) -> list[str]:
@@ -183,6 +191,10 @@ async def test_reuses_lease_of_our_public_ip(etcd: EtcdServer, client: EtcdClien
     mgr = EtcdSubnetManager(client, prefix=prefix)
     nc = await configured(etcd, prefix, mgr, Network="10.53.0.0/16")
     attrs = vxlan_attrs("10.0.0.7", "0a:00:00:00:00:07")  # new VTEP MAC after a reboot
+    # What the store remembers of us (before we overwrite it), and nothing for strangers.
+    remembered = await mgr.stored_state(attrs)
+    assert remembered.backend_data == '{"VNI":1,"VtepMAC":"0a:00:00:00:00:99"}'
+    assert (await mgr.stored_state(vxlan_attrs("10.0.0.70"))).backend_data == ""
     lease = await mgr.acquire_lease(nc, attrs)
     assert lease.subnet == IPv4Network("10.53.7.0/24")
     value, lease_id = stored(etcd, f"{prefix}/subnets/10.53.7.0-24") or ("", 0)
@@ -365,9 +377,10 @@ async def test_keep_lease_renews_and_raises_when_key_deleted(
     key = f"{prefix}/subnets/{lease.key}"
     keeper = asyncio.create_task(mgr.keep_lease(lease))
     try:
-        await wait_for(lambda: (stored(etcd, key) or ("", 0))[1] != int(lease.origin),
-                       "lease renewed")
-        assert any("Lease renewed, new expiration:" in r.getMessage() for r in caplog.records)
+        await wait_for(lambda: any("Lease renewed, new expiration:" in r.getMessage()
+                                   for r in caplog.records), "lease renewed")
+        value, lease_id = stored(etcd, key) or ("", 0)
+        assert value == lease.attrs.to_json() and lease_id not in (0, int(lease.origin))
         assert not keeper.done()
         etcd.etcdctl("del", key)
         with pytest.raises(LeaseRevoked):
@@ -450,9 +463,13 @@ async def test_updates_snapshot_then_changes(etcd: EtcdServer, client: CountingC
                    for r in caplog.records)
 
         # One transaction, two leases: one revision, one batch.
-        etcd.etcdctl("txn", input=(
-            f"\n\nput {subnets}/10.63.5.0-24 '{vxlan_attrs('10.0.7.5').to_json()}'\n"
-            f"put {subnets}/10.63.6.0-24 '{vxlan_attrs('10.0.7.6').to_json()}'\n\n"))
+        # (Straight to the gateway: etcdctl's txn reader mangles quoted JSON.)
+        puts = [{"request_put": {"key": b64(f"{subnets}/10.63.{i}.0-24"),
+                                 "value": b64(vxlan_attrs(f"10.0.7.{i}").to_json())}}
+                for i in (5, 6)]
+        async with httpx.AsyncClient(trust_env=False) as http:
+            resp = await http.post(f"{etcd.client_url}/v3/kv/txn", json={"success": puts})
+            assert resp.status_code == 200 and resp.json()["succeeded"]
         change = await col.next()
         assert isinstance(change, LeaseChanges) and change.removed == ()
         assert sorted(x.key for x in change.upserted) == ["10.63.5.0-24", "10.63.6.0-24"]
@@ -638,3 +655,16 @@ async def test_username_password_auth(prefix: str) -> None:
             finally:
                 await bad.aclose()
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+async def test_etcd_server_inside_a_namespace(netns: NetNamespace, prefix: str) -> None:
+    with EtcdServer(netns=netns) as etcd:
+        etcd.etcdctl("put", f"{prefix}/k", "in-namespace")
+        assert etcd.etcdctl("get", f"{prefix}/k", "--print-value-only").stdout.strip() == \
+            "in-namespace"
+        # The server process lives in the namespace (so its 127.0.0.1 is the namespace's).
+        in_ns = subprocess.run(["ip", "netns", "pids", netns.name], capture_output=True,
+                               text=True, check=True).stdout.split()
+        assert str(etcd.pid) in in_ns
+    assert not etcd.running

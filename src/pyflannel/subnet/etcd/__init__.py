@@ -1,0 +1,20 @@
+"""flannel's etcd subnet manager: an etcd v3 JSON-gateway client and the lease logic."""
+
+from pyflannel.subnet.etcd.client import (
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    KeyValue,
+    WatchEvent,
+)
+from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
+
+__all__ = [
+    "EtcdClient",
+    "EtcdCompacted",
+    "EtcdError",
+    "EtcdSubnetManager",
+    "KeyValue",
+    "LeaseRevoked",
+    "WatchEvent",
+]
