@@ -195,7 +195,9 @@ class Nexthop:
     """A nexthop object: `ip nexthop replace id <id> via <gateway> dev <oif> [onlink]`.
 
     gateway None with an oif is a device nexthop (`dev X`, sent as AF_INET); gateway and oif
-    both None is `blackhole`. Groups are not modelled (decoding skips them)."""
+    both None is `blackhole`. Groups are not modelled (decoding skips them). The kernel
+    refuses a nexthop whose device has no carrier ("Carrier for nexthop device is down") and
+    one whose gateway is not reachable on-link (ENETUNREACH) unless onlink is set."""
 
     id: int
     gateway: IPv4Address | IPv6Address | None

@@ -371,7 +371,8 @@ class RtNetlink(_NetlinkSocket):
     async def get_route(self, dst: IPv4Address | IPv6Address) -> Route | None:
         """The route the kernel would use for `dst` (`ip route get`); None when unreachable.
 
-        The answer's dst is the host prefix of `dst`, its table the one that matched."""
+        The answer's dst is the host prefix of `dst`, its table the one that matched; for a
+        route using a nexthop object it has the resolved gateway/oif but no nhid."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             await self._drain_abandoned()
