@@ -520,7 +520,8 @@ async def test_routes_with_nhid(netns: NetNamespace) -> None:
         routes = [Route(net4("10.244.1.0/24"), None, None, nhid=7),
                   Route(net4("10.244.2.0/24"), None, None, nhid=8)]
         no_such_nexthop = Route(net4("10.244.3.0/24"), None, None, nhid=99)
-        results = await nl.apply([Op("replace", o) for o in [*nhs, *routes, no_such_nexthop]])
+        objs: list[Nexthop | Route] = [*nhs, *routes, no_such_nexthop]
+        results = await nl.apply([Op("replace", o) for o in objs])
         assert [r.errno for r in results] == [0, 0, 0, 0, errno.EINVAL]
         assert results[-1].message == "Nexthop id does not exist"
         # `proto boot` is not printed for routes; the nexthop's gateway and device are.

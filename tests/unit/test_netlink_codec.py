@@ -208,7 +208,7 @@ def test_mixed_families_are_refused() -> None:
         encode_route("replace", Route(IPv6Network("2001:db8::/64"),
                                       IPv4Address("192.168.0.1"), 2), 1)
     with pytest.raises(TypeError):
-        encode_op(Op("replace", "10.0.0.0/8"), 1)
+        encode_op(Op("replace", "10.0.0.0/8"), 1)  # type: ignore[arg-type]
 
 
 # --- decoding kernel messages -----------------------------------------------------------------
