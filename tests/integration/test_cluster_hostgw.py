@@ -6,6 +6,7 @@ Each test builds its own cluster (lab.Cluster) and removes it, also when it fail
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,10 +37,12 @@ def test_every_node_routes_to_every_other_node(cluster: Cluster) -> None:
     for node in cluster.nodes.values():
         assert cluster.flannel_routes(node) == cluster.expected_routes(node)
         assert len(cluster.flannel_routes(node)) == 2
-        # exactly upstream's shape: `<subnet> via <peer> dev eth0` (proto boot is hidden)
+        # upstream's shape, `<subnet> via <peer> dev eth0` (proto boot is hidden), through
+        # a nexthop object: `<subnet> nhid <id> via <peer> dev eth0`
+        lines = [line.strip() for line in node.routes().splitlines()]
         for subnet, gw in cluster.expected_routes(node):
-            assert f"{subnet} via {gw} dev eth0 \n" in node.routes() + " \n" or \
-                f"{subnet} via {gw} dev eth0" in node.routes().splitlines()
+            assert any(re.fullmatch(rf"{re.escape(subnet)} nhid \d+ via {re.escape(gw)} "
+                                    r"dev eth0", line) for line in lines), lines
     # the lease JSON in etcd is upstream's, byte for byte
     for key, attrs in cluster.leases().items():
         assert key.startswith("/coreos.com/network/subnets/10.244.")
@@ -93,7 +96,7 @@ def test_hand_deleted_route_is_restored_by_the_event_path(cluster: Cluster) -> N
         took = time.monotonic() - t0
         print(f"route restored after {took * 1000:.0f} ms")
     # it was the netlink event, not the 10 s periodic resync, that repaired it
-    assert "was deleted by someone else; restoring it" in node.log()
+    assert "was deleted by someone else; reconciling" in node.log()
     # a route altered by hand (another gateway) is put back too
     other = "192.168.77.200"
     node.ns.ip("route", "replace", subnet, "via", other, "dev", "eth0")
@@ -109,7 +112,7 @@ def test_stale_routes_are_removed_at_start_and_foreign_routes_kept(cluster: Clus
     node.ns.ip("route", "add", "10.99.0.0/24", "via", "192.168.77.98", "dev", "eth0")
     cluster.start_daemon(node)
     cluster.wait_until(cluster.converged, what="the stale route removed")
-    assert "10.99.0.0/24 via 192.168.77.98 dev eth0" in node.routes()
+    assert "10.99.0.0/24 via 192.168.77.98 dev eth0" in node.routes()  # not ours: kept
 
 
 def test_restart_removes_no_route(cluster: Cluster) -> None:
@@ -216,5 +219,5 @@ def test_bad_leases_are_refused_and_unreachable_peers_retried(cluster: Cluster) 
     assert node.log().count("not reachable on this node's L2 segment") == 1
     # once the peer becomes reachable (an address on its subnet), the retry programs it
     node.ns.ip("addr", "add", "10.77.0.1/24", "dev", "eth0")
-    cluster.wait_until(lambda: "10.244.202.0/24 via 10.77.0.5 dev eth0" in node.routes(),
+    cluster.wait_until(lambda: ("10.244.202.0/24", "10.77.0.5") in cluster.flannel_routes(node),
                        timeout=15, what="the unreachable peer's route after it became reachable")

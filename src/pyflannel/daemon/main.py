@@ -16,14 +16,13 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from pyflannel import __version__
-from pyflannel.backend.hostgw import BACKEND_TYPE as HOST_GW
-from pyflannel.backend.hostgw import HostGwConfigError, check_host_gw, desired_routes
+from pyflannel.backend.base import Backend, BackendError, DesiredTable
+from pyflannel.backend.hostgw import HostGwBackend
 from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
@@ -32,8 +31,8 @@ from pyflannel.daemon.metrics import DaemonMetrics
 from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.lease.table import LeasePolicy, LeaseTable
-from pyflannel.netlink import Route, RtMonitor, RtNetlink
-from pyflannel.reconcile.routes import RouteReconciler, RouteScope
+from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
+from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
 from pyflannel.subnet.etcd.client import EtcdClient, EtcdError
 from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
 from pyflannel.subnet.subnetenv import (
@@ -47,7 +46,7 @@ from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_ru
 log = logging.getLogger("main")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-SUPPORTED_BACKENDS = (HOST_GW,)
+BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend}
 
 
 class StartupError(Exception):
@@ -71,6 +70,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.ready = False
         self._stop = asyncio.Event()
+        self._drift_seen = 0
 
     # -- start-up steps -----------------------------------------------------------------
 
@@ -146,23 +146,30 @@ class Daemon:
         if not (nc.enable_ipv4 or nc.enable_ipv6):
             raise StartupError("none defined stack: enable EnableIPv4 and/or EnableIPv6 in "
                                "net-conf.json")
-        if nc.backend_type not in SUPPORTED_BACKENDS:
+        backend_cls = BACKENDS.get(nc.backend_type)
+        if backend_cls is None:
             raise StartupError(
                 f"Backend.Type: unknown backend type: {nc.backend_type} (this version of "
-                f"pyflannel supports {', '.join(SUPPORTED_BACKENDS)})")
+                f"pyflannel supports {', '.join(BACKENDS)})")
+        backend: Backend = backend_cls()
         if not nc.enable_nftables:
             problem = check_br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
             if problem:
                 raise StartupError(f"Failed to check br_netfilter: {problem}")
         try:
             ext = await self._external_interface(nc)
-            check_host_gw(ext)
-        except (InterfaceError, HostGwConfigError) as e:
+        except InterfaceError as e:
             raise StartupError(str(e)) from None
-
         attrs = LeaseAttrs(public_ip=ext.ext_addr or IPv4Address("0.0.0.0"),
                            public_ipv6=ext.ext_addr6 if nc.enable_ipv6 else None,
-                           backend_type=HOST_GW)
+                           backend_type=backend.backend_type)
+        try:
+            setup = await backend.register(ext, nc, await mgr.stored_state(attrs))
+        except BackendError as e:
+            raise StartupError(f"Error registering network: {e}") from None
+        attrs = LeaseAttrs(public_ip=attrs.public_ip, public_ipv6=attrs.public_ipv6,
+                           backend_type=setup.backend_type, backend_data=setup.backend_data,
+                           backend_v6_data=setup.backend_v6_data)
         try:
             lease = await mgr.acquire_lease(nc, attrs)
         except EtcdError as e:
@@ -170,13 +177,17 @@ class Daemon:
                 from None
         if lease.expiration:
             self.metrics.lease_expiration.set(lease.expiration)
+        try:
+            await backend.configure(lease)
+        except BackendError as e:
+            raise StartupError(f"Error registering network: {e}") from None
 
         await self._setup_traffic(nc, lease, old_env)
         env = subnet_env_for(nc.network if nc.enable_ipv4 else None,
                              lease.subnet if nc.enable_ipv4 else None,
                              nc.ipv6_network if nc.enable_ipv6 else None,
                              lease.ipv6_subnet if nc.enable_ipv6 else None,
-                             ext.mtu, f.ip_masq)
+                             setup.mtu, f.ip_masq)
         try:
             write_subnet_env(subnet_file, env)
             log.info("Wrote subnet file to %s", subnet_file)
@@ -190,22 +201,26 @@ class Daemon:
             ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
             subnet_len=nc.subnet_len if nc.enable_ipv4 else None,
             ipv6_subnet_len=nc.ipv6_subnet_len if nc.enable_ipv6 else None,
-            backend_type=HOST_GW, own_subnet=lease.subnet, own_ipv6_subnet=lease.ipv6_subnet,
+            backend_type=setup.backend_type, own_subnet=lease.subnet,
+            own_ipv6_subnet=lease.ipv6_subnet,
             own_public_ip=attrs.public_ip if nc.enable_ipv4 else None,
             own_public_ipv6=attrs.public_ipv6)
-        networks = tuple(n for n in (nc.network if nc.enable_ipv4 else None,
-                                     nc.ipv6_network if nc.enable_ipv6 else None) if n)
         nl = RtNetlink.open()
-        monitor = RtMonitor.open(routes=True)
-        reconciler = RouteReconciler(nl, RouteScope(oif=ext.index, networks=networks))
+        # Opened before the first dump, so no change can slip between dump and watch.
+        monitor = RtMonitor.open(routes=True, neighbours=True, links=True, nexthops=True)
+        reconciler = KernelReconciler(nl, backend.scope())
+        reconciler.on_pass = self._record_pass
         table = LeaseTable(lease.key, policy)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_leases(mgr, table, reconciler, ext, nc))
-                tg.create_task(self._run_reconciler(reconciler))
-                tg.create_task(self._watch_kernel(monitor, reconciler))
+                desired = DesiredTable()
+                tg.create_task(self._watch_leases(mgr, table, reconciler, backend, desired))
+                tg.create_task(reconciler.run())
+                tg.create_task(self._resync_traffic_loop())
+                tg.create_task(self._watch_kernel(monitor, reconciler, backend, table,
+                                                  desired))
                 tg.create_task(self._keep_lease(mgr, lease))
                 tg.create_task(self._stop_waiter())
         except* LeaseRevoked:
@@ -251,58 +266,52 @@ class Daemon:
         raise _Stopping
 
     async def _watch_leases(self, mgr: EtcdSubnetManager, table: LeaseTable,
-                            reconciler: RouteReconciler, ext: ExternalInterface,
-                            nc: NetConf) -> None:
-        desired: dict[str, Route] = {}
+                            reconciler: KernelReconciler, backend: Backend,
+                            desired: DesiredTable) -> None:
         async for update in mgr.updates():
             delta = table.apply(update)
             for _lease, reason in delta.refused:
                 self.metrics.refused_leases.labels(reason=reason.kind).inc()
-            if not delta.changed and table.synced and reconciler.stats.runs:
-                continue
             for old in delta.removed:
-                for key in desired_routes([old], ext.index, ipv4=nc.enable_ipv4,
-                                          ipv6=nc.enable_ipv6):
-                    desired.pop(key, None)
-            desired.update(desired_routes(delta.added, ext.index, ipv4=nc.enable_ipv4,
-                                          ipv6=nc.enable_ipv6))
+                desired.remove(old.key)
+            for new in delta.added:
+                desired.put(new.key, backend.peer_state(new))
             self.metrics.leases.set(len(table.peers))
-            reconciler.set_desired(desired)
+            if delta.changed or not reconciler.stats.runs:
+                reconciler.set_desired(desired.state)
 
-    async def _run_reconciler(self, reconciler: RouteReconciler) -> None:
-        last_repairs = 0
-        task = asyncio.create_task(reconciler.run())
-        try:
-            while True:
-                await asyncio.sleep(1)
-                s = reconciler.stats
-                self.metrics.routes.set(s.programmed)
-                self.metrics.unreachable_peers.set(len(s.unreachable))
-                if s.drift_repairs > last_repairs:
-                    self.metrics.drift_repairs.labels(kind="route").inc(
-                        s.drift_repairs - last_repairs)
-                    last_repairs = s.drift_repairs
-                if s.last_success:
-                    self.metrics.last_sync.set(s.last_success)
-                    self.metrics.reconcile_seconds.observe(s.last_duration)
-                await self._resync_traffic()
-        finally:
-            task.cancel()
+    def _record_pass(self, s: ReconcileStats) -> None:
+        m = self.metrics
+        m.routes.set(s.routes)
+        m.unreachable_peers.set(len(s.unreachable))
+        m.reconcile_seconds.observe(s.last_duration)
+        m.last_sync.set(s.last_success)
+        if s.drift_repairs > self._drift_seen:
+            m.drift_repairs.labels(kind="kernel").inc(s.drift_repairs - self._drift_seen)
+            self._drift_seen = s.drift_repairs
 
-    async def _resync_traffic(self) -> None:
+    async def _resync_traffic_loop(self) -> None:
         rules, cfg = self._traffic
-        now = time.monotonic()
-        if now - getattr(self, "_last_traffic", 0.0) < self.flags.iptables_resync:
-            return
-        self._last_traffic = now
-        try:
-            if await rules.ensure(cfg):  # the rules module logs what it repaired
-                self.metrics.drift_repairs.labels(kind="rule").inc()
-        except Exception as e:
-            log.error("Failed to ensure %s rules: %s", rules.mode, e)
+        while True:
+            await asyncio.sleep(self.flags.iptables_resync)
+            try:
+                if await rules.ensure(cfg):  # the rules module logs what it repaired
+                    self.metrics.drift_repairs.labels(kind="rule").inc()
+            except Exception as e:
+                log.error("Failed to ensure %s rules: %s", rules.mode, e)
 
-    async def _watch_kernel(self, monitor: RtMonitor, reconciler: RouteReconciler) -> None:
+    async def _watch_kernel(self, monitor: RtMonitor, reconciler: KernelReconciler,
+                            backend: Backend, table: LeaseTable,
+                            desired: DesiredTable) -> None:
         async for batch in monitor.events():
+            for ev in batch:
+                if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent) \
+                        and await backend.on_link_event(ev.kind, ev.obj):
+                    # A device was recreated: new ifindex, so every peer state is rebuilt.
+                    for key, lease in table.peers.items():
+                        desired.put(key, backend.peer_state(lease))
+                    reconciler.set_scope(backend.scope())
+                    reconciler.set_desired(desired.state)
             reconciler.on_events(batch)
 
     async def _keep_lease(self, mgr: EtcdSubnetManager, lease: Lease) -> None:

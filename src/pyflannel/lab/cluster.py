@@ -350,10 +350,12 @@ class Cluster:
         out = set()
         for line in node.routes("dev", "eth0").splitlines():
             parts = line.split()
-            if len(parts) >= 3 and parts[1] == "via" and "/" in parts[0]:
+            # `10.244.2.0/24 via 192.168.77.2 dev eth0`, or with a nexthop object
+            # `10.244.2.0/24 nhid 253886465 via 192.168.77.2 dev eth0`
+            if "via" in parts and "/" in parts[0]:
                 dst = IPv4Network(parts[0])
                 if dst.subnet_of(network):
-                    out.add((parts[0], parts[2]))
+                    out.add((parts[0], parts[parts.index("via") + 1]))
         return out
 
     def wait_until(self, cond: Callable[[], bool], timeout: float = 20, interval: float = 0.05,

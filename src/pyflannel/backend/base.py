@@ -1,0 +1,97 @@
+"""The seam between the daemon and a backend.
+
+A backend turns one peer lease into the kernel objects that reach it (`peer_state`, a
+pure function), owns a part of the kernel (`scope`), and may need devices before and
+after the lease is acquired (`register`, `configure`). Everything else (diffing,
+applying, drift repair) is the KernelReconciler's job, the same for every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyflannel.config.netconf import NetConf
+from pyflannel.iface.select import ExternalInterface
+from pyflannel.lease.model import Lease
+from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
+from pyflannel.reconcile.kernel import DesiredState, KernelScope
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """What one peer needs in our kernel."""
+
+    routes: tuple[Route, ...] = ()
+    neighbours: tuple[Neighbour, ...] = ()
+    fdb: tuple[FdbEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendSetup:
+    """What the backend publishes in our lease, and the MTU pods get (FLANNEL_MTU)."""
+
+    backend_type: str
+    mtu: int
+    backend_data: str = ""  # compact JSON, "" for none
+    backend_v6_data: str = ""
+
+
+@dataclass(frozen=True)
+class StoredNodeState:
+    """What the store remembers about this node from before (VTEP MACs, so peers' neighbour
+    entries stay valid across restarts)."""
+
+    backend_data: str = ""
+    backend_v6_data: str = ""
+
+
+class BackendError(Exception):
+    """A backend cannot start; the message is one line that says what to do."""
+
+
+class Backend(Protocol):
+    backend_type: str
+
+    async def register(self, ext: ExternalInterface, nc: NetConf,
+                       stored: StoredNodeState) -> BackendSetup: ...
+
+    async def configure(self, lease: Lease) -> None: ...
+
+    def scope(self) -> KernelScope: ...
+
+    def peer_state(self, lease: Lease) -> PeerState: ...
+
+    async def on_link_event(self, kind: str, link: LinkEvent) -> bool:
+        """A link appeared or vanished; True when scope() or peer states changed."""
+        ...
+
+
+@dataclass
+class DesiredTable:
+    """The DesiredState kept up to date incrementally from per-peer states, so a lease
+    event costs O(1) instead of recomputing every peer."""
+
+    state: DesiredState = field(default_factory=DesiredState)
+    peers: dict[str, PeerState] = field(default_factory=dict)
+
+    def remove(self, key: str) -> None:
+        old = self.peers.pop(key, None)
+        if old is None:
+            return
+        for r in old.routes:
+            self.state.routes.pop(str(r.dst), None)
+        for n in old.neighbours:
+            self.state.neighbours.pop((n.ifindex, str(n.ip)), None)
+        for f in old.fdb:
+            self.state.fdb.pop((f.ifindex, f.lladdr.lower()), None)
+
+    def put(self, key: str, peer: PeerState) -> None:
+        self.remove(key)
+        self.peers[key] = peer
+        for r in peer.routes:
+            self.state.routes[str(r.dst)] = r
+        for n in peer.neighbours:
+            self.state.neighbours[(n.ifindex, str(n.ip))] = n
+        for f in peer.fdb:
+            self.state.fdb[(f.ifindex, f.lladdr.lower())] = f

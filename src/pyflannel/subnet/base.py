@@ -1,0 +1,34 @@
+"""The seam between the daemon and a lease store (etcd or the Kubernetes API)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from pyflannel.backend.base import StoredNodeState
+from pyflannel.config.netconf import NetConf
+from pyflannel.lease.events import LeaseUpdate
+from pyflannel.lease.model import Lease, LeaseAttrs
+
+
+class SubnetManager(Protocol):
+    name: str
+
+    async def network_config(self) -> NetConf: ...
+
+    async def stored_state(self, attrs: LeaseAttrs) -> StoredNodeState:
+        """What the store remembers of this node (its previous backend data)."""
+        ...
+
+    async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs) -> Lease: ...
+
+    def updates(self) -> AsyncIterator[LeaseUpdate]:
+        """A snapshot first (and after any gap in history), then changes."""
+        ...
+
+    async def keep_lease(self, lease: Lease) -> None:
+        """Runs while the lease is ours (etcd renews it); raises LeaseRevoked when it is
+        taken away."""
+        ...
+
+    async def aclose(self) -> None: ...
