@@ -83,6 +83,7 @@ class EtcdSubnetManager:
         self.previous_ipv6_subnet = previous_ipv6_subnet
         self.renew_margin = renew_margin
         self._rng = rng or random.Random()
+        self._primed: tuple[LeaseSnapshot, int] | None = None
 
     # -- config ----------------------------------------------------------------------
     async def network_config(self) -> NetConf:
@@ -247,15 +248,17 @@ class EtcdSubnetManager:
     async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs) -> Lease:
         """Reuse our lease (by public IP), else our previous subnet, else a random free one."""
         for attempt in range(1, RACE_RETRIES + 1):
-            stored, _ = await self._read_leases()
+            stored, rev = await self._read_leases()
 
             mine = [s for s in stored if self._same_node(s.lease, attrs)]
             for s in mine:
                 if self._fits(netconf, s.lease.subnet, s.lease.ipv6_subnet):
                     log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing",
                              s.lease.subnet, s.lease.ipv6_subnet, attrs.public_ip)
-                    return await self._write(s.lease.subnet, s.lease.ipv6_subnet, attrs,
-                                             reservation=s.kv.lease == 0)
+                    lease = await self._write(s.lease.subnet, s.lease.ipv6_subnet, attrs,
+                                              reservation=s.kv.lease == 0)
+                    self._prime(stored, rev, lease)
+                    return lease
             for s in mine:
                 log.info("Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible "
                          "with current config, deleting", s.lease.subnet, s.lease.ipv6_subnet,
@@ -271,15 +274,25 @@ class EtcdSubnetManager:
             else:
                 v4, v6 = self._allocate(netconf, stored)
 
-            lease = await self._create(v4, v6, attrs)
-            if lease is not None:
+            created = await self._create(v4, v6, attrs)
+            if created is not None:
                 log.info("Allocated lease (ip: %s ipv6: %s) to current node (%s)",
                          v4, v6, attrs.public_ip)
-                return lease
+                self._prime(stored, rev, created)
+                return created
             log.info("Subnet (ip: %s ipv6: %s) was taken by another node meanwhile, retrying "
                      "(attempt %d of %d)", v4, v6, attempt, RACE_RETRIES)
         raise EtcdError(f"max retries reached trying to acquire a subnet ({RACE_RETRIES} "
                         "attempts lost a race to other nodes)")
+
+    def _prime(self, stored: list[_StoredLease], rev: int, lease: Lease) -> None:
+        """The first snapshot of updates() reuses acquire_lease's read (at 10k peers a
+        second range + parse costs most of a second at start-up): the leases read at
+        `rev`, with ours as written. The watch starts at rev + 1, so it replays our own
+        write (an identical upsert) and everything else since."""
+        leases = [s.lease for s in stored if s.lease.key != lease.key]
+        leases.append(lease)
+        self._primed = (LeaseSnapshot(tuple(leases)), rev)
 
     # -- keeping ---------------------------------------------------------------------
     async def renew_lease(self, lease: Lease) -> Lease:
@@ -420,7 +433,10 @@ class EtcdSubnetManager:
         while True:
             try:
                 if revision is None:
-                    snapshot, revision = await self._snapshot()
+                    if self._primed is not None:
+                        (snapshot, revision), self._primed = self._primed, None
+                    else:
+                        snapshot, revision = await self._snapshot()
                     backoff.succeeded()
                     yield snapshot
                 async with contextlib.aclosing(self.client.watch(
