@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
+from pyflannel.netlink import Link, RtNetlink
 
 IFA_F_TEMPORARY = 0x01
 IFA_F_DEPRECATED = 0x20
@@ -41,21 +41,10 @@ class ExternalInterface:
 
 
 @dataclass(frozen=True)
-class _Link:
-    index: int
-    name: str
-    mtu: int
-
-
-@dataclass(frozen=True)
 class _Addr:
     index: int
     ip: IPv4Address | IPv6Address
     flags: int
-
-
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get_attr(name) if hasattr(msg, "get_attr") else msg.get(name)
 
 
 def sort_addresses(addrs: Sequence[_Addr]) -> list[_Addr]:
@@ -64,27 +53,12 @@ def sort_addresses(addrs: Sequence[_Addr]) -> list[_Addr]:
                                          bool(a.flags & IFA_F_TEMPORARY)))
 
 
-async def _inventory(ipr: AsyncIPRoute) -> tuple[list[_Link], list[_Addr]]:
-    links = [
-        _Link(m["index"], _attr(m, "IFLA_IFNAME"), _attr(m, "IFLA_MTU") or 0)
-        async for m in await ipr.link("dump")
-    ]
-    addrs: list[_Addr] = []
-    async for m in await ipr.addr("dump"):
-        raw = _attr(m, "IFA_ADDRESS") or _attr(m, "IFA_LOCAL")
-        if raw is None:
-            continue
-        flags = _attr(m, "IFA_FLAGS")
-        addrs.append(_Addr(m["index"], ip_address(raw), flags if flags is not None
-                           else m["flags"]))
-    return links, addrs
-
-
-async def _default_route_index(ipr: AsyncIPRoute, family: int) -> int | None:
-    async for r in await ipr.route("dump", family=family, table=254):
-        if r["dst_len"] == 0 and _attr(r, "RTA_OIF") is not None:
-            return int(_attr(r, "RTA_OIF"))
-    return None
+async def _default_route_index(nl: RtNetlink, family: int) -> int | None:
+    found: int | None = None
+    async for r in nl.dump_routes(family, table=254):
+        if found is None and r.dst.prefixlen == 0 and r.oif is not None:
+            found = r.oif  # keep reading: the dump must be drained
+    return found
 
 
 def _first(addrs: Sequence[_Addr], index: int, version: int) -> Any:
@@ -105,11 +79,13 @@ async def find_external_interface(
 ) -> ExternalInterface:
     """The external interface; `netns` (a name under /run/netns) is for tests and the
     lab, the daemon looks at its own namespace."""
-    async with AsyncIPRoute(netns=netns) as ipr:
-        links, addrs = await _inventory(ipr)
+    # Our own netlink codec, not pyroute2: the daemon's start-up and RSS stay small.
+    with RtNetlink.open(netns) as nl:
+        links = [link async for link in nl.dump_links()]
+        addrs = [_Addr(a.index, a.ip, a.flags) async for a in nl.dump_addresses()]
         by_index = {link.index: link for link in links}
         by_name = {link.name: link for link in links}
-        chosen: _Link | None = None
+        chosen: Link | None = None
         if ifaces or iface_regexes or can_reach:
             for spec in ifaces:
                 try:
@@ -132,9 +108,8 @@ async def find_external_interface(
                         break
             if chosen is None and can_reach:
                 target = ip_address(can_reach)
-                routes = await ipr.route("get", dst=str(target))
-                oif = _attr(routes[0], "RTA_OIF") if routes else None
-                chosen = by_index.get(int(oif)) if oif is not None else None
+                via = await nl.get_route(target)
+                chosen = by_index.get(via.oif) if via is not None and via.oif else None
             if chosen is None:
                 raise InterfaceError(
                     "Failed to find interface to use that matches the interfaces and/or regexes "
@@ -150,7 +125,7 @@ async def find_external_interface(
                         "a local interface; if it is a NAT address, also set --iface")
                 chosen = by_index[owner]
             else:
-                idx = await _default_route_index(ipr, socket.AF_INET if ipv4 else socket.AF_INET6)
+                idx = await _default_route_index(nl, socket.AF_INET if ipv4 else socket.AF_INET6)
                 if idx is None:
                     raise InterfaceError(
                         "Failed to find any valid interface to use: failed to get default "
@@ -158,7 +133,7 @@ async def find_external_interface(
                         "that connects the nodes)")
                 chosen = by_index[idx]
                 if ipv4 and ipv6:
-                    idx6 = await _default_route_index(ipr, socket.AF_INET6)
+                    idx6 = await _default_route_index(nl, socket.AF_INET6)
                     if idx6 is not None and idx6 != idx:
                         raise InterfaceError(
                             "the IPv4 and IPv6 default routes use different interfaces; set "
