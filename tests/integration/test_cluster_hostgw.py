@@ -139,12 +139,12 @@ def test_restart_removes_no_route(cluster: Cluster) -> None:
 def test_etcd_outage_keeps_routes_and_the_watch_resumes(cluster: Cluster) -> None:
     assert cluster.etcd is not None
     before = {n.index: cluster.flannel_routes(n) for n in cluster.nodes.values()}
-    cluster.etcd.stop()
+    cluster.store.stop()
     new = cluster.add_node()  # its daemon waits for etcd
     time.sleep(10)
     assert {n.index: cluster.flannel_routes(n) for n in cluster.nodes.values()
             if n is not new} == before
-    cluster.etcd.start_again()
+    cluster.store.resume()
     cluster.wait_until(cluster.converged, timeout=40,
                        what="the lease added after the outage to be routed everywhere")
     assert all(len(cluster.flannel_routes(n)) == 3 for n in cluster.nodes.values())

@@ -1,11 +1,13 @@
 """A flannel cluster on one machine: every node is a network namespace.
 
-Topology: a "switch" namespace holds a Linux bridge (one L2 segment) and the etcd
-server; each node namespace has `eth0`, a veth whose other end is a port of that
-bridge, an address on the segment and a default route via the switch, so flanneld's
-default-interface detection works as on a real node. Nothing is created in the root
-namespace; `close()` removes every namespace, process and temporary file, also after
-a failure half-way through.
+Topology: a "switch" namespace holds one Linux bridge per L2 segment and the store's
+servers (etcd, or etcd + kube-apiserver); each node namespace has `eth0`, a veth whose
+other end is a port of its segment's bridge, an address on the segment and a default
+route, so flanneld's default-interface detection works as on a real node. With more
+than one segment a "router" namespace joins them (nodes' default route points at it),
+which is what host-gw cannot cross and vxlan can. IPv6 addresses are added per segment
+when asked for. Nothing is created in the root namespace; `close()` removes every
+namespace, process and temporary file, also after a failure half-way through.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pyflannel.cni.install import install_plugin
 from pyflannel.lab.cniruntime import Attachment, CniRuntime
@@ -30,6 +32,7 @@ from pyflannel.lab.etcd import EtcdServer
 from pyflannel.lab.netns import NetNamespace, veth_between
 
 DEFAULT_SEGMENT = "192.168.77.0/24"
+IPV6_SEGMENT_PREFIX = "fd77:{seg}::/64"  # the IPv6 prefix of segment number `seg`
 SYSTEM_CNI_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 
 # A tiny TCP service for reachability checks: it answers every connection with the
@@ -82,6 +85,8 @@ class LabNode:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    segment: int = 0
+    addr6: IPv6Address | None = None
 
     @property
     def name(self) -> str:
@@ -105,29 +110,161 @@ class LabNode:
             return ""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One L2 segment: a bridge in the switch namespace."""
+
+    index: int
+    net: IPv4Network
+    net6: IPv6Network | None
+
+    @property
+    def bridge(self) -> str:
+        return f"br{self.index}"
+
+    def host(self, n: int) -> IPv4Address:
+        return self.net.network_address + n
+
+    def host6(self, n: int) -> IPv6Address | None:
+        return self.net6.network_address + n if self.net6 is not None else None
+
+    # The top of each segment is infrastructure: switch (servers), router, outside host.
+    @property
+    def switch_addr(self) -> IPv4Address:
+        return IPv4Address(int(self.net.broadcast_address) - 1)
+
+    @property
+    def router_addr(self) -> IPv4Address:
+        return IPv4Address(int(self.net.broadcast_address) - 2)
+
+    @property
+    def outside_addr(self) -> IPv4Address:
+        return IPv4Address(int(self.net.broadcast_address) - 5)
+
+
+class LabStore(Protocol):
+    """Where the lab's leases live: etcd, or the Kubernetes API. Its servers run in the
+    switch namespace."""
+
+    kind: str
+
+    def start(self, cluster: Cluster) -> None: ...
+
+    def put_netconf(self, netconf: dict[str, Any]) -> None: ...
+
+    def flanneld_args(self, node: LabNode) -> list[str]: ...
+
+    def node_env(self, node: LabNode) -> dict[str, str]: ...
+
+    def node_added(self, node: LabNode) -> None: ...
+
+    def node_removed(self, node: LabNode) -> None: ...
+
+    def stop(self) -> None:
+        """An outage: the store's servers go away, data is kept."""
+        ...
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EtcdLabStore:
+    """A real etcd in the switch namespace; flanneld in etcd mode."""
+
+    kind = "etcd"
+
+    def __init__(self, prefix: str = "/coreos.com/network") -> None:
+        self.prefix = prefix
+        self.etcd: EtcdServer | None = None
+
+    def start(self, cluster: Cluster) -> None:
+        assert cluster.switch is not None
+        self.etcd = EtcdServer(netns=cluster.switch, host=str(cluster.segments[0].switch_addr))
+        self.etcd.start()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.etcd is not None
+        return self.etcd.client_url
+
+    def etcdctl(self, *args: str) -> str:
+        assert self.etcd is not None
+        return self.etcd.etcdctl(*args).stdout
+
+    def put_netconf(self, netconf: dict[str, Any]) -> None:
+        self.etcdctl("put", f"{self.prefix}/config", json.dumps(netconf))
+
+    def flanneld_args(self, node: LabNode) -> list[str]:
+        return [f"--etcd-endpoints={self.endpoint}", f"--etcd-prefix={self.prefix}"]
+
+    def node_env(self, node: LabNode) -> dict[str, str]:
+        return {}
+
+    def node_added(self, node: LabNode) -> None:
+        pass
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Lease key -> lease JSON, straight from etcd."""
+        out = self.etcdctl("get", "--prefix", f"{self.prefix}/subnets/").splitlines()
+        return {out[i]: json.loads(out[i + 1]) for i in range(0, len(out) - 1, 2)}
+
+    def node_removed(self, node: LabNode) -> None:
+        for key, attrs in self.leases().items():
+            if attrs.get("PublicIP") == str(node.addr):
+                self.etcdctl("del", key)
+
+    def stop(self) -> None:
+        assert self.etcd is not None
+        self.etcd.stop()
+
+    def resume(self) -> None:
+        assert self.etcd is not None
+        self.etcd.start_again()
+
+    def close(self) -> None:
+        if self.etcd is not None:
+            self.etcd.close()
+            self.etcd = None
+
+
 class Cluster:
     """Build with `Cluster(...)`, then `start()`; always `close()` (or use `with`)."""
 
-    def __init__(self, *, nodes: int = 3, network: str = "10.244.0.0/16",
+    def __init__(self, *, nodes: int | Sequence[int] = 3, network: str = "10.244.0.0/16",
                  netconf: dict[str, Any] | None = None, prefix: str = "/coreos.com/network",
                  flanneld_args: Sequence[str] = (), name: str = "pfl",
-                 segment: str = DEFAULT_SEGMENT) -> None:
-        # The nodes' L2 segment; the switch namespace takes its last address.
-        self.segment = IPv4Network(segment)
-        self.switch_addr = IPv4Address(int(self.segment.broadcast_address) - 1)
-        self.initial_nodes = nodes
+                 segment: str = DEFAULT_SEGMENT, segments: Sequence[str] = (),
+                 ipv6: bool = False, store: LabStore | None = None) -> None:
+        """`nodes`: how many nodes (all on segment 0), or the segment of each node.
+        `segments`: the IPv4 prefixes of the L2 segments (default: just `segment`)."""
+        nets = [IPv4Network(x) for x in (segments or [segment])]
+        self.segments = [
+            Segment(i, n, IPv6Network(IPV6_SEGMENT_PREFIX.format(seg=i)) if ipv6 else None)
+            for i, n in enumerate(nets)]
+        self.ipv6 = ipv6
+        self.initial_nodes = [0] * nodes if isinstance(nodes, int) else list(nodes)
         self.netconf = netconf or {"Network": network, "Backend": {"Type": "host-gw"}}
-        self.prefix = prefix
+        self.store: LabStore = store or EtcdLabStore(prefix)
         self.flanneld_args = list(flanneld_args)
         self.name = name
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-lab-"))
         self.switch: NetNamespace | None = None
-        self.etcd: EtcdServer | None = None
+        self.router: NetNamespace | None = None
         self.nodes: dict[int, LabNode] = {}
         self.pods: dict[str, LabPod] = {}
         self.outside: OutsideHost | None = None
         self._next_index = 1
         self._cni_bin: Path | None = None
+
+    # Single-segment conveniences, kept for callers that know of one segment only.
+    @property
+    def segment(self) -> IPv4Network:
+        return self.segments[0].net
+
+    @property
+    def switch_addr(self) -> IPv4Address:
+        return self.segments[0].switch_addr
 
     # -- building -----------------------------------------------------------------------
 
@@ -145,56 +282,85 @@ class Cluster:
     def start(self) -> None:
         self.switch = NetNamespace.create(f"{self.name}-sw")
         sw = self.switch
-        sw.ip("link", "add", "br0", "type", "bridge")
-        sw.ip("addr", "add", f"{self.switch_addr}/{self.segment.prefixlen}", "dev", "br0")
-        sw.ip("link", "set", "br0", "up")
-        self.etcd = EtcdServer(netns=sw, host=str(self.switch_addr))
-        self.etcd.start()
-        self.put_netconf(self.netconf)
-        for _ in range(self.initial_nodes):
-            self.add_node()
+        first = self.segments[0]
+        for seg in self.segments:
+            sw.ip("link", "add", seg.bridge, "type", "bridge")
+            sw.ip("link", "set", seg.bridge, "up")
+        sw.ip("addr", "add", f"{first.switch_addr}/{first.net.prefixlen}", "dev", first.bridge)
+        if first.net6 is not None:
+            sw.ip("addr", "add", f"{first.host6(0xff)}/64", "dev", first.bridge, "nodad")
+        if len(self.segments) > 1:
+            self._add_router()
+        self.store.start(self)
+        self.store.put_netconf(self.netconf)
+        for seg_index in self.initial_nodes:
+            self.add_node(segment=seg_index)
+
+    def _add_router(self) -> None:
+        """A router namespace with a leg on every segment; the switch's servers reach the
+        other segments through it."""
+        assert self.switch is not None
+        rt = self.router = NetNamespace.create(f"{self.name}-rt")
+        rt.sysctl("net.ipv4.ip_forward", "1")
+        if self.ipv6:
+            rt.sysctl("net.ipv6.conf.all.forwarding", "1")
+        for seg in self.segments:
+            veth_between(rt, f"r{seg.index}", self.switch, f"rp{seg.index}")
+            self.switch.ip("link", "set", f"rp{seg.index}", "master", seg.bridge)
+            rt.ip("addr", "add", f"{seg.router_addr}/{seg.net.prefixlen}", "dev", f"r{seg.index}")
+            if seg.net6 is not None:
+                rt.ip("addr", "add", f"{seg.host6(0xfe)}/64", "dev", f"r{seg.index}", "nodad")
+        first = self.segments[0]
+        for seg in self.segments[1:]:
+            self.switch.ip("route", "add", str(seg.net), "via", str(first.router_addr))
+            if seg.net6 is not None:
+                self.switch.ip("-6", "route", "add", str(seg.net6), "via", str(first.host6(0xfe)))
 
     def put_netconf(self, netconf: dict[str, Any]) -> None:
-        assert self.etcd is not None
-        self.etcd.etcdctl("put", f"{self.prefix}/config", json.dumps(netconf))
+        self.netconf = netconf
+        self.store.put_netconf(netconf)
 
-    @property
-    def etcd_endpoint(self) -> str:
-        assert self.etcd is not None
-        return self.etcd.client_url
-
-    def add_node(self, *, start: bool = True, extra_args: Sequence[str] = ()) -> LabNode:
+    def add_node(self, *, start: bool = True, extra_args: Sequence[str] = (),
+                 segment: int = 0) -> LabNode:
         assert self.switch is not None
+        seg = self.segments[segment]
         idx = self._next_index
         self._next_index += 1
         ns = NetNamespace.create(f"{self.name}-n{idx}")
-        addr = self.segment.network_address + idx
+        addr, addr6 = seg.host(idx), seg.host6(idx)
         veth_between(ns, "eth0", self.switch, f"p{idx}")
-        self.switch.ip("link", "set", f"p{idx}", "master", "br0")
-        ns.ip("addr", "add", f"{addr}/{self.segment.prefixlen}", "dev", "eth0")
-        ns.ip("route", "add", "default", "via", str(self.switch_addr))
-        # A node forwards pod traffic; per-namespace sysctl, the root namespace is untouched.
+        self.switch.ip("link", "set", f"p{idx}", "master", seg.bridge)
+        ns.ip("addr", "add", f"{addr}/{seg.net.prefixlen}", "dev", "eth0")
+        gw = seg.router_addr if self.router is not None else seg.switch_addr
+        ns.ip("route", "add", "default", "via", str(gw))
+        # A node forwards pod traffic; per-namespace sysctls, the root namespace is untouched.
         ns.sysctl("net.ipv4.ip_forward", "1")
+        if addr6 is not None:
+            ns.ip("addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
+            gw6 = seg.host6(0xfe if self.router is not None else 0xff)
+            ns.ip("-6", "route", "add", "default", "via", str(gw6))
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")
         workdir = self.workdir / f"node{idx}"
         workdir.mkdir()
-        node = LabNode(idx, ns, addr, workdir, extra_args=list(extra_args))
+        node = LabNode(idx, ns, addr, workdir, extra_args=list(extra_args), segment=segment,
+                       addr6=addr6)
         self.nodes[idx] = node
+        self.store.node_added(node)
         if start:
             self.start_daemon(node)
         return node
 
     def flanneld_argv(self, node: LabNode) -> list[str]:
-        return [sys.executable, "-m", "pyflannel.daemon.main",
-                f"--etcd-endpoints={self.etcd_endpoint}", f"--etcd-prefix={self.prefix}",
+        return [sys.executable, "-m", "pyflannel.daemon.main", *self.store.flanneld_args(node),
                 f"--subnet-file={node.subnet_file}", *self.flanneld_args, *node.extra_args]
 
     def start_daemon(self, node: LabNode) -> None:
         if node.proc is not None and node.proc.poll() is None:
             return
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.store.node_env(node)}
         with open(node.log_file, "ab") as logf:
             node.proc = subprocess.Popen(node.ns.exec_args(*self.flanneld_argv(node)),
-                                         stdout=logf, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         stdout=logf, stderr=subprocess.STDOUT, env=env)
 
     def stop_daemon(self, node: LabNode, *, sig: int = signal.SIGTERM,
                     timeout: float = 10) -> int | None:
@@ -212,13 +378,45 @@ class Cluster:
         return rc
 
     def remove_node(self, node: LabNode, *, delete_lease: bool = True) -> None:
+        """The node leaves: its daemon stops, and (by default) the store forgets it, as
+        deleting a Node object or its etcd lease does."""
         self.stop_daemon(node)
         if delete_lease:
-            key = self.lease_key_of(node)
-            if key:
-                self.etcdctl("del", key)
+            self.store.node_removed(node)
         node.ns.delete()
         self.nodes.pop(node.index, None)
+
+    # -- etcd conveniences (the default store) --------------------------------------------
+
+    @property
+    def etcd_store(self) -> EtcdLabStore:
+        if not isinstance(self.store, EtcdLabStore):
+            raise TypeError("this lab cluster does not use etcd")
+        return self.store
+
+    @property
+    def etcd(self) -> EtcdServer | None:
+        return self.etcd_store.etcd
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd_store.endpoint
+
+    @property
+    def prefix(self) -> str:
+        return self.etcd_store.prefix
+
+    def etcdctl(self, *args: str) -> str:
+        return self.etcd_store.etcdctl(*args)
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        return self.etcd_store.leases()
+
+    def lease_key_of(self, node: LabNode) -> str | None:
+        for key, attrs in self.leases().items():
+            if attrs.get("PublicIP") == str(node.addr):
+                return key
+        return None
 
     # -- pods ---------------------------------------------------------------------------
 
@@ -274,10 +472,11 @@ class Cluster:
         """A host on the segment, outside the cluster, running the whoami service."""
         assert self.switch is not None
         ns = NetNamespace.create(f"{self.name}-out")
-        addr = IPv4Address(int(self.switch_addr) - 1)
+        seg = self.segments[0]
+        addr = seg.outside_addr
         veth_between(ns, "eth0", self.switch, "pout")
-        self.switch.ip("link", "set", "pout", "master", "br0")
-        ns.ip("addr", "add", f"{addr}/{self.segment.prefixlen}", "dev", "eth0")
+        self.switch.ip("link", "set", "pout", "master", seg.bridge)
+        ns.ip("addr", "add", f"{addr}/{seg.net.prefixlen}", "dev", "eth0")
         self.outside = OutsideHost(ns, addr, self._serve(ns, str(addr)))
         return self.outside
 
@@ -314,21 +513,6 @@ class Cluster:
         return out
 
     # -- looking ------------------------------------------------------------------------
-
-    def etcdctl(self, *args: str) -> str:
-        assert self.etcd is not None
-        return self.etcd.etcdctl(*args).stdout
-
-    def leases(self) -> dict[str, dict[str, Any]]:
-        """Lease key -> lease JSON, straight from etcd."""
-        out = self.etcdctl("get", "--prefix", f"{self.prefix}/subnets/").splitlines()
-        return {out[i]: json.loads(out[i + 1]) for i in range(0, len(out) - 1, 2)}
-
-    def lease_key_of(self, node: LabNode) -> str | None:
-        for key, attrs in self.leases().items():
-            if attrs.get("PublicIP") == str(node.addr):
-                return key
-        return None
 
     def subnet_of(self, node: LabNode) -> IPv4Network | None:
         try:
@@ -392,9 +576,10 @@ class Cluster:
             finally:
                 node.ns.delete()
         self.nodes.clear()
-        if self.etcd is not None:
-            self.etcd.close()
-            self.etcd = None
+        self.store.close()
+        if self.router is not None:
+            self.router.delete()
+            self.router = None
         if self.switch is not None:
             self.switch.delete()
             self.switch = None
