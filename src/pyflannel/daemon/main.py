@@ -28,13 +28,15 @@ from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
 from pyflannel.daemon.logging_setup import setup_logging
 from pyflannel.daemon.metrics import DaemonMetrics
+from pyflannel.daemon.stores import StoreError, describe, make_subnet_manager
 from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.lease.table import LeasePolicy, LeaseTable
 from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
 from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
-from pyflannel.subnet.etcd.client import EtcdClient, EtcdError
-from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
+from pyflannel.subnet.base import SubnetManager
+from pyflannel.subnet.etcd.client import EtcdError
+from pyflannel.subnet.etcd.manager import LeaseRevoked
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
     read_subnet_env,
@@ -56,9 +58,6 @@ class StartupError(Exception):
 def unbuilt_flag_error(flags: Flags) -> str | None:
     """Flags for parts this build does not have stop the daemon: silently ignoring them
     would leave an operator believing they took effect."""
-    if flags.kube_subnet_mgr:
-        return ("--kube-subnet-mgr: the Kubernetes subnet manager is not built yet in this "
-                "version of pyflannel; use etcd (--etcd-endpoints)")
     if flags.ip_blackhole_route:
         return "--ip-blackhole-route is not supported yet by this version of pyflannel"
     return None
@@ -74,7 +73,7 @@ class Daemon:
 
     # -- start-up steps -----------------------------------------------------------------
 
-    async def _network_config(self, mgr: EtcdSubnetManager) -> NetConf:
+    async def _network_config(self, mgr: SubnetManager) -> NetConf:
         while True:
             try:
                 return await mgr.network_config()
@@ -85,14 +84,17 @@ class Daemon:
             if self._stop.is_set():
                 raise asyncio.CancelledError
 
-    async def _external_interface(self, nc: NetConf) -> ExternalInterface:
+    async def _external_interface(self, nc: NetConf, mgr: SubnetManager) -> ExternalInterface:
         f = self.flags
         if not (f.iface or f.iface_regex or f.iface_can_reach):
             log.info("Determining IP address of default interface")
+        public_ip = IPv4Address(f.public_ip) if f.public_ip else None
+        public_ipv6 = IPv6Address(f.public_ipv6) if f.public_ipv6 else None
+        # The store may override them (kube: the node-public-ip annotations).
+        stored4, stored6 = await mgr.public_ip_override()
         ext = await find_external_interface(
             ifaces=f.iface, iface_regexes=f.iface_regex, can_reach=f.iface_can_reach,
-            public_ip=IPv4Address(f.public_ip) if f.public_ip else None,
-            public_ipv6=IPv6Address(f.public_ipv6) if f.public_ipv6 else None,
+            public_ip=stored4 or public_ip, public_ipv6=stored6 or public_ipv6,
             ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
         log.info("Using interface with name %s and address %s", ext.name,
                  ext.iface_addr or ext.iface_addr6)
@@ -110,16 +112,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         subnet_file = Path(f.subnet_file)
         old_env = read_subnet_env(subnet_file)
-        client = EtcdClient(list(f.etcd_endpoints), cafile=f.etcd_cafile,
-                            certfile=f.etcd_certfile, keyfile=f.etcd_keyfile,
-                            username=f.etcd_username, password=f.etcd_password)
-        mgr = EtcdSubnetManager(
-            client, prefix=f.etcd_prefix,
-            previous_subnet=old_env.subnet.network if old_env and old_env.subnet else None,
-            previous_ipv6_subnet=(old_env.ipv6_subnet.network
-                                  if old_env and old_env.ipv6_subnet else None),
-            renew_margin=f.subnet_lease_renew_margin * 60.0)
-        log.info("Created subnet manager: etcd %s", ",".join(f.etcd_endpoints))
+        try:
+            mgr = make_subnet_manager(f, old_env)
+        except StoreError as e:
+            log.error("%s", e)
+            return EXIT_ERROR
+        log.info("Created subnet manager: %s", describe(f))
         http: HealthServer | None = None
         if f.healthz_port > 0:
             http = HealthServer(f.healthz_ip, f.healthz_port, ready=lambda: self.ready,
@@ -138,7 +136,7 @@ class Daemon:
                 await http.close()
             await mgr.aclose()
 
-    async def _run(self, mgr: EtcdSubnetManager, subnet_file: Path,
+    async def _run(self, mgr: SubnetManager, subnet_file: Path,
                    old_env: SubnetEnv | None) -> int:
         f = self.flags
         nc = await self._network_config(mgr)
@@ -157,7 +155,7 @@ class Daemon:
             if problem:
                 raise StartupError(f"Failed to check br_netfilter: {problem}")
         try:
-            ext = await self._external_interface(nc)
+            ext = await self._external_interface(nc, mgr)
         except InterfaceError as e:
             raise StartupError(str(e)) from None
         attrs = LeaseAttrs(public_ip=ext.ext_addr or IPv4Address("0.0.0.0"),
@@ -199,8 +197,10 @@ class Daemon:
         policy = LeasePolicy(
             network=nc.network if nc.enable_ipv4 else None,
             ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
-            subnet_len=nc.subnet_len if nc.enable_ipv4 else None,
-            ipv6_subnet_len=nc.ipv6_subnet_len if nc.enable_ipv6 else None,
+            # etcd leases all have SubnetLen; kube podCIDRs are sized by the controller.
+            subnet_len=nc.subnet_len if nc.enable_ipv4 and mgr.name == "etcd" else None,
+            ipv6_subnet_len=(nc.ipv6_subnet_len if nc.enable_ipv6 and mgr.name == "etcd"
+                             else None),
             backend_type=setup.backend_type, own_subnet=lease.subnet,
             own_ipv6_subnet=lease.ipv6_subnet,
             own_public_ip=attrs.public_ip if nc.enable_ipv4 else None,
@@ -265,7 +265,7 @@ class Daemon:
         await self._stop.wait()
         raise _Stopping
 
-    async def _watch_leases(self, mgr: EtcdSubnetManager, table: LeaseTable,
+    async def _watch_leases(self, mgr: SubnetManager, table: LeaseTable,
                             reconciler: KernelReconciler, backend: Backend,
                             desired: DesiredTable) -> None:
         async for update in mgr.updates():
@@ -314,7 +314,7 @@ class Daemon:
                     reconciler.set_desired(desired.state)
             reconciler.on_events(batch)
 
-    async def _keep_lease(self, mgr: EtcdSubnetManager, lease: Lease) -> None:
+    async def _keep_lease(self, mgr: SubnetManager, lease: Lease) -> None:
         await mgr.keep_lease(lease)
 
 

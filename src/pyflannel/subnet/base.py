@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from pyflannel.backend.base import StoredNodeState
@@ -15,6 +16,11 @@ class SubnetManager(Protocol):
     name: str
 
     async def network_config(self) -> NetConf: ...
+
+    async def public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+        """Public addresses the store sets for this node (kube: the node-public-ip
+        annotations), which win over --public-ip / --public-ipv6."""
+        ...
 
     async def stored_state(self, attrs: LeaseAttrs) -> StoredNodeState:
         """What the store remembers of this node (its previous backend data)."""

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, NoReturn
 
 from pyflannel.config.netconf import NetConf, check_network_config, parse_netconf
@@ -244,6 +244,10 @@ class EtcdSubnetManager:
                     f"{nc.ipv6_network} between IPv6SubnetMin {nc.ipv6_subnet_min} and "
                     f"IPv6SubnetMax {nc.ipv6_subnet_max}")
         return v4, v6
+
+    async def public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+        """etcd keeps no per-node settings: the flags decide."""
+        return None, None
 
     async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs) -> Lease:
         """Reuse our lease (by public IP), else our previous subnet, else a random free one."""
