@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true",
                       help="wait for Enter before removing the cluster")
     demo.set_defaults(func=_lab_demo)
+    sub.add_parser("status", help="leases in the store, and whether this node's kernel matches "
+                   "them (--check); takes flanneld's flags; --help for more")
     inst = sub.add_parser("install-cni", help="install the flannel CNI plugin executable")
     inst.add_argument("--dest", default="/opt/cni/bin", help="directory (default /opt/cni/bin)")
     inst.set_defaults(func=_install_cni)
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        # flanneld's Go-style flags pass through untouched, so argparse stays out of it.
+        from pyflannel.status.command import main as status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "lab" and os.geteuid() != 0:
         print("pyflannel lab: needs root (it creates network namespaces); run it with sudo",

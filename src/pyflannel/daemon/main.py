@@ -28,10 +28,11 @@ from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
 from pyflannel.daemon.logging_setup import setup_logging
 from pyflannel.daemon.metrics import DaemonMetrics
+from pyflannel.daemon.node_config import lease_policy, traffic_config
 from pyflannel.daemon.stores import StoreError, describe, make_subnet_manager
 from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
 from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.lease.table import LeasePolicy, LeaseTable
+from pyflannel.lease.table import LeaseTable
 from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
 from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
 from pyflannel.subnet.base import SubnetManager
@@ -194,17 +195,9 @@ class Daemon:
         self.ready = True
         log.info("flannel is ready")
 
-        policy = LeasePolicy(
-            network=nc.network if nc.enable_ipv4 else None,
-            ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
-            # etcd leases all have SubnetLen; kube podCIDRs are sized by the controller.
-            subnet_len=nc.subnet_len if nc.enable_ipv4 and mgr.name == "etcd" else None,
-            ipv6_subnet_len=(nc.ipv6_subnet_len if nc.enable_ipv6 and mgr.name == "etcd"
-                             else None),
-            backend_type=setup.backend_type, own_subnet=lease.subnet,
-            own_ipv6_subnet=lease.ipv6_subnet,
-            own_public_ip=attrs.public_ip if nc.enable_ipv4 else None,
-            own_public_ipv6=attrs.public_ipv6)
+        policy = lease_policy(nc, store=mgr.name, backend_type=setup.backend_type,
+                              own_subnet=lease.subnet, own_ipv6_subnet=lease.ipv6_subnet,
+                              own_public_ip=attrs.public_ip, own_public_ipv6=attrs.public_ipv6)
         nl = RtNetlink.open()
         # Opened before the first dump, so no change can slip between dump and watch.
         monitor = RtMonitor.open(routes=True, neighbours=True, links=True, nexthops=True)
@@ -238,13 +231,7 @@ class Daemon:
         # The other mode's leftovers go first (upstream PR #2239 does this at start-up).
         await make_traffic_rules(not nc.enable_nftables).cleanup()
         rules = make_traffic_rules(nc.enable_nftables)
-        cfg = TrafficConfig(
-            network=nc.network if nc.enable_ipv4 else None,
-            subnet=lease.subnet if nc.enable_ipv4 else None,
-            ipv6_network=nc.ipv6_network if nc.enable_ipv6 else None,
-            ipv6_subnet=lease.ipv6_subnet if nc.enable_ipv6 else None,
-            masquerade=f.ip_masq, forward=f.iptables_forward_rules,
-            fully_random=not f.ip_masq_fully_random_disable)
+        cfg = traffic_config(f, nc, lease.subnet, lease.ipv6_subnet)
         # Rules computed from the previous subnet.env are removed if they differ (a new
         # lease or network after a long downtime).
         previous = None
