@@ -24,12 +24,12 @@ Every error is a `NetConfError` whose text is one line starting with the field n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from pyflannel.config.flags import ConfigError
 
@@ -44,24 +44,75 @@ class NetConfError(ConfigError):
     """net-conf.json is malformed or invalid; one line naming the field and what is expected."""
 
 
-class NetConf(BaseModel):
-    """The decoded network configuration. Immutable; use `model_copy(update=...)` to derive."""
+def _default_backend() -> dict[str, Any]:
+    return {"Type": DEFAULT_BACKEND_TYPE}
 
-    model_config = ConfigDict(frozen=True, strict=True)
+
+@dataclass(frozen=True, kw_only=True)
+class NetConf:
+    """The decoded network configuration. Immutable; derive with `dataclasses.replace`.
+
+    Construction checks every attribute's type strictly (no coercion: `True` is not an
+    int, a string is not a CIDR) and that the lengths are non-negative, raising
+    `ValueError` naming the attribute, so a hand-built NetConf obeys the same invariants
+    as one from `parse_netconf`.
+    """
 
     network: IPv4Network | None = None
     ipv6_network: IPv6Network | None = None
     enable_ipv4: bool = True
     enable_ipv6: bool = False
     enable_nftables: bool = False
-    subnet_len: int = Field(default=0, ge=0)
+    subnet_len: int = 0
     subnet_min: IPv4Address | None = None
     subnet_max: IPv4Address | None = None
-    ipv6_subnet_len: int = Field(default=0, ge=0)
+    ipv6_subnet_len: int = 0
     ipv6_subnet_min: IPv6Address | None = None
     ipv6_subnet_max: IPv6Address | None = None
     backend_type: str = DEFAULT_BACKEND_TYPE
-    backend: dict[str, Any] = Field(default_factory=lambda: {"Type": DEFAULT_BACKEND_TYPE})
+    backend: dict[str, Any] = dataclasses.field(default_factory=_default_backend)
+
+    def __post_init__(self) -> None:
+        for name, (kind, optional) in _NETCONF_TYPES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            # bool is an int subclass; a strict int field must still refuse it.
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                expected = kind.__name__ + (" or None" if optional else "")
+                raise ValueError(f"NetConf.{name}: expected {expected}, "
+                                 f"got {type(value).__name__} {value!r}")
+        for name in ("subnet_len", "ipv6_subnet_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"NetConf.{name}: expected a non-negative integer, "
+                                 f"got {getattr(self, name)}")
+        if not all(isinstance(key, str) for key in self.backend):
+            raise ValueError("NetConf.backend: expected string keys")
+        # Our own copy, so the caller mutating its dict cannot change a frozen NetConf.
+        object.__setattr__(self, "backend", dict(self.backend))
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None) -> NetConf:
+        """A copy with `update` applied; kept for callers written against the earlier
+        pydantic model. Unlike pydantic's, the result is validated."""
+        return dataclasses.replace(self, **(update or {}))
+
+
+# attribute -> (required type, None allowed); checked by NetConf.__post_init__.
+_NETCONF_TYPES: dict[str, tuple[type, bool]] = {
+    "network": (IPv4Network, True),
+    "ipv6_network": (IPv6Network, True),
+    "enable_ipv4": (bool, False),
+    "enable_ipv6": (bool, False),
+    "enable_nftables": (bool, False),
+    "subnet_len": (int, False),
+    "subnet_min": (IPv4Address, True),
+    "subnet_max": (IPv4Address, True),
+    "ipv6_subnet_len": (int, False),
+    "ipv6_subnet_min": (IPv6Address, True),
+    "ipv6_subnet_max": (IPv6Address, True),
+    "backend_type": (str, False),
+    "backend": (dict, False),
+}
 
 
 # --- Go encoding/json compatibility ----------------------------------------------------
@@ -350,7 +401,7 @@ def check_network_config(nc: NetConf) -> NetConf:
                                           nc.ipv6_subnet_min, nc.ipv6_subnet_max)
         update.update(ipv6_subnet_len=length, ipv6_subnet_min=IPv6Address(low),
                       ipv6_subnet_max=IPv6Address(high))
-    return nc.model_copy(update=update)
+    return dataclasses.replace(nc, **update)
 
 
 # --- vxlan backend options --------------------------------------------------------------
