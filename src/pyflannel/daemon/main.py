@@ -38,6 +38,7 @@ from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
 from pyflannel.subnet.base import SubnetManager
 from pyflannel.subnet.etcd.client import EtcdError
 from pyflannel.subnet.etcd.manager import LeaseRevoked
+from pyflannel.subnet.kube.errors import KubeError
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
     read_subnet_env,
@@ -129,7 +130,7 @@ class Daemon:
         except asyncio.CancelledError:
             log.info("Exiting cleanly...")
             return EXIT_OK
-        except StartupError as e:
+        except (StartupError, KubeError) as e:
             log.error("%s", e)
             return EXIT_ERROR
         finally:
@@ -171,7 +172,7 @@ class Daemon:
                            backend_v6_data=setup.backend_v6_data)
         try:
             lease = await mgr.acquire_lease(nc, attrs)
-        except EtcdError as e:
+        except (EtcdError, KubeError) as e:
             raise StartupError(f"Error registering network: failed to acquire lease: {e}") \
                 from None
         if lease.expiration:

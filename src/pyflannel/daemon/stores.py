@@ -15,8 +15,18 @@ class StoreError(Exception):
 
 def make_subnet_manager(flags: Flags, old_env: SubnetEnv | None) -> SubnetManager:
     if flags.kube_subnet_mgr:
-        raise StoreError("--kube-subnet-mgr: the Kubernetes subnet manager is not built yet in "
-                         "this version of pyflannel; use etcd (--etcd-endpoints)")
+        # Imported here: etcd mode never loads the Kubernetes client.
+        from pyflannel.subnet.kube.errors import KubeError
+        from pyflannel.subnet.kube.manager import KubeSubnetManager
+
+        try:
+            return KubeSubnetManager.from_flags(
+                kubeconfig_file=flags.kubeconfig_file, kube_api_url=flags.kube_api_url,
+                net_config_path=flags.net_config_path,
+                annotation_prefix=flags.kube_annotation_prefix,
+                set_node_network_unavailable=flags.set_node_network_unavailable)
+        except KubeError as e:
+            raise StoreError(str(e)) from None
     client = EtcdClient(list(flags.etcd_endpoints), cafile=flags.etcd_cafile,
                         certfile=flags.etcd_certfile, keyfile=flags.etcd_keyfile,
                         username=flags.etcd_username, password=flags.etcd_password)

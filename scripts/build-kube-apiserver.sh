@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Makes a real kube-apiserver (v1.20.2) available for the kube-mode tests and the lab.
+# Built from Debian bookworm's own "kubernetes" source package (it ships vendor/, so no
+# network is needed beyond apt) with Debian's Go 1.19. The binary is cached OUTSIDE the clone
+# so a machine pays the ~11 minute build once; when the cache has it this script is a no-op.
+# Run as root (apt installs). Prints the binary's path on its last line.
+set -euo pipefail
+
+CACHE_DIR=${PYFLANNEL_KAS_CACHE:-/var/cache/pyflannel/kube-apiserver-v1.20.2}
+BIN="$CACHE_DIR/kube-apiserver"
+if [ -x "$BIN" ] && "$BIN" --version 2>/dev/null | grep -q 'v1.20.2'; then
+  echo "$BIN"
+  exit 0
+fi
+
+WORK=$(mktemp -d /var/tmp/pyflannel-kas-build.XXXXXX)
+chmod 0755 "$WORK"  # apt downloads as the _apt user
+# The build tree is 1.9 GB; only the 110 MB binary is kept.
+trap 'rm -rf "$WORK"' EXIT
+
+# 1) deb-src entries derived from the machine's own sources, in a private apt config, so
+#    the system's apt state is left untouched (default sources carry only "Types: deb").
+A=$WORK/apt
+mkdir -p "$A/sources.d" "$A/lists/partial" "$A/cache/archives/partial"
+if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+  sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+    > "$A/sources.d/debian-src.sources"
+fi
+if [ -f /etc/apt/sources.list ]; then
+  sed -n 's/^deb /deb-src /p' /etc/apt/sources.list > "$A/sources.d/debian-src.list"
+fi
+cat > "$A/apt.conf" <<CONF
+Dir::Etc::SourceList "/dev/null";
+Dir::Etc::SourceParts "$A/sources.d";
+Dir::State::Lists "$A/lists";
+Dir::Cache "$A/cache";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+CONF
+echo ">> fetching the kubernetes source package"
+APT_CONFIG=$A/apt.conf apt-get update -qq
+cd "$WORK"
+APT_CONFIG=$A/apt.conf apt-get source --download-only -qq kubernetes
+
+# 2) toolchain; rsync is needed by the k8s Makefile; reflect2 1.0.2 replaces the vendored
+#    1.0.1, which crashes the server under Go >= 1.18 ("fatal error: key size wrong").
+need=()
+for p in golang-1.19-go rsync golang-github-modern-go-reflect2-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo ">> apt-get install ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# 3) unpack, fix reflect2, build
+echo ">> unpacking"
+mkdir src
+tar xzf kubernetes_*.orig.tar.gz -C src
+cd src/kubernetes-*/
+V=vendor/github.com/modern-go/reflect2
+R=/usr/share/gocode/src/github.com/modern-go/reflect2
+rm -f "$V"/*.go "$V"/*.s
+cp "$R"/*.go "$R"/*.s "$V"/
+rm -f "$V"/*_test.go
+echo ">> building kube-apiserver (about 11 minutes on 2 cores)"
+PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 make WHAT=cmd/kube-apiserver
+
+mkdir -p "$CACHE_DIR"
+# Copy then rename so a concurrent reader never sees a half-written binary.
+cp _output/bin/kube-apiserver "$BIN.tmp.$$"
+chmod 0755 "$BIN.tmp.$$"
+mv -f "$BIN.tmp.$$" "$BIN"
+"$BIN" --version
+echo "$BIN"
