@@ -71,7 +71,8 @@ def render_svg(nodes: Sequence[GraphNode], edges: Sequence[GraphEdge], *, title:
                    f'marker-end="url(#arrow-{e.state})"><title>{escape(e.src)} → '
                    f'{escape(e.dst)}: {escape(e.label)} ({e.state})</title></line>')
         if e.label:
-            lx, ly = sx + (ex - sx) * 0.3 + ox, sy + (ey - sy) * 0.3 + oy
+            # beside its own line, on the outer side of the pair
+            lx, ly = sx + (ex - sx) * 0.3 + ox * 1.6, sy + (ey - sy) * 0.3 + oy * 1.6 + 4
             out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="10" fill="{colour}" '
                        f'text-anchor="middle">{escape(e.label)}</text>')
     for node in nodes:
