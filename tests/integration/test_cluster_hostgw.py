@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel.lab.cluster import Cluster
 
@@ -150,11 +151,11 @@ def test_etcd_outage_keeps_routes_and_the_watch_resumes(cluster: Cluster) -> Non
     assert all(len(cluster.flannel_routes(n)) == 3 for n in cluster.nodes.values())
 
 
-def test_health_endpoints() -> None:
-    with Cluster(nodes=1, name="pft", flanneld_args=["--healthz-ip=127.0.0.1",
+def test_health_endpoints_and_metrics() -> None:
+    with Cluster(nodes=2, name="pft", flanneld_args=["--healthz-ip=127.0.0.1",
                                                      "--healthz-port=18081"]) as cl:
         node = cl.nodes[1]
-        cl.wait_until(lambda: cl.subnet_of(node) is not None, what="the lease")
+        cl.wait_until(cl.converged, what="convergence")
 
         def get(path: str) -> tuple[int, str]:
             out = node.ns.run(sys.executable, "-c",
@@ -168,8 +169,29 @@ def test_health_endpoints() -> None:
         cl.wait_until(lambda: get("/readyz")[0] == 200, what="/readyz")
         assert get("/healthz") == (200, "flanneld is running")
         assert get("/readyz") == (200, "flanneld is ready")
-        code, metrics = get("/metrics")
-        assert code == 200 and "flannel_routes_programmed" in metrics
+        # a hand-made drift shows up in the counters
+        subnet, _ = sorted(cl.expected_routes(node))[0]
+        node.ns.ip("route", "del", subnet)
+        cl.wait_until(cl.converged, what="the route repaired")
+
+        def metrics() -> dict[str, float]:
+            code, text = get("/metrics")
+            assert code == 200
+            return {s.name + (str(sorted(s.labels.items())) if s.labels else ""): s.value
+                    for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+        cl.wait_until(lambda: metrics().get(
+            "flannel_drift_repairs_total[('kind', 'kernel')]", 0) >= 1, timeout=10,
+            what="the drift repair to be counted")
+        m = metrics()
+        assert m["flannel_leases"] == 1
+        assert m["flannel_routes_programmed"] == 1
+        assert m["flannel_unreachable_peers"] == 0
+        assert m["flannel_reconcile_duration_seconds_count"] >= 1
+        assert abs(m["flannel_last_sync_timestamp_seconds"] - time.time()) < 60
+        assert m["flannel_lease_expiration_timestamp_seconds"] > time.time() + 23 * 3600
+        assert "flannel_watch_reconnects_total" in m
+        assert "flannel_neighbours_programmed" in m and "flannel_fdb_entries_programmed" in m
 
 
 def test_racing_daemons_get_distinct_leases() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from pyflannel import __version__
 from pyflannel.backend.base import Backend, BackendError, DesiredTable
 from pyflannel.backend.hostgw import HostGwBackend
+from pyflannel.backend.vxlan import VxlanBackend
 from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
@@ -50,7 +51,7 @@ from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_ru
 log = logging.getLogger("main")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend}
+BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend, "vxlan": VxlanBackend}
 
 
 class StartupError(Exception):
@@ -72,6 +73,7 @@ class Daemon:
         self.ready = False
         self._stop = asyncio.Event()
         self._drift_seen = 0
+        self._mgr: SubnetManager | None = None
 
     # -- start-up steps -----------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class Daemon:
         subnet_file = Path(f.subnet_file)
         old_env = read_subnet_env(subnet_file)
         try:
-            mgr = make_subnet_manager(f, old_env)
+            mgr = self._mgr = make_subnet_manager(f, old_env)
         except StoreError as e:
             log.error("%s", e)
             return EXIT_ERROR
@@ -265,12 +267,16 @@ class Daemon:
             for new in delta.added:
                 desired.put(new.key, backend.peer_state(new))
             self.metrics.leases.set(len(table.peers))
+            self.metrics.observe_reconnects(getattr(mgr, "watch_reconnects", 0))
             if delta.changed or not reconciler.stats.runs:
                 reconciler.set_desired(desired.state)
 
     def _record_pass(self, s: ReconcileStats) -> None:
         m = self.metrics
+        m.observe_reconnects(getattr(self._mgr, "watch_reconnects", 0))
         m.routes.set(s.routes)
+        m.neighbours.set(s.neighbours)
+        m.fdb_entries.set(s.fdb)
         m.unreachable_peers.set(len(s.unreachable))
         m.reconcile_seconds.observe(s.last_duration)
         m.last_sync.set(s.last_success)

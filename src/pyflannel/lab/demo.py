@@ -19,7 +19,7 @@ def run_demo(*, nodes: int = 3, keep: bool = False, backend: str = "host-gw",
     cl = views.build(f"pfl{secrets.token_hex(2)}", {"nodes": nodes, "backend": backend,
                                                     "store": store}, _say)
     try:
-        rc = views.show(cl, _say)
+        rc = views.show(cl, _say, hint=False)
         if keep:
             _say("\nThe cluster stays up until you press Enter.")
             sys.stdin.readline()

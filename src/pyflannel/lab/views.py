@@ -121,12 +121,13 @@ def matrix(cl: Cluster, say: Say) -> bool:
     return ok
 
 
-def show(cl: Cluster, say: Say) -> int:
+def show(cl: Cluster, say: Say, *, hint: bool = True) -> int:
     show_routes(cl, say)
     ok = matrix(cl, say)
-    say("")
-    say("Try: pyflannel lab add-node | lab remove-node NODE | lab graph | lab status | "
-        "lab down")
+    if hint:
+        say("")
+        say("Try: pyflannel lab add-node | lab remove-node NODE | lab graph | lab status | "
+            "lab down")
     return 0 if ok else 1
 
 

@@ -84,6 +84,7 @@ class EtcdSubnetManager:
         self.renew_margin = renew_margin
         self._rng = rng or random.Random()
         self._primed: tuple[LeaseSnapshot, int] | None = None
+        self.watch_reconnects = 0
 
     # -- config ----------------------------------------------------------------------
     async def network_config(self) -> NetConf:
@@ -434,6 +435,7 @@ class EtcdSubnetManager:
         """A snapshot of all leases, then changes; never ends, never gives up."""
         revision: int | None = None
         backoff = _Backoff("lease watch")
+        watched = False
         while True:
             try:
                 if revision is None:
@@ -443,6 +445,9 @@ class EtcdSubnetManager:
                         snapshot, revision = await self._snapshot()
                     backoff.succeeded()
                     yield snapshot
+                if watched:
+                    self.watch_reconnects += 1  # for the flannel_watch_reconnects metric
+                watched = True
                 async with contextlib.aclosing(self.client.watch(
                         self.subnets_prefix, start_revision=revision + 1)) as events:
                     async for batch, rev in events:
