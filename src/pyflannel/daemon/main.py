@@ -102,8 +102,9 @@ class Daemon:
             ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
         log.info("Using interface with name %s and address %s", ext.name,
                  ext.iface_addr or ext.iface_addr6)
-        if ext.ext_addr == ext.iface_addr:
-            log.info("Defaulting external address to interface address (%s)", ext.iface_addr)
+        if ext.ext_addr == ext.iface_addr and ext.ext_addr6 == ext.iface_addr6:
+            log.info("Defaulting external address to interface address (%s)",
+                     ext.iface_addr or ext.iface_addr6)
         return ext
 
     # -- the run ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,10 +62,18 @@ class LabPod:
     name: str
     node: LabNode
     ns: NetNamespace
-    ip: IPv4Address
+    ip: IPv4Address | IPv6Address  # the IPv4 address; the IPv6 one in IPv6-only clusters
     result: dict[str, Any]
     attachment: Attachment
     server: subprocess.Popen[bytes] | None = None
+    ip6: IPv6Address | None = None  # dual-stack and IPv6-only clusters
+    server6: subprocess.Popen[bytes] | None = None
+
+    def address(self, family: int = 4) -> IPv4Address | IPv6Address | None:
+        """The pod's address of `family` (4 or 6), None when it has none."""
+        if family == 6:
+            return self.ip6
+        return self.ip if self.ip.version == 4 else None
 
 
 @dataclass
@@ -453,15 +461,22 @@ class Cluster:
             raise
         ips = result.get("ips")
         assert isinstance(ips, list) and ips, f"CNI ADD returned no IP: {result}"
-        ip = IPv4Address(str(ips[0]["address"]).split("/")[0])
-        pod = LabPod(name, node, ns, ip, result, att)
+        addrs = [ip_address(str(x["address"]).split("/")[0]) for x in ips]
+        ip4 = next((a for a in addrs if isinstance(a, IPv4Address)), None)
+        ip6 = next((a for a in addrs if isinstance(a, IPv6Address)), None)
+        ip = ip4 or ip6
+        assert ip is not None
+        pod = LabPod(name, node, ns, ip, result, att, ip6=ip6)
         self.pods[name] = pod
         if serve:
             pod.server = self._serve(ns, str(ip))
+            if ip6 is not None and ip6 != ip:
+                pod.server6 = self._serve(ns, str(ip6))
         return pod
 
     def delete_pod(self, pod: LabPod) -> None:
         self._stop_proc(pod.server)
+        self._stop_proc(pod.server6)
         try:
             self.cni_runtime(pod.node).delete(pod.attachment, pod.result)
         finally:
@@ -494,21 +509,25 @@ class Cluster:
             proc.kill()
             proc.wait()
 
-    def whoami(self, src: NetNamespace, dst: IPv4Address | str, timeout: float = 3) -> str:
+    def whoami(self, src: NetNamespace, dst: IPv4Address | IPv6Address | str,
+               timeout: float = 3) -> str:
         """Connects from `src` to the whoami service at `dst`: the address the other side
         saw us coming from, or 'error: ...'."""
         out = src.run(sys.executable, "-I", "-S", "-c", WHOAMI_CLIENT, str(dst),
                       str(WHOAMI_PORT), str(timeout), check=False, timeout=timeout + 10)
         return out.stdout.strip()
 
-    def reachability(self) -> dict[tuple[str, str], str]:
-        """(from pod, to pod or 'outside') -> the source address the receiver saw."""
+    def reachability(self, family: int | None = None) -> dict[tuple[str, str], str]:
+        """(from pod, to pod or 'outside') -> the source address the receiver saw.
+        `family` 4 or 6 tests the pods' addresses of that family only (no outside host for
+        6); None tests each pod's primary address (IPv4 unless IPv6-only)."""
         out: dict[tuple[str, str], str] = {}
         for a in self.pods.values():
             for b in self.pods.values():
-                if a is not b:
-                    out[(a.name, b.name)] = self.whoami(a.ns, b.ip)
-            if self.outside is not None:
+                dst = b.ip if family is None else b.address(family)
+                if a is not b and dst is not None:
+                    out[(a.name, b.name)] = self.whoami(a.ns, dst)
+            if self.outside is not None and family != 6:
                 out[(a.name, "outside")] = self.whoami(a.ns, self.outside.addr)
         return out
 
@@ -523,22 +542,40 @@ class Cluster:
             return None
         return None
 
+    def subnet6_of(self, node: LabNode) -> IPv6Network | None:
+        try:
+            for line in node.subnet_file.read_text().splitlines():
+                if line.startswith("FLANNEL_IPV6_SUBNET="):
+                    return IPv6Network(line.split("=", 1)[1], strict=False)
+        except OSError:
+            return None
+        return None
+
+    def expected_routes6(self, node: LabNode) -> set[tuple[str, str]]:
+        """(IPv6 subnet, IPv6 gateway) host-gw routes `node` should have."""
+        return {(str(self.subnet6_of(o)), str(o.addr6)) for o in self.nodes.values()
+                if o is not node and self.subnet6_of(o) is not None}
+
     def expected_routes(self, node: LabNode) -> set[tuple[str, str]]:
         """(subnet, gateway) host-gw routes `node` should have: one per other node."""
         return {(str(self.subnet_of(o)), str(o.addr)) for o in self.nodes.values()
                 if o is not node and self.subnet_of(o) is not None}
 
-    def flannel_routes(self, node: LabNode) -> set[tuple[str, str]]:
-        """(dst, gateway) of the routes inside the cluster network on eth0."""
-        network = IPv4Network(self.netconf["Network"])
+    def flannel_routes(self, node: LabNode, *, family: int = 4,
+                       dev: str = "eth0") -> set[tuple[str, str]]:
+        """(dst, gateway) of the routes inside the cluster network (IPv6Network for
+        `family` 6) on `dev`."""
+        network = ip_network(self.netconf["IPv6Network" if family == 6 else "Network"])
         out = set()
-        for line in node.routes("dev", "eth0").splitlines():
+        args = ("-6", "route", "show", "dev", dev) if family == 6 else ("route", "show", "dev",
+                                                                           dev)
+        for line in node.ns.ip(*args, check=False).stdout.splitlines():
             parts = line.split()
             # `10.244.2.0/24 via 192.168.77.2 dev eth0`, or with a nexthop object
             # `10.244.2.0/24 nhid 253886465 via 192.168.77.2 dev eth0`
             if "via" in parts and "/" in parts[0]:
-                dst = IPv4Network(parts[0])
-                if dst.subnet_of(network):
+                dst = ip_network(parts[0])
+                if dst.version == network.version and dst.subnet_of(network):  # type: ignore[arg-type]
                     out.add((parts[0], parts[parts.index("via") + 1]))
         return out
 
@@ -564,6 +601,7 @@ class Cluster:
     def close(self) -> None:
         for pod in list(self.pods.values()):
             self._stop_proc(pod.server)
+            self._stop_proc(pod.server6)
             pod.ns.delete()  # the node namespaces (with their cni0) go below
         self.pods.clear()
         if self.outside is not None:

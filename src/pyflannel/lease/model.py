@@ -144,9 +144,21 @@ def subnet_key(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = Non
     return f"{v4}&{ipv6_subnet.network_address.compressed}-{ipv6_subnet.prefixlen}"
 
 
-def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
-    """Inverse of subnet_key for a full store key or its last component."""
+_V6_ONLY_KEY = re.compile(r"^&([a-f\d:]+)-(\d+)$")
+
+
+def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """Inverse of subnet_key for a full store key or its last component. An IPv6-only key
+    (`&fd00:10::-64`, which upstream writes but cannot read back) gives (None, v6)."""
     last = key.rsplit("/", 1)[-1]
+    if last.startswith("&"):
+        m6 = _V6_ONLY_KEY.match(last)
+        try:
+            if m6:
+                return None, IPv6Network(f"{m6.group(1)}/{m6.group(2)}")
+        except ValueError as e:
+            raise LeaseFormatError(f"not a subnet key: {key!r}: {e}") from None
+        raise LeaseFormatError(f"not a subnet key: {key!r}")
     if "&" not in last:
         # Fast path for the common v4-only key; anything unusual goes to the regex.
         addr, _, plen = last.rpartition("-")

@@ -1,0 +1,509 @@
+"""vxlan: pods' packets are encapsulated in UDP between nodes (reference §7).
+
+Device `flannel.<VNI>` (and `flannel-v6.<VNI>` for IPv6): a vxlan device bound to the
+external interface, `nolearning` by default, MTU = outer MTU − 50 (−70 for the IPv6 device:
+the outer IPv6 header is 20 bytes longer). Its address is our subnet's network address as a
+/32 (/128), so no connected route covers the cluster network: every peer has its own route.
+
+Per peer (lease `{"VNI":1,"VtepMAC":"…"}`), exactly what upstream programs, in this order:
+  1. `ip neigh replace <peer subnet .0> lladdr <VtepMAC> dev flannel.1 nud permanent`
+  2. `bridge fdb replace <VtepMAC> dev flannel.1 dst <peer PublicIP> self permanent`
+  3. `ip route replace <peer subnet> via <peer subnet .0> dev flannel.1 onlink`
+The KernelReconciler applies neighbour → FDB → route, so the kernel never resolves the
+gateway itself. With DirectRouting, a peer whose public IP `ip route get` resolves to one
+route without a gateway (it shares our L2 segment) gets a host-gw route instead.
+
+Local (source) address of the tunnel (reference §14.6): the *interface* address, not
+--public-ip. The local address is the outer packets' source; it must be assigned on this
+host, or the kernel sends packets from an address that is not ours, which reverse-path
+filters and NAT devices drop. --public-ip (ExtAddr) is what peers send *to* (their FDB dst,
+published in our lease); when it differs from the interface address, a NAT in front of us
+maps it to the interface address. Upstream ≤ v0.27.3 did the same; v0.27.4+ uses ExtAddr,
+which breaks exactly that NAT case.
+
+The VTEP MAC survives restarts: it is taken from the store's memory of our previous lease
+(StoredNodeState), else from a compatible existing device, else random (locally
+administered unicast). Peers' permanent neighbour/FDB entries therefore stay valid.
+
+Beyond upstream: a deleted device is recreated at once and every peer's entries are
+replayed (on_link_event returns True and the daemon rebuilds all peer states, §14.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import TYPE_CHECKING, Any
+
+from pyflannel.backend.base import BackendError, BackendSetup, PeerState, StoredNodeState
+from pyflannel.config.netconf import NetConf, VxlanOptions, vxlan_options
+from pyflannel.iface.select import ExternalInterface
+from pyflannel.lease.model import Lease, compact_json
+from pyflannel.netlink import RTN_UNICAST, FdbEntry, LinkEvent, Neighbour, Route
+from pyflannel.netlink.codec import (
+    NLMSG_ERROR,
+    RTM_NEWROUTE,
+    decode_error,
+    decode_route,
+    encode_get_route,
+    iter_messages,
+)
+from pyflannel.netlink.rtnl import _inside_netns
+from pyflannel.reconcile.kernel import KernelScope
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE = "vxlan"
+ENCAP_OVERHEAD = 50  # inner Ethernet 14 + outer IPv4 20 + UDP 8 + VXLAN 8
+ENCAP_OVERHEAD_V6 = 70  # the outer IPv6 header is 40 bytes
+IFA_F_NODAD = 0x02
+IFA_F_NOPREFIXROUTE = 0x200
+_VXLAN_ATTRS = ("IFLA_VXLAN_ID", "IFLA_VXLAN_LINK", "IFLA_VXLAN_LOCAL", "IFLA_VXLAN_LOCAL6",
+                "IFLA_VXLAN_PORT", "IFLA_VXLAN_GBP", "IFLA_VXLAN_LEARNING", "IFLA_VXLAN_GROUP",
+                "IFLA_VXLAN_GROUP6", "IFLA_VXLAN_L2MISS")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+Addr = IPv4Address | IPv6Address
+Net = IPv4Network | IPv6Network
+
+
+def device_name(vni: int, *, ipv6: bool = False) -> str:
+    return f"flannel-v6.{vni}" if ipv6 else f"flannel.{vni}"
+
+
+def random_vtep_mac() -> str:
+    """6 random bytes, multicast bit cleared, locally-administered bit set (as upstream)."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return b.hex(":")
+
+
+def valid_vtep_mac(mac: object) -> str | None:
+    """`mac` lower-cased when it is a unicast colon-hex MAC other than all-zero, else None."""
+    if not isinstance(mac, str):
+        return None
+    mac = mac.lower()
+    if not _MAC.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        return None
+    return mac
+
+
+def backend_data(vni: int, mac: str) -> str:
+    """Upstream's vxlanLeaseAttrs as Go marshals it: `{"VNI":1,"VtepMAC":"0e:..."}`."""
+    return compact_json({"VNI": vni, "VtepMAC": mac})
+
+
+def vtep_mac_of(data: str) -> str | None:
+    """The VtepMAC in a lease's backend data, None when absent or malformed."""
+    if not data:
+        return None
+    try:
+        obj: Any = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    # Go's decoder matches the key case-insensitively.
+    for k, v in obj.items():
+        if isinstance(k, str) and k.lower() == "vtepmac":
+            return valid_vtep_mac(v)
+    return None
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What a flannel vxlan device must look like."""
+
+    name: str
+    vni: int
+    link: int  # the external interface's ifindex
+    local: Addr
+    port: int  # 0: kernel default (8472)
+    gbp: bool
+    learning: bool
+    mtu: int
+
+
+@dataclass(frozen=True)
+class ExistingDevice:
+    """The parts of an existing device the compatibility check looks at."""
+
+    index: int
+    kind: str | None
+    vni: int | None = None
+    link: int | None = None
+    local: Addr | None = None
+    port: int | None = None
+    gbp: bool = False
+    learning: bool = False
+    group: str | None = None
+    l2miss: bool = False
+    mac: str | None = None
+    mtu: int = 0
+
+
+def incompatibility(want: DeviceSpec, have: ExistingDevice) -> str | None:
+    """Why `have` cannot be reused for `want` (upstream's vxlanLinksIncompat, plus the
+    learning flag), or None. Unset values on either side are not compared, as upstream."""
+    if have.kind != "vxlan":
+        return f"type {have.kind} is not vxlan"
+    if have.vni != want.vni:
+        return f"vni {have.vni} != {want.vni}"
+    if have.link and want.link and have.link != want.link:
+        return f"vtep (external) interface {have.link} != {want.link}"
+    if have.local is not None and have.local != want.local:
+        return f"vtep IP {have.local} != {want.local}"
+    if have.group:
+        return f"group address {have.group} is set"
+    if have.l2miss:
+        return "l2miss is on"
+    if have.port and want.port and have.port != want.port:
+        return f"port {have.port} != {want.port}"
+    if have.gbp != want.gbp:
+        return f"gbp {have.gbp} != {want.gbp}"
+    if have.learning != want.learning:
+        return f"learning {have.learning} != {want.learning}"
+    return None
+
+
+class VxlanDevices:
+    """Device management through pyroute2, imported here only: host-gw start-up does not
+    pay for it, and device changes are rare (start-up, recreation). Its sync API runs its
+    own event loop, so the backend calls these methods in a worker thread."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+
+    def _ipr(self) -> IPRoute:
+        from pyroute2 import IPRoute
+
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+
+    def existing(self, name: str) -> ExistingDevice | None:
+        with self._ipr() as ipr:
+            if not ipr.link_lookup(ifname=name):
+                return None
+            msg = ipr.get_links(ifname=name)[0]
+        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        d: dict[str, Any] = {}
+        if kind == "vxlan" and data is not None:
+            d = {k: data.get(k) for k in _VXLAN_ATTRS}
+        local = d.get("IFLA_VXLAN_LOCAL") or d.get("IFLA_VXLAN_LOCAL6")
+        group = d.get("IFLA_VXLAN_GROUP") or d.get("IFLA_VXLAN_GROUP6")
+        return ExistingDevice(
+            index=int(msg["index"]), kind=kind, vni=d.get("IFLA_VXLAN_ID"),
+            link=d.get("IFLA_VXLAN_LINK"), local=ip_address(local) if local else None,
+            port=d.get("IFLA_VXLAN_PORT"), gbp=bool(d.get("IFLA_VXLAN_GBP")),
+            learning=bool(d.get("IFLA_VXLAN_LEARNING")),
+            group=str(group) if group and not ip_address(group).is_unspecified else None,
+            l2miss=bool(d.get("IFLA_VXLAN_L2MISS")),
+            mac=msg.get("IFLA_ADDRESS"), mtu=int(msg.get("IFLA_MTU") or 0))
+
+    def create(self, spec: DeviceSpec, mac: str) -> int:
+        kw: dict[str, Any] = {
+            "ifname": spec.name, "kind": "vxlan", "vxlan_id": spec.vni,
+            "vxlan_link": spec.link, "vxlan_learning": int(spec.learning),
+            "address": mac, "mtu": spec.mtu}
+        kw["vxlan_local6" if spec.local.version == 6 else "vxlan_local"] = str(spec.local)
+        if spec.port:
+            kw["vxlan_port"] = spec.port
+        if spec.gbp:
+            kw["vxlan_gbp"] = True
+        with self._ipr() as ipr:
+            ipr.link("add", **kw)
+            return int(ipr.link_lookup(ifname=spec.name)[0])
+
+    def delete(self, index: int) -> None:
+        with self._ipr() as ipr:
+            ipr.link("del", index=index)
+
+    def set_link(self, index: int, **kw: Any) -> None:
+        with self._ipr() as ipr:
+            ipr.link("set", index=index, **kw)
+
+    def set_address(self, index: int, addr: Addr, network: Net | None) -> None:
+        """`addr` as /32 (/128) on the device; other addresses inside `network` go (a
+        previous lease's), as upstream's EnsureV4AddressOnLink. The IPv6 one is
+        `noprefixroute`: the kernel's /128 route would sit inside the cluster network on our
+        device, where the reconciler owns every route."""
+        plen = addr.max_prefixlen
+        v6 = addr.version == 6
+        flags = IFA_F_NODAD | IFA_F_NOPREFIXROUTE if v6 else 0
+        with self._ipr() as ipr:
+            have = False
+            for a in ipr.get_addr(family=socket.AF_INET6 if v6 else socket.AF_INET,
+                                  index=index):
+                ip = ip_address(a.get("IFA_ADDRESS"))
+                alen = int(a["prefixlen"])
+                if ip == addr and alen == plen and (a.get("IFA_FLAGS") or 0) & flags == flags:
+                    have = True
+                elif ip == addr or (network is not None and ip in network):
+                    ipr.addr("del", index=index, address=str(ip), prefixlen=alen)
+            if not have:
+                extra: dict[str, Any] = {"IFA_FLAGS": flags} if v6 else {}
+                ipr.addr("add", index=index, address=str(addr), prefixlen=plen, **extra)
+
+    def disable_accept_ra(self, name: str) -> None:
+        # /proc/sys/net is per namespace: only meaningful when we run inside it.
+        if self.netns is None:
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as f:
+                f.write("0")
+
+
+class RouteLookup:
+    """`ip route get` on a blocking netlink socket, so peer_state can stay synchronous
+    (one ~20 µs round trip per peer with DirectRouting; answers are cached per address)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        with _inside_netns(netns):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                       socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._seq = 0
+        self._cache: dict[Addr, bool] = {}
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def get(self, dst: Addr) -> Route | None:
+        self._seq += 1
+        seq = self._seq
+        self._sock.send(encode_get_route(dst, seq))
+        while True:
+            buf = self._sock.recv(65536)
+            for mtype, flags, mseq, start, stop in iter_messages(buf):
+                if mseq != seq:
+                    continue
+                if mtype == RTM_NEWROUTE:
+                    return decode_route(buf, start, stop)
+                if mtype == NLMSG_ERROR:
+                    err, _msg = decode_error(buf, start, stop, flags)
+                    if err in (errno.ENETUNREACH, errno.EHOSTUNREACH, 0):
+                        return None
+                    raise OSError(err, os.strerror(err))
+
+    def is_direct(self, dst: Addr) -> bool:
+        """Upstream's rule: the kernel's answer is one unicast route without a gateway (the
+        peer is on a connected subnet)."""
+        hit = self._cache.get(dst)
+        if hit is None:
+            try:
+                r = self.get(dst)
+            except OSError as e:
+                log.warning("Route lookup for %s failed (%s); using vxlan for it", dst, e)
+                return False
+            hit = r is not None and r.gateway is None and r.type == RTN_UNICAST
+            self._cache[dst] = hit
+        return hit
+
+
+@dataclass
+class _Family:
+    """One address family's device and what it was built from."""
+
+    ipv6: bool
+    spec: DeviceSpec
+    mac: str
+    index: int = 0
+    network: Net | None = None
+    subnet: Net | None = None
+
+
+class VxlanBackend:
+    backend_type = BACKEND_TYPE
+
+    def __init__(self, netns: str | None = None) -> None:
+        """`netns`: manage another namespace (tests); the daemon runs inside its own."""
+        self._netns = netns
+        self._devices = VxlanDevices(netns)
+        self._ext: ExternalInterface | None = None
+        self._opts = VxlanOptions()
+        self._v4: _Family | None = None
+        self._v6: _Family | None = None
+        self._lookup: RouteLookup | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def families(self) -> tuple[_Family, ...]:
+        return tuple(f for f in (self._v4, self._v6) if f is not None)
+
+    # -- start-up -----------------------------------------------------------------------
+
+    async def register(self, ext: ExternalInterface, nc: NetConf,
+                       stored: StoredNodeState) -> BackendSetup:
+        self._ext = ext
+        try:
+            self._opts = opts = vxlan_options(nc)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
+        outer = opts.mtu or ext.mtu
+        if nc.enable_ipv4:
+            if ext.iface_addr is None:
+                raise BackendError(f"vxlan over IPv4 needs an IPv4 address on {ext.name}")
+            self._v4 = _Family(False, DeviceSpec(
+                device_name(opts.vni), opts.vni, ext.index, ext.iface_addr, opts.port, opts.gbp,
+                opts.learning, outer - ENCAP_OVERHEAD), vtep_mac_of(stored.backend_data) or "",
+                network=nc.network)
+            await asyncio.to_thread(self._ensure_device, self._v4)
+        if nc.enable_ipv6:
+            if ext.iface_addr6 is None:
+                raise BackendError(f"vxlan over IPv6 needs an IPv6 address on {ext.name}")
+            self._v6 = _Family(True, DeviceSpec(
+                device_name(opts.vni, ipv6=True), opts.vni, ext.index, ext.iface_addr6,
+                opts.port, opts.gbp, opts.learning, outer - ENCAP_OVERHEAD_V6),
+                vtep_mac_of(stored.backend_v6_data) or "", network=nc.ipv6_network)
+            await asyncio.to_thread(self._ensure_device, self._v6)
+        if opts.direct_routing:
+            self._lookup = RouteLookup(self._netns)
+        # Pods get upstream's FLANNEL_MTU (outer − 50) whenever IPv4 is on; IPv6 traffic
+        # through the smaller v6 device is then sized by path-MTU discovery.
+        mtu = outer - (ENCAP_OVERHEAD if nc.enable_ipv4 else ENCAP_OVERHEAD_V6)
+        return BackendSetup(
+            backend_type=BACKEND_TYPE, mtu=mtu,
+            backend_data=backend_data(opts.vni, self._v4.mac) if self._v4 else "",
+            backend_v6_data=backend_data(opts.vni, self._v6.mac) if self._v6 else "")
+
+    def _ensure_device(self, fam: _Family) -> None:
+        """Create the device, or reuse a compatible one (keeping its MAC unless the store
+        remembers another), or recreate an incompatible one."""
+        spec = fam.spec
+        try:
+            have = self._devices.existing(spec.name)
+            if have is not None:
+                why = incompatibility(spec, have)
+                if why is None:
+                    fam.index = have.index
+                    fam.mac = fam.mac or valid_vtep_mac(have.mac) or random_vtep_mac()
+                    changes: dict[str, Any] = {}
+                    if (have.mac or "").lower() != fam.mac:
+                        changes["address"] = fam.mac
+                    if have.mtu != spec.mtu:
+                        changes["mtu"] = spec.mtu
+                    if changes:
+                        self._devices.set_link(have.index, **changes)
+                    log.info("Using existing device %s (index %d, MAC %s)", spec.name,
+                             have.index, fam.mac)
+                    return
+                log.warning("%r already exists with incompatible configuration: %s; "
+                            "recreating device", spec.name, why)
+                self._devices.delete(have.index)
+            fam.mac = fam.mac or random_vtep_mac()
+            fam.index = self._devices.create(spec, fam.mac)
+        except OSError as e:
+            raise BackendError(f"failed to set up device {spec.name}: {e}") from None
+        if fam.ipv6:
+            self._devices.disable_accept_ra(spec.name)
+        log.info("Created device %s (index %d, VNI %d, local %s, MAC %s, MTU %d)", spec.name,
+                 fam.index, spec.vni, spec.local, fam.mac, spec.mtu)
+
+    async def configure(self, lease: Lease) -> None:
+        for fam in self.families:
+            subnet = lease.ipv6_subnet if fam.ipv6 else lease.subnet
+            if subnet is None:
+                raise BackendError(f"our lease has no subnet for {fam.spec.name}")
+            fam.subnet = subnet
+            await asyncio.to_thread(self._configure_device, fam)
+
+    def _configure_device(self, fam: _Family) -> None:
+        assert fam.subnet is not None
+        try:
+            self._devices.set_address(fam.index, fam.subnet.network_address, fam.network)
+            self._devices.set_link(fam.index, state="up")
+            have = self._devices.existing(fam.spec.name)
+        except OSError as e:
+            raise BackendError(f"failed to configure {fam.spec.name}: {e}") from None
+        # A MAC policy (systemd MACAddressPolicy=random) may have replaced ours (#1795).
+        if have is None or (have.mac or "").lower() != fam.mac:
+            raise BackendError(f"{fam.spec.name}'s mac address wanted: {fam.mac}, but got: "
+                               f"{have.mac if have else None}")
+
+    # -- what the reconciler owns and programs -------------------------------------------
+
+    def scope(self) -> KernelScope:
+        assert self._ext is not None
+        devs = frozenset(f.index for f in self.families if f.index)
+        networks = tuple(f.network for f in self.families if f.network is not None)
+        # The external interface too: DirectRouting routes live there, and host-gw routes
+        # left behind by a backend switch are cleaned up.
+        return KernelScope(route_oifs=devs | {self._ext.index}, networks=networks,
+                           neighbour_ifindexes=devs)
+
+    def peer_state(self, lease: Lease) -> PeerState:
+        assert self._ext is not None
+        routes: list[Route] = []
+        neighbours: list[Neighbour] = []
+        fdb: list[FdbEntry] = []
+        for fam in self.families:
+            subnet: Net | None = lease.ipv6_subnet if fam.ipv6 else lease.subnet
+            public: Addr | None = lease.attrs.public_ipv6 if fam.ipv6 else lease.attrs.public_ip
+            if subnet is None or public is None:
+                continue
+            if self._lookup is not None and self._lookup.is_direct(public):
+                routes.append(Route(dst=subnet, gateway=public, oif=self._ext.index))
+                continue
+            data = lease.attrs.backend_v6_data if fam.ipv6 else lease.attrs.backend_data
+            mac = vtep_mac_of(data)
+            if mac is None:
+                what = f"{lease.key}/{fam.spec.name}"
+                if what not in self._warned:
+                    self._warned.add(what)
+                    log.warning("Ignoring lease %s for %s: its backend data has no valid "
+                                "VtepMAC (%s)", lease.key, fam.spec.name, data or "none")
+                continue
+            if not fam.index:
+                continue  # the device is gone and could not be recreated yet
+            gw = subnet.network_address
+            neighbours.append(Neighbour(ifindex=fam.index, ip=gw, lladdr=mac))
+            fdb.append(FdbEntry(ifindex=fam.index, lladdr=mac, dst=public))
+            routes.append(Route(dst=subnet, gateway=gw, oif=fam.index, onlink=True))
+        return PeerState(routes=tuple(routes), neighbours=tuple(neighbours), fdb=tuple(fdb))
+
+    # -- the device going away -------------------------------------------------------------
+
+    async def on_link_event(self, kind: str, link: LinkEvent) -> bool:
+        """Recreate our device when it was deleted (or replaced by someone else's); True
+        when its ifindex changed, so the daemon rebuilds every peer's state and the scope."""
+        changed = False
+        for fam in self.families:
+            ours = link.ifname == fam.spec.name
+            gone = ours and kind == "link_del" and link.ifindex == fam.index
+            # Someone else's device under our name (we would know its ifindex otherwise).
+            replaced = ours and kind == "link_new" and link.ifindex != fam.index
+            if not (gone or replaced or fam.index == 0):  # 0: an earlier recreation failed
+                continue
+            log.warning("Device %s was %s; recreating it and replaying every peer",
+                        fam.spec.name, "replaced" if replaced else "deleted")
+            try:
+                await asyncio.to_thread(self._recreate, fam)
+            except BackendError as e:
+                log.error("Failed to recreate %s: %s (retrying on the next link event)",
+                          fam.spec.name, e)
+                fam.index = 0
+            changed = True
+        return changed
+
+    def _recreate(self, fam: _Family) -> None:
+        self._ensure_device(fam)
+        if fam.subnet is not None:
+            self._configure_device(fam)
+
+    def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
