@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 import pytest
@@ -109,7 +109,7 @@ def follower(api: FakeApi, page_size: int = 2) -> NodeFollower:
     return NodeFollower(cast(KubeApi, api), lambda n: node_lease(n, ANN), page_size=page_size)
 
 
-async def next_update(it: AsyncIterator[LeaseUpdate]) -> LeaseUpdate:
+async def next_update(it: AsyncGenerator[LeaseUpdate, None]) -> LeaseUpdate:
     return await asyncio.wait_for(anext(it), 5)
 
 

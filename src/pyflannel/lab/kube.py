@@ -87,6 +87,14 @@ def flannel_rbac_objects() -> list[dict[str, Any]]:
     ]
 
 
+def manifest_objects(path: Path) -> list[dict[str, Any]]:
+    """The objects of a multi-document YAML manifest, in order."""
+    import yaml  # PyYAML comes with lightkube
+
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
 class KubeApiServerError(RuntimeError):
     pass
 
@@ -435,12 +443,19 @@ class KubeLabStore:
 
     kind = "kube"
 
-    def __init__(self) -> None:
+    def __init__(self, manifest: Path | None = None) -> None:
+        """`manifest`: a kube-flannel.yml whose objects (RBAC, ServiceAccount, ...) are
+        applied instead of the built-in copy of upstream's RBAC."""
+        self.manifest = manifest
         self.server: KubeApiServer | None = None
         self.workdir: Path | None = None
         self.netconf_path: Path | None = None
         self.token = ""
         self.allocator: PodCidrAllocator | None = None
+        self.applied: list[dict[str, Any]] = []
+        # False: new Nodes get no podCIDR (a controller-manager without
+        # --allocate-node-cidrs), to see flanneld's error.
+        self.assign_pod_cidrs = True
 
     @property
     def admin(self) -> KubeAdmin:
@@ -453,7 +468,8 @@ class KubeLabStore:
         self.workdir.mkdir(exist_ok=True)
         self.server = KubeApiServer(cluster.switch, str(cluster.segments[0].switch_addr))
         self.server.start()
-        self.admin.apply(flannel_rbac_objects())
+        self.applied = self.admin.apply(
+            manifest_objects(self.manifest) if self.manifest else flannel_rbac_objects())
         self.token = self.admin.service_account_token(FLANNEL_NAMESPACE,
                                                       FLANNEL_SERVICE_ACCOUNT)
         self.netconf_path = self.workdir / "net-conf.json"
@@ -481,8 +497,8 @@ class KubeLabStore:
 
     def node_added(self, node: LabNode) -> None:
         assert self.allocator is not None
-        cidr = self.allocator.allocate(node.name)
-        self.admin.create(kubelet_node(node.name, str(node.addr), str(cidr)))
+        cidr = str(self.allocator.allocate(node.name)) if self.assign_pod_cidrs else None
+        self.admin.create(kubelet_node(node.name, str(node.addr), cidr))
 
     def node_removed(self, node: LabNode) -> None:
         self.admin.delete(f"/api/v1/nodes/{node.name}")

@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pyflannel.config.flags import ConfigError
 from pyflannel.config.netconf import NetConf, parse_netconf
 from pyflannel.lease.events import LeaseUpdate
 from pyflannel.lease.model import Lease, LeaseAttrs
@@ -80,7 +81,7 @@ def read_netconf(path: str) -> NetConf:
         raise KubeError(f"failed to read net conf {path}: {e.strerror or e}") from None
     try:
         return parse_netconf(text)
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         raise KubeError(f"error parsing subnet config {path}: {e}") from None
 
 
@@ -214,7 +215,7 @@ class KubeSubnetManager:
                 return node
             if time.monotonic() >= deadline:
                 name = await self.node_name()
-                raise KubeError(f"node {name!r} pod cidr not assigned: "
+                raise KubeError(f'node "{name}" pod cidr not assigned: '
                                 + NO_PODCIDR_HELP.format(node=name))
             log.info("Waiting for node %r to get a podCIDR", await self.node_name())
             await asyncio.sleep(PODCIDR_POLL)

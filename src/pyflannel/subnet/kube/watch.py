@@ -20,7 +20,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
@@ -161,7 +161,7 @@ class NodeFollower:
             return LeaseChanges(upserted=(new,), removed=(old.key,))
         return LeaseChanges(upserted=(new,))
 
-    async def updates(self) -> AsyncIterator[LeaseUpdate]:
+    async def updates(self) -> AsyncGenerator[LeaseUpdate, None]:
         """A snapshot, then changes; again a snapshot after a 410. Never ends, never
         gives up (errors are logged once and retried with backoff)."""
         backoff = Backoff("Node watch")
