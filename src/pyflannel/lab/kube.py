@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -160,7 +161,8 @@ class KubeAdmin:
     def _http(self) -> httpx.Client:
         # Created (and its sockets opened) on the namespace thread.
         if self._client is None:
-            self._client = httpx.Client(base_url=self.base_url, verify=str(self._ca),
+            ctx = ssl.create_default_context(cafile=str(self._ca))
+            self._client = httpx.Client(base_url=self.base_url, verify=ctx,
                                         headers=self._headers, timeout=30, trust_env=False)
         return self._client
 
@@ -176,6 +178,16 @@ class KubeAdmin:
                                      resp.status_code)
             out: dict[str, Any] = resp.json() if resp.content else {}
             return out
+        return self._on_thread(call)
+
+    def text(self, path: str) -> str:
+        """GET a plain-text endpoint (/readyz, /healthz)."""
+        def call() -> str:
+            resp = self._http().get(path)
+            if resp.status_code >= 400:
+                raise KubeAdminError(f"GET {path}: {resp.status_code} {resp.text[:300]}",
+                                     resp.status_code)
+            return resp.text
         return self._on_thread(call)
 
     def get(self, path: str, **params: str) -> dict[str, Any]:
@@ -325,8 +337,8 @@ class KubeApiServer:
                                          f"{self.log_path}:\n{self.log_text()[-3000:]}")
             try:
                 # /readyz includes the RBAC bootstrap roles being in place.
-                self.admin.request("GET", "/readyz")
-                return
+                if self.admin.text("/readyz").strip() == "ok":
+                    return
             except (KubeAdminError, httpx.HTTPError, ValueError) as e:
                 last = str(e)
             time.sleep(0.25)

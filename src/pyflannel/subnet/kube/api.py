@@ -10,6 +10,7 @@ the ClusterRole lacks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from pyflannel.subnet.kube.errors import (
     KubePermissionError,
     permission_message,
 )
+
+# httpx logs every request at INFO: a watch renewal every few minutes per node is noise
+# in flanneld's log. Failures are logged by us, with what to do about them.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 # Seconds a request may take; watches set their own (server-side timeoutSeconds + slack).
