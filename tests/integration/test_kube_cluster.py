@@ -75,6 +75,16 @@ def test_three_nodes_routes_annotations_condition_add_delete_restart(cluster: Cl
         assert condition(ks.node(n.name), "Ready")["status"] == "True"  # kept by the merge
     assert len(cl.flannel_routes(cl.nodes[1])) == 2
 
+    # A daemon restart finds its annotations and condition in place: no write at all.
+    n1 = cl.nodes[1]
+    version = ks.node(n1.name)["metadata"]["resourceVersion"]
+    cl.stop_daemon(n1)
+    cl.start_daemon(n1)
+    cl.wait_until(lambda: n1.log().count("Node list:") == 2, timeout=TIMEOUT,
+                  what="the restarted daemon's node list")
+    cl.wait_until(cl.converged, timeout=TIMEOUT, what="routes after the restart")
+    assert ks.node(n1.name)["metadata"]["resourceVersion"] == version
+
     # A node joins; every node routes to it.
     n4 = cl.add_node()
     cl.wait_until(cl.converged, timeout=TIMEOUT, what="routes after node4 joined")

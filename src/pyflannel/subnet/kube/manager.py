@@ -286,7 +286,8 @@ class KubeSubnetManager:
         annotations in place, and end with NodeLeaseLost if our podCIDR changes."""
         if self.set_node_network_unavailable:
             try:
-                await self._ensure_condition(None)
+                # Written only when not already False: a restart writes nothing.
+                await self._ensure_condition(self._node_cache)
             except KubeApiError as e:
                 log.error("Failed to set the NetworkUnavailable condition: %s", e)
         name = await self.node_name()
