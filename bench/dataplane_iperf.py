@@ -12,8 +12,9 @@ interleaved order per repetition (the order rotates):
   a') node → node in the vxlan cluster (the baseline for c; same topology as a)
   c) pod → pod over vxlan (flannel.1, MTU 1450)
 
-and prints medians, the ratios b/a, c/a', c/b, and ping RTTs. Both iperf3 ends and the
-whole "network" share this machine's CPUs: these are software-path figures.
+and prints medians, the ratios b/a, c/a', c/b, and the TCP sender's mean RTT under load.
+Both iperf3 ends and the whole "network" share this machine's CPUs: these are
+software-path figures.
 
     .venv/bin/python bench/dataplane_iperf.py [--reps 5] [--seconds 5]
 """
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,10 +38,13 @@ CASES = ("a) node->node (host-gw cluster)", "b) pod->pod host-gw",
          "a') node->node (vxlan cluster)", "c) pod->pod vxlan")
 
 
-def iperf(src: NetNamespace, dst: NetNamespace, ip: str, seconds: int) -> float:
-    """Receiver-side Gbit/s of one TCP stream from `src` to `ip` (served in `dst`)."""
+def iperf(src: NetNamespace, dst: NetNamespace, ip: str, seconds: int) -> tuple[float, float]:
+    """Receiver-side Gbit/s of one TCP stream from `src` to `ip` (served in `dst`), and the
+    sender's mean smoothed RTT in ms (under that load)."""
     port = str(random.randint(20000, 60000))  # fresh namespaces: nothing else listens there
-    server = subprocess.Popen(dst.exec_args("iperf3", "-s", "-1", "-B", ip, "-p", port),
+    # --forceflush: the "listening" line must reach the pipe before the client starts
+    server = subprocess.Popen(dst.exec_args("iperf3", "-s", "-1", "--forceflush", "-B", ip,
+                                            "-p", port),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert server.stdout is not None
@@ -50,16 +53,12 @@ def iperf(src: NetNamespace, dst: NetNamespace, ip: str, seconds: int) -> float:
                 break
         out = src.run("iperf3", "-c", ip, "-p", port, "-t", str(seconds), "-J",
                       timeout=seconds + 30).stdout
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+        end = json.loads(out)["end"]
+        rtt_us = end["streams"][0]["sender"].get("mean_rtt", float("nan"))
+        return float(end["sum_received"]["bits_per_second"]) / 1e9, float(rtt_us) / 1000
     finally:
         server.kill()
         server.wait()
-
-
-def ping_ms(src: NetNamespace, ip: str) -> float:
-    out = src.run("ping", "-q", "-c", "20", "-i", "0.05", ip, check=False).stdout
-    m = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return float(m.group(1)) if m else float("nan")
 
 
 def converged_vxlan(cl: Cluster) -> bool:
@@ -102,14 +101,16 @@ def main() -> int:
             CASES[3]: (vp1.ns, vp2.ns, str(vp2.ip)),
         }
         results: dict[str, list[float]] = {c: [] for c in CASES}
+        rtts: dict[str, list[float]] = {c: [] for c in CASES}
         for rep in range(args.reps):
             order = CASES[rep % 4:] + CASES[:rep % 4]
             for case in order:
                 src, dst, ip = pairs[case]
-                results[case].append(iperf(src, dst, ip, args.seconds))
+                gbps, rtt = iperf(src, dst, ip, args.seconds)
+                results[case].append(gbps)
+                rtts[case].append(rtt)
             print(f"rep {rep + 1}: " + ", ".join(f"{c.split(')')[0]})={results[c][-1]:.2f}"
                                                   for c in CASES), flush=True)
-        rtts = {c: ping_ms(src, ip) for c, (src, _dst, ip) in pairs.items()}
         mtu = {c: dst.ip("-o", "link", "show", "eth0").stdout.split("mtu ")[1].split()[0]
                for c, (_src, dst, _ip) in pairs.items()}
 
@@ -117,10 +118,11 @@ def main() -> int:
         return statistics.median(results[case])
 
     print(f"\nTCP, 1 stream, {args.seconds} s per run, {args.reps} interleaved repetitions")
-    print(f"{'case':<34}{'median Gbit/s':>14}  {'runs':<40}{'ping avg ms':>12}{'MTU':>6}")
+    print(f"{'case':<34}{'median Gbit/s':>14}  {'runs':<40}{'RTT ms':>8}{'MTU':>6}")
     for case in CASES:
         runs = ", ".join(f"{x:.2f}" for x in results[case])
-        print(f"{case:<34}{med(case):>14.2f}  {runs:<40}{rtts[case]:>12.3f}{mtu[case]:>6}")
+        rtt = statistics.median(rtts[case])
+        print(f"{case:<34}{med(case):>14.2f}  {runs:<40}{rtt:>8.3f}{mtu[case]:>6}")
     a, b, a2, c = (med(x) for x in CASES)
     print(f"\nb/a (host-gw pod / node) = {b / a:.2f}; c/a' (vxlan pod / node) = {c / a2:.2f}; "
           f"c/b (vxlan / host-gw) = {c / b:.2f}")
