@@ -25,12 +25,10 @@ from pyflannel.lab.kube import (
     manifest_objects,
 )
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                       reason="needs root and iproute2 (run the README's test command as root)"),
-    pytest.mark.skipif(kube_apiserver_binary() is None, reason=MISSING_BINARY),
-    pytest.mark.kernel,
-]
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 (run the README's test command as root)")
+NEEDS_APISERVER = pytest.mark.skipif(kube_apiserver_binary() is None, reason=MISSING_BINARY)
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kube-flannel.yml"
 TIMEOUT = 90
@@ -70,6 +68,9 @@ def test_install_conf_writes_the_manifest_conflist(tmp_path: Path) -> None:
     assert json.loads(dst.read_text()) == json.loads(src.read_text())
 
 
+@NEEDS_ROOT
+@NEEDS_APISERVER
+@pytest.mark.kernel
 def test_manifest_applied_and_daemons_use_its_service_account() -> None:
     netconf = json.loads(by_kind(manifest_objects(MANIFEST), "ConfigMap")["data"]
                          ["net-conf.json"])
@@ -108,6 +109,9 @@ def test_manifest_applied_and_daemons_use_its_service_account() -> None:
             sa.close()
 
 
+@NEEDS_ROOT
+@NEEDS_APISERVER
+@pytest.mark.kernel
 def test_missing_permissions_give_one_clear_line() -> None:
     with Cluster(nodes=0, name="pfr", store=KubeLabStore()) as cl:
         ks = cl.store
