@@ -82,3 +82,23 @@ def test_errors_are_one_line_with_exit_status_2(cluster: Cluster) -> None:
                     "--etcd-endpoints=http://127.0.0.1:1", check=False)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "pyflannel status:" in r.stderr
+
+
+def test_vxlan_neighbour_and_fdb_drift_is_named() -> None:
+    netconf = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
+    with Cluster(nodes=2, name="pfs", netconf=netconf, flanneld_args=["--ip-masq"]) as cl:
+        cl.wait_until(lambda: all(cl.subnet_of(n) for n in cl.nodes.values()), what="leases")
+        node, peer = cl.nodes[1], cl.nodes[2]
+        cl.wait_until(lambda: status(cl, node, "--check").returncode == 0, timeout=20,
+                      interval=0.3, what="node1 in order")
+        cl.stop_daemon(node)
+        node.ns.run("ip", "neigh", "flush", "dev", "flannel.1", "nud", "permanent")
+        mac = node.ns.run("bridge", "fdb", "show", "dev", "flannel.1").stdout.split()[0]
+        node.ns.run("bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", str(peer.addr))
+        r = status(cl, node, "--check")
+        assert r.returncode == 1, r.stdout + r.stderr
+        peer_subnet = cl.subnet_of(peer)
+        assert peer_subnet is not None
+        assert f"missing neighbour: {peer_subnet.network_address} lladdr {mac} dev flannel.1" \
+            in r.stdout
+        assert f"missing fdb entry: {mac} dst {peer.addr} dev flannel.1" in r.stdout

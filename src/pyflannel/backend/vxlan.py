@@ -384,6 +384,33 @@ class VxlanBackend:
             backend_data=backend_data(opts.vni, self._v4.mac) if self._v4 else "",
             backend_v6_data=backend_data(opts.vni, self._v6.mac) if self._v6 else "")
 
+    async def inspect(self, ext: ExternalInterface, nc: NetConf) -> None:
+        """Read-only attach for `pyflannel status --check`: find our existing devices,
+        create nothing. A missing device leaves the family's index 0, so its peers show
+        as missing entries."""
+        self._ext = ext
+        self._opts = opts = vxlan_options(nc)
+        fams = []
+        if nc.enable_ipv4:
+            assert ext.iface_addr is not None
+            self._v4 = _Family(False, DeviceSpec(device_name(opts.vni), opts.vni, ext.index,
+                                                 ext.iface_addr, opts.port, opts.gbp,
+                                                 opts.learning, 0), "", network=nc.network)
+            fams.append(self._v4)
+        if nc.enable_ipv6:
+            assert ext.iface_addr6 is not None
+            self._v6 = _Family(True, DeviceSpec(device_name(opts.vni, ipv6=True), opts.vni,
+                                                ext.index, ext.iface_addr6, opts.port,
+                                                opts.gbp, opts.learning, 0), "",
+                               network=nc.ipv6_network)
+            fams.append(self._v6)
+        for fam in fams:
+            have = await asyncio.to_thread(self._devices.existing, fam.spec.name)
+            if have is not None:
+                fam.index, fam.mac = have.index, (have.mac or "").lower()
+        if opts.direct_routing:
+            self._lookup = RouteLookup(self._netns)
+
     def _ensure_device(self, fam: _Family) -> None:
         """Create the device, or reuse a compatible one (keeping its MAC unless the store
         remembers another), or recreate an incompatible one."""
