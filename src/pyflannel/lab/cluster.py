@@ -592,9 +592,40 @@ class Cluster:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{logs}")
             time.sleep(interval)
 
+    def routed_subnets(self, node: LabNode, *, family: int = 4) -> set[str]:
+        """Peer subnets `node` has a route to, on any device (vxlan, DirectRouting)."""
+        key = "IPv6Network" if family == 6 else "Network"
+        if key not in self.netconf:
+            return set()
+        network = ip_network(self.netconf[key])
+        out = set()
+        for line in node.ns.ip(f"-{family}", "route", "show", check=False).stdout.splitlines():
+            parts = line.split()
+            if parts and "/" in parts[0] and "via" in parts:
+                dst = ip_network(parts[0])
+                if dst.version == network.version and dst.subnet_of(network):  # type: ignore[arg-type]
+                    out.add(parts[0])
+        return out
+
     def converged(self) -> bool:
-        return all(self.subnet_of(n) is not None for n in self.nodes.values()) and all(
-            self.flannel_routes(n) == self.expected_routes(n) for n in self.nodes.values())
+        """Every node has its lease and a route to every other node's subnet: exactly the
+        host-gw routes for host-gw, a route on any device for other backends."""
+        nodes = list(self.nodes.values())
+        if any(self.subnet_of(n) is None for n in nodes if self.netconf.get("EnableIPv4", True)):
+            return False
+        if self.netconf.get("Backend", {}).get("Type", "vxlan") == "host-gw" and \
+                self.netconf.get("EnableIPv4", True):
+            return all(self.flannel_routes(n) == self.expected_routes(n) for n in nodes)
+        for fam, subnet_of in ((4, self.subnet_of), (6, self.subnet6_of)):
+            if fam == 4 and not self.netconf.get("EnableIPv4", True):
+                continue
+            if fam == 6 and not self.netconf.get("EnableIPv6", False):
+                continue
+            for n in nodes:
+                want = {str(subnet_of(o)) for o in nodes if o is not n and subnet_of(o)}
+                if self.routed_subnets(n, family=fam) != want:
+                    return False
+        return True
 
     # -- tearing down -------------------------------------------------------------------
 
