@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
-from pyflannel.subnet.kube import watch as watch_mod
+from pyflannel.subnet import backoff as backoff_mod
 from pyflannel.subnet.kube.annotations import Annotations
 from pyflannel.subnet.kube.api import KubeApi, NodeListPage
 from pyflannel.subnet.kube.errors import KubeApiError
@@ -115,7 +115,7 @@ async def next_update(it: AsyncGenerator[LeaseUpdate, None]) -> LeaseUpdate:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(watch_mod, "RECONNECT_MIN", 0.001)
+    monkeypatch.setattr(backoff_mod, "RECONNECT_MIN", 0.001)
 
 
 async def test_paged_list_then_snapshot() -> None:

@@ -31,6 +31,7 @@ from pyflannel.lease.model import (
     parse_subnet_key,
     subnet_key,
 )
+from pyflannel.subnet.backoff import ReconnectBackoff
 from pyflannel.subnet.etcd.client import EtcdClient, EtcdCompacted, EtcdError, KeyValue
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 
 SUBNET_TTL = 24 * 3600  # upstream subnetTTL
 RACE_RETRIES = 10  # upstream raceRetries
-RECONNECT_MIN = 0.1
-RECONNECT_MAX = 5.0
 
 
 class LeaseRevoked(Exception):
@@ -352,7 +351,8 @@ class EtcdSubnetManager:
     async def _watch_own(self, state: _KeepState) -> None:
         key = self._key(state.lease.subnet, state.lease.ipv6_subnet)
         revision: int | None = None  # everything up to here has been seen
-        backoff = _Backoff("watch of our own lease")
+        backoff = ReconnectBackoff("watch of our own lease", log,
+                                   recovered="connected to etcd again")
         while True:
             try:
                 if revision is None:
@@ -434,7 +434,7 @@ class EtcdSubnetManager:
     async def updates(self) -> AsyncIterator[LeaseUpdate]:
         """A snapshot of all leases, then changes; never ends, never gives up."""
         revision: int | None = None
-        backoff = _Backoff("lease watch")
+        backoff = ReconnectBackoff("lease watch", log, recovered="connected to etcd again")
         watched = False
         while True:
             try:
@@ -478,25 +478,3 @@ class _KeepState:
         self.changed = asyncio.Event()
 
 
-class _Backoff:
-    """Reconnect delay 100 ms → 5 s, doubling; logs a failure once per state change."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.delay = RECONNECT_MIN
-        self._last_error: str | None = None
-
-    def succeeded(self) -> None:
-        if self._last_error is not None:
-            log.info("%s: connected to etcd again", self.what)
-        self._last_error = None
-        self.delay = RECONNECT_MIN
-
-    async def fail(self, error: Exception) -> None:
-        text = str(error)
-        if text != self._last_error:
-            log.warning("%s: %s (retrying, backing off up to %.0fs)", self.what, text,
-                        RECONNECT_MAX)
-            self._last_error = text
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, RECONNECT_MAX)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -25,14 +24,13 @@ from typing import Any
 
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
 from pyflannel.lease.model import Lease
+from pyflannel.subnet.backoff import RECONNECT_MAX, ReconnectBackoff
 from pyflannel.subnet.kube.api import KubeApi
 from pyflannel.subnet.kube.errors import KubeApiError, KubePermissionError
 from pyflannel.subnet.kube.nodes import NodeLeaseError, node_name
 
 log = logging.getLogger(__name__)
 
-RECONNECT_MIN = 0.1
-RECONNECT_MAX = 5.0
 # RBAC is fixed by a person, not in milliseconds: no need to ask every 5 s.
 PERMISSION_RETRY_MAX = 30.0
 # client-go's reflector picks a watch timeout between 5 and 10 minutes.
@@ -40,31 +38,6 @@ WATCH_TIMEOUT_MIN = 300
 
 NodeToLease = Callable[[dict[str, Any]], Lease | None]
 OwnNodeHook = Callable[[str, dict[str, Any] | None], None]
-
-
-class Backoff:
-    """Reconnect delay 100 ms → 5 s (30 s for a missing permission), doubling; each
-    distinct failure is logged once, and the recovery once."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.delay = RECONNECT_MIN
-        self._last_error: str | None = None
-
-    def succeeded(self) -> None:
-        if self._last_error is not None:
-            log.info("%s: working again", self.what)
-        self._last_error = None
-        self.delay = RECONNECT_MIN
-
-    async def fail(self, error: Exception) -> None:
-        text = str(error)
-        limit = PERMISSION_RETRY_MAX if isinstance(error, KubePermissionError) else RECONNECT_MAX
-        if text != self._last_error:
-            log.error("%s: %s (retrying, backing off up to %.0fs)", self.what, text, limit)
-            self._last_error = text
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, limit)
 
 
 class NodeFollower:
@@ -164,7 +137,7 @@ class NodeFollower:
     async def updates(self) -> AsyncGenerator[LeaseUpdate, None]:
         """A snapshot, then changes; again a snapshot after a 410. Never ends, never
         gives up (errors are logged once and retried with backoff)."""
-        backoff = Backoff("Node watch")
+        backoff = ReconnectBackoff("Node watch", log, level=logging.ERROR)
         while True:
             try:
                 if self.resource_version is None:
@@ -199,4 +172,5 @@ class NodeFollower:
                                 self.resource_version, e)
                     self.resource_version = None
                     continue
-                await backoff.fail(e)
+                await backoff.fail(e, max_delay=PERMISSION_RETRY_MAX
+                                   if isinstance(e, KubePermissionError) else RECONNECT_MAX)
