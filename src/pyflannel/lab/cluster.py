@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from pyflannel.cni.install import install_plugin
 from pyflannel.lab.cniruntime import Attachment, CniRuntime
 from pyflannel.lab.etcd import EtcdServer
-from pyflannel.lab.netns import NetNamespace, veth_between
+from pyflannel.lab.netns import NetNamespace, stop_process, veth_between
 
 DEFAULT_SEGMENT = "192.168.77.0/24"
 IPV6_SEGMENT_PREFIX = "fd77:{seg}::/64"  # the IPv6 prefix of segment number `seg`
@@ -372,18 +372,8 @@ class Cluster:
 
     def stop_daemon(self, node: LabNode, *, sig: int = signal.SIGTERM,
                     timeout: float = 10) -> int | None:
-        if node.proc is None:
-            return None
-        if node.proc.poll() is None:
-            node.proc.send_signal(sig)
-            try:
-                node.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
-        rc = node.proc.returncode
-        node.proc = None
-        return rc
+        proc, node.proc = node.proc, None
+        return stop_process(proc, grace=timeout, sig=sig)
 
     def remove_node(self, node: LabNode, *, delete_lease: bool = True) -> None:
         """The node leaves: its daemon stops, and (by default) the store forgets it, as

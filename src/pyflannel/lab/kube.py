@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from pyflannel.lab.etcd import EtcdServer
-from pyflannel.lab.netns import NetNamespace, run
+from pyflannel.lab.netns import NetNamespace, run, stop_process
 
 if TYPE_CHECKING:
     from pyflannel.lab.cluster import Cluster, LabNode
@@ -356,14 +355,7 @@ class KubeApiServer:
     def stop(self, grace: float = 15.0) -> None:
         """The API server goes away (etcd and its data stay)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace)
+        stop_process(proc, grace=grace)
 
     def start_again(self, timeout: float = 120.0) -> None:
         if self.running:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +78,22 @@ class NetNamespace:
 
     def __repr__(self) -> str:
         return f"NetNamespace({self.name!r})"
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0,
+                 sig: int = signal.SIGTERM) -> int | None:
+    """Stops a process we started: `sig` (SIGTERM), then SIGKILL after `grace` seconds.
+    Returns its exit status (None when there was no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def veth_between(a: NetNamespace, a_if: str, b: NetNamespace, b_if: str) -> None:
