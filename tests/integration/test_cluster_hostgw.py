@@ -243,3 +243,15 @@ def test_bad_leases_are_refused_and_unreachable_peers_retried(cluster: Cluster) 
     node.ns.ip("addr", "add", "10.77.0.1/24", "dev", "eth0")
     cluster.wait_until(lambda: ("10.244.202.0/24", "10.77.0.5") in cluster.flannel_routes(node),
                        timeout=15, what="the unreachable peer's route after it became reachable")
+
+
+def test_ip_blackhole_route() -> None:
+    with Cluster(nodes=1, name="pft",
+                 flanneld_args=["--ip-blackhole-route", "--iptables-resync=1"]) as cl:
+        node = cl.nodes[1]
+        cl.wait_until(lambda: cl.subnet_of(node) is not None, what="the lease")
+        want = f"blackhole {cl.subnet_of(node)}"
+        cl.wait_until(lambda: want in node.routes(), what="the blackhole route")
+        node.ns.ip("route", "del", "blackhole", str(cl.subnet_of(node)))
+        cl.wait_until(lambda: want in node.routes(), what="the blackhole route restored")
+        assert node.log().count("Added blackhole route") == 2

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -34,7 +35,7 @@ from pyflannel.daemon.stores import StoreError, describe, make_subnet_manager
 from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.lease.table import LeaseTable
-from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
+from pyflannel.netlink import RTN_BLACKHOLE, LinkEvent, Op, Route, RtMonitor, RtNetlink
 from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
 from pyflannel.subnet.base import SubnetManager
 from pyflannel.subnet.etcd.client import EtcdError
@@ -56,14 +57,6 @@ BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend, "vxlan": VxlanBa
 
 class StartupError(Exception):
     """A fatal start-up problem; the message is one line that says what to do."""
-
-
-def unbuilt_flag_error(flags: Flags) -> str | None:
-    """Flags for parts this build does not have stop the daemon: silently ignoring them
-    would leave an operator believing they took effect."""
-    if flags.ip_blackhole_route:
-        return "--ip-blackhole-route is not supported yet by this version of pyflannel"
-    return None
 
 
 class Daemon:
@@ -216,6 +209,8 @@ class Daemon:
                 tg.create_task(self._watch_leases(mgr, table, reconciler, backend, desired))
                 tg.create_task(reconciler.run())
                 tg.create_task(self._resync_traffic_loop())
+                if f.ip_blackhole_route:
+                    tg.create_task(self._blackhole_loop(nl, lease))
                 tg.create_task(self._watch_kernel(monitor, reconciler, backend, table,
                                                   desired))
                 tg.create_task(self._keep_lease(mgr, lease))
@@ -285,6 +280,28 @@ class Daemon:
             m.drift_repairs.labels(kind="kernel").inc(s.drift_repairs - self._drift_seen)
             self._drift_seen = s.drift_repairs
 
+    async def _blackhole_loop(self, nl: RtNetlink, lease: Lease) -> None:
+        """--ip-blackhole-route: `blackhole <own subnet>`, so traffic to pods that do not
+        exist is dropped here instead of following the default route (setups without a
+        bridge, e.g. Canal). As upstream, checked every --iptables-resync seconds from the
+        first interval on, and added only when missing."""
+        wanted = [Route(dst=s, gateway=None, oif=None, type=RTN_BLACKHOLE)
+                  for s in (lease.subnet, lease.ipv6_subnet) if s is not None]
+        while True:
+            await asyncio.sleep(self.flags.iptables_resync)
+            for route in wanted:
+                fam = socket.AF_INET if route.dst.version == 4 else socket.AF_INET6
+                present = False
+                async for r in nl.dump_routes(fam, table=route.table):
+                    present = present or (r.dst == route.dst and r.type == RTN_BLACKHOLE)
+                if not present:
+                    res = (await nl.apply([Op("replace", route)]))[0]
+                    if res.errno:
+                        log.error("Failed to add blackhole route %s: %s", route.dst,
+                                  os.strerror(res.errno))
+                    else:
+                        log.info("Added blackhole route %s", route.dst)
+
     async def _resync_traffic_loop(self) -> None:
         rules, cfg = self._traffic
         while True:
@@ -331,10 +348,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__, file=sys.stderr)
         return EXIT_OK
     setup_logging(flags.v)
-    problem = unbuilt_flag_error(flags)
-    if problem:
-        log.error("%s", problem)
-        return EXIT_ERROR
     log.info("CLI flags config: %s", flags.redacted())
     try:
         return asyncio.run(Daemon(flags).run())
