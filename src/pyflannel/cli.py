@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         rc: int = args.func(args)
+    except BrokenPipeError:  # `pyflannel lab show | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         from pyflannel.lab.session import LabError
 

@@ -179,13 +179,17 @@ def graph(cl: Cluster, out: Path) -> None:
 
 def node_status(cl: Cluster, say: Say) -> int:
     """`pyflannel status --check` inside every node, with the daemons' own flags."""
+    import os
+    import subprocess
     import sys
 
     worst = 0
     for n in cl.nodes.values():
         argv = cl.flanneld_argv(n)[3:]  # drop "python -m pyflannel.daemon.main"
-        r = n.ns.run(sys.executable, "-m", "pyflannel.cli", "status", "--check", *argv,
-                     check=False, timeout=60)
+        r = subprocess.run(
+            n.ns.exec_args(sys.executable, "-m", "pyflannel.cli", "status", "--check", *argv),
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, **cl.store.node_env(n)})  # NODE_NAME in kube mode
         say(f"== {n.name} ({n.ns.name}) ==")
         for line in (r.stdout + r.stderr).splitlines():
             say(f"  {line}")
