@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TypeVar
 
 from pyflannel.netlink import (
     NUD_PERMANENT,
@@ -54,6 +55,8 @@ UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
 GONE = (errno.ESRCH, errno.ENOENT)
 
 Gateway = IPv4Address | IPv6Address
+K = TypeVar("K")
+T = TypeVar("T", Neighbour, FdbEntry)
 NhKey = tuple[Gateway | None, int | None, bool]
 
 
@@ -133,6 +136,27 @@ def same_neighbour(a: Neighbour, b: Neighbour) -> bool:
     return a.lladdr.lower() == b.lladdr.lower() and bool(b.state & NUD_PERMANENT)
 
 
+def _diff_keyed(desired: Mapping[K, T], observed: Iterable[T], owns: Callable[[T], bool],
+                key: Callable[[T], K], same: Callable[[T, T], bool]) -> tuple[list[Op], list[Op]]:
+    """(replaces, deletes) for objects identified by a key (neighbours, FDB entries)."""
+    adds: list[Op] = []
+    dels: list[Op] = []
+    seen: set[K] = set()
+    for have in observed:
+        if not owns(have):
+            continue
+        k = key(have)
+        want = desired.get(k)
+        if want is None:
+            dels.append(Op("delete", have))
+        else:
+            seen.add(k)
+            if not same(want, have):
+                adds.append(Op("replace", want))
+    adds.extend(Op("replace", w) for k, w in desired.items() if k not in seen)
+    return adds, dels
+
+
 def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
          nexthops: bool) -> list[Op]:
     """The ops that turn `observed` into `desired`, in a safe order: nexthops, neighbours
@@ -189,38 +213,10 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
             route_adds.append(Op("replace", want))
     route_adds.extend(Op("replace", w) for k, w in want_routes.items() if k not in seen)
 
-    neigh_adds: list[Op] = []
-    neigh_dels: list[Op] = []
-    seen_n: set[tuple[int, str]] = set()
-    for n in observed.neighbours:
-        if not scope.owns_neighbour(n):
-            continue
-        nk = neighbour_key(n)
-        wn = desired.neighbours.get(nk)
-        if wn is None:
-            neigh_dels.append(Op("delete", n))
-        else:
-            seen_n.add(nk)
-            if not same_neighbour(wn, n):
-                neigh_adds.append(Op("replace", wn))
-    neigh_adds.extend(Op("replace", w) for k, w in desired.neighbours.items() if k not in seen_n)
-
-    fdb_adds: list[Op] = []
-    fdb_dels: list[Op] = []
-    seen_f: set[tuple[int, str]] = set()
-    for f in observed.fdb:
-        if not scope.owns_fdb(f):
-            continue
-        fk = fdb_key(f)
-        wf = desired.fdb.get(fk)
-        if wf is None:
-            fdb_dels.append(Op("delete", f))
-        else:
-            seen_f.add(fk)
-            if wf.dst != f.dst:
-                fdb_adds.append(Op("replace", wf))
-    fdb_adds.extend(Op("replace", w) for k, w in desired.fdb.items() if k not in seen_f)
-
+    neigh_adds, neigh_dels = _diff_keyed(desired.neighbours, observed.neighbours,
+                                         scope.owns_neighbour, neighbour_key, same_neighbour)
+    fdb_adds, fdb_dels = _diff_keyed(desired.fdb, observed.fdb, scope.owns_fdb, fdb_key,
+                                     lambda want, have: want.dst == have.dst)
     return (nh_adds + neigh_adds + fdb_adds + route_adds + route_dels + nh_dels + neigh_dels
             + fdb_dels)
 
