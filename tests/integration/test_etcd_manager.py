@@ -356,6 +356,20 @@ async def test_renewal_grants_a_new_lease(etcd: EtcdServer, client: EtcdClient,
         lease.attrs.to_json(), int(renewed.origin))
 
 
+async def test_renewal_never_brings_a_deleted_lease_back(etcd: EtcdServer, client: EtcdClient,
+                                                         prefix: str) -> None:
+    # The renewal races with an admin deleting our key: upstream's plain put would
+    # re-create it; ours is conditional and reports the revocation instead.
+    mgr = EtcdSubnetManager(client, prefix=prefix)
+    nc = await configured(etcd, prefix, mgr, Network="10.60.0.0/16")
+    lease = await mgr.acquire_lease(nc, vxlan_attrs("10.0.4.9"))
+    key = f"{prefix}/subnets/{lease.key}"
+    etcd.etcdctl("del", key)
+    with pytest.raises(LeaseRevoked):
+        await mgr.renew_lease(lease)
+    assert stored(etcd, key) is None
+
+
 async def wait_for(cond: Any, what: str, timeout: float = 20.0) -> None:
     async def poll() -> None:
         while not cond():

@@ -255,6 +255,18 @@ class EtcdClient:
         })
         return bool(resp.get("succeeded", False))
 
+    async def update(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+        """Write `key` only if it exists (one transaction); False if it does not."""
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        resp = await self._call("kv/txn", {
+            "compare": [{"key": _b64(key), "result": "GREATER", "target": "VERSION",
+                         "version": "0"}],
+            "success": [{"request_put": put}],
+        })
+        return bool(resp.get("succeeded", False))
+
     async def delete(self, key: str) -> bool:
         resp = await self._call("kv/deleterange", {"key": _b64(key)})
         return int(resp.get("deleted", 0)) > 0

@@ -166,15 +166,27 @@ class EtcdSubnetManager:
         return self.subnets_prefix + subnet_key(v4, v6)
 
     async def _write(self, v4: IPv4Network | None, v6: IPv6Network | None, attrs: LeaseAttrs,
-                     *, reservation: bool) -> Lease:
-        """Put the lease with a fresh 24 h etcd lease (none for a reservation)."""
-        value = attrs.to_json().encode()
+                     *, reservation: bool, must_exist: bool = False) -> Lease:
+        """Put the lease with a fresh 24 h etcd lease (none for a reservation). With
+        `must_exist` (renewal) the write is conditional on the key still being there: a
+        renewal racing with a deletion must not bring a revoked lease back (upstream's
+        plain put would)."""
+        key, value = self._key(v4, v6), attrs.to_json().encode()
         if reservation:
-            await self.client.put(self._key(v4, v6), value)
+            if must_exist:
+                if not await self.client.update(key, value):
+                    _revoked(key)
+            else:
+                await self.client.put(key, value)
             return Lease(v4, attrs, v6, expiration=None, reservation=True, origin="0")
         lease_id, ttl = await self.client.grant(SUBNET_TTL)
         try:
-            await self.client.put(self._key(v4, v6), value, lease=lease_id)
+            if must_exist:
+                if not await self.client.update(key, value, lease=lease_id):
+                    await self._revoke_quietly(lease_id)
+                    _revoked(key)
+            else:
+                await self.client.put(key, value, lease=lease_id)
         except EtcdError:
             await self._revoke_quietly(lease_id)
             raise
@@ -302,7 +314,7 @@ class EtcdSubnetManager:
     async def renew_lease(self, lease: Lease) -> Lease:
         """Rewrite our key with a new 24 h etcd lease (a reservation stays without)."""
         return await self._write(lease.subnet, lease.ipv6_subnet, lease.attrs,
-                                 reservation=lease.reservation)
+                                 reservation=lease.reservation, must_exist=True)
 
     async def keep_lease(self, lease: Lease) -> None:
         """Renew `lease` before it expires, forever; raise LeaseRevoked when our key is
