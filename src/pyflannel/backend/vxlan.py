@@ -31,7 +31,6 @@ replayed (on_link_event returns True and the daemon rebuilds all peer states, §
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import json
@@ -61,7 +60,7 @@ from pyflannel.netlink.rtnl import _inside_netns
 from pyflannel.reconcile.kernel import KernelScope
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2 import AsyncIPRoute
 
 log = logging.getLogger(__name__)
 
@@ -183,23 +182,22 @@ def incompatibility(want: DeviceSpec, have: ExistingDevice) -> str | None:
 
 
 class VxlanDevices:
-    """Device management through pyroute2, imported here only: host-gw start-up does not
-    pay for it, and device changes are rare (start-up, recreation). Its sync API runs its
-    own event loop, so the backend calls these methods in a worker thread."""
+    """Device management through pyroute2's AsyncIPRoute, imported here only: host-gw
+    start-up does not pay for it, and device changes are rare (start-up, recreation)."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
 
-    def _ipr(self) -> IPRoute:
-        from pyroute2 import IPRoute
+    def _ipr(self) -> AsyncIPRoute:
+        from pyroute2 import AsyncIPRoute
 
-        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
 
-    def existing(self, name: str) -> ExistingDevice | None:
-        with self._ipr() as ipr:
-            if not ipr.link_lookup(ifname=name):
+    async def existing(self, name: str) -> ExistingDevice | None:
+        async with self._ipr() as ipr:
+            if not await ipr.link_lookup(ifname=name):
                 return None
-            msg = ipr.get_links(ifname=name)[0]
+            msg = (await ipr.link("get", ifname=name))[0]
         kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
         data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
         d: dict[str, Any] = {}
@@ -216,7 +214,7 @@ class VxlanDevices:
             l2miss=bool(d.get("IFLA_VXLAN_L2MISS")),
             mac=msg.get("IFLA_ADDRESS"), mtu=int(msg.get("IFLA_MTU") or 0))
 
-    def create(self, spec: DeviceSpec, mac: str) -> int:
+    async def create(self, spec: DeviceSpec, mac: str) -> int:
         kw: dict[str, Any] = {
             "ifname": spec.name, "kind": "vxlan", "vxlan_id": spec.vni,
             "vxlan_link": spec.link, "vxlan_learning": int(spec.learning),
@@ -226,19 +224,19 @@ class VxlanDevices:
             kw["vxlan_port"] = spec.port
         if spec.gbp:
             kw["vxlan_gbp"] = True
-        with self._ipr() as ipr:
-            ipr.link("add", **kw)
-            return int(ipr.link_lookup(ifname=spec.name)[0])
+        async with self._ipr() as ipr:
+            await ipr.link("add", **kw)
+            return int((await ipr.link_lookup(ifname=spec.name))[0])
 
-    def delete(self, index: int) -> None:
-        with self._ipr() as ipr:
-            ipr.link("del", index=index)
+    async def delete(self, index: int) -> None:
+        async with self._ipr() as ipr:
+            await ipr.link("del", index=index)
 
-    def set_link(self, index: int, **kw: Any) -> None:
-        with self._ipr() as ipr:
-            ipr.link("set", index=index, **kw)
+    async def set_link(self, index: int, **kw: Any) -> None:
+        async with self._ipr() as ipr:
+            await ipr.link("set", index=index, **kw)
 
-    def set_address(self, index: int, addr: Addr, network: Net | None) -> None:
+    async def set_address(self, index: int, addr: Addr, network: Net | None) -> None:
         """`addr` as /32 (/128) on the device; other addresses inside `network` go (a
         previous lease's), as upstream's EnsureV4AddressOnLink. The IPv6 one is
         `noprefixroute`: the kernel's /128 route would sit inside the cluster network on our
@@ -246,19 +244,21 @@ class VxlanDevices:
         plen = addr.max_prefixlen
         v6 = addr.version == 6
         flags = IFA_F_NODAD | IFA_F_NOPREFIXROUTE if v6 else 0
-        with self._ipr() as ipr:
+        async with self._ipr() as ipr:
             have = False
-            for a in ipr.get_addr(family=socket.AF_INET6 if v6 else socket.AF_INET,
-                                  index=index):
+            family = socket.AF_INET6 if v6 else socket.AF_INET
+            current = [a async for a in await ipr.addr("dump", family=family)
+                       if a["index"] == index]
+            for a in current:
                 ip = ip_address(a.get("IFA_ADDRESS"))
                 alen = int(a["prefixlen"])
                 if ip == addr and alen == plen and (a.get("IFA_FLAGS") or 0) & flags == flags:
                     have = True
                 elif ip == addr or (network is not None and ip in network):
-                    ipr.addr("del", index=index, address=str(ip), prefixlen=alen)
+                    await ipr.addr("del", index=index, address=str(ip), prefixlen=alen)
             if not have:
                 extra: dict[str, Any] = {"IFA_FLAGS": flags} if v6 else {}
-                ipr.addr("add", index=index, address=str(addr), prefixlen=plen, **extra)
+                await ipr.addr("add", index=index, address=str(addr), prefixlen=plen, **extra)
 
     def disable_accept_ra(self, name: str) -> None:
         # /proc/sys/net is per namespace: only meaningful when we run inside it.
@@ -365,7 +365,7 @@ class VxlanBackend:
                 device_name(opts.vni), opts.vni, ext.index, ext.iface_addr, opts.port, opts.gbp,
                 opts.learning, outer - ENCAP_OVERHEAD), vtep_mac_of(stored.backend_data) or "",
                 network=nc.network)
-            await asyncio.to_thread(self._ensure_device, self._v4)
+            await self._ensure_device(self._v4)
         if nc.enable_ipv6:
             if ext.iface_addr6 is None:
                 raise BackendError(f"vxlan over IPv6 needs an IPv6 address on {ext.name}")
@@ -373,7 +373,7 @@ class VxlanBackend:
                 device_name(opts.vni, ipv6=True), opts.vni, ext.index, ext.iface_addr6,
                 opts.port, opts.gbp, opts.learning, outer - ENCAP_OVERHEAD_V6),
                 vtep_mac_of(stored.backend_v6_data) or "", network=nc.ipv6_network)
-            await asyncio.to_thread(self._ensure_device, self._v6)
+            await self._ensure_device(self._v6)
         if opts.direct_routing:
             self._lookup = RouteLookup(self._netns)
         # Pods get upstream's FLANNEL_MTU (outer − 50) whenever IPv4 is on; IPv6 traffic
@@ -405,18 +405,18 @@ class VxlanBackend:
                                network=nc.ipv6_network)
             fams.append(self._v6)
         for fam in fams:
-            have = await asyncio.to_thread(self._devices.existing, fam.spec.name)
+            have = await self._devices.existing(fam.spec.name)
             if have is not None:
                 fam.index, fam.mac = have.index, (have.mac or "").lower()
         if opts.direct_routing:
             self._lookup = RouteLookup(self._netns)
 
-    def _ensure_device(self, fam: _Family) -> None:
+    async def _ensure_device(self, fam: _Family) -> None:
         """Create the device, or reuse a compatible one (keeping its MAC unless the store
         remembers another), or recreate an incompatible one."""
         spec = fam.spec
         try:
-            have = self._devices.existing(spec.name)
+            have = await self._devices.existing(spec.name)
             if have is not None:
                 why = incompatibility(spec, have)
                 if why is None:
@@ -428,15 +428,15 @@ class VxlanBackend:
                     if have.mtu != spec.mtu:
                         changes["mtu"] = spec.mtu
                     if changes:
-                        self._devices.set_link(have.index, **changes)
+                        await self._devices.set_link(have.index, **changes)
                     log.info("Using existing device %s (index %d, MAC %s)", spec.name,
                              have.index, fam.mac)
                     return
                 log.warning("%r already exists with incompatible configuration: %s; "
                             "recreating device", spec.name, why)
-                self._devices.delete(have.index)
+                await self._devices.delete(have.index)
             fam.mac = fam.mac or random_vtep_mac()
-            fam.index = self._devices.create(spec, fam.mac)
+            fam.index = await self._devices.create(spec, fam.mac)
         except OSError as e:
             raise BackendError(f"failed to set up device {spec.name}: {e}") from None
         if fam.ipv6:
@@ -450,14 +450,14 @@ class VxlanBackend:
             if subnet is None:
                 raise BackendError(f"our lease has no subnet for {fam.spec.name}")
             fam.subnet = subnet
-            await asyncio.to_thread(self._configure_device, fam)
+            await self._configure_device(fam)
 
-    def _configure_device(self, fam: _Family) -> None:
+    async def _configure_device(self, fam: _Family) -> None:
         assert fam.subnet is not None
         try:
-            self._devices.set_address(fam.index, fam.subnet.network_address, fam.network)
-            self._devices.set_link(fam.index, state="up")
-            have = self._devices.existing(fam.spec.name)
+            await self._devices.set_address(fam.index, fam.subnet.network_address, fam.network)
+            await self._devices.set_link(fam.index, state="up")
+            have = await self._devices.existing(fam.spec.name)
         except OSError as e:
             raise BackendError(f"failed to configure {fam.spec.name}: {e}") from None
         # A MAC policy (systemd MACAddressPolicy=random) may have replaced ours (#1795).
@@ -522,7 +522,7 @@ class VxlanBackend:
             log.warning("Device %s was %s; recreating it and replaying every peer",
                         fam.spec.name, "replaced" if replaced else "deleted")
             try:
-                await asyncio.to_thread(self._recreate, fam)
+                await self._recreate(fam)
             except BackendError as e:
                 log.error("Failed to recreate %s: %s (retrying on the next link event)",
                           fam.spec.name, e)
@@ -530,10 +530,10 @@ class VxlanBackend:
             changed = True
         return changed
 
-    def _recreate(self, fam: _Family) -> None:
-        self._ensure_device(fam)
+    async def _recreate(self, fam: _Family) -> None:
+        await self._ensure_device(fam)
         if fam.subnet is not None:
-            self._configure_device(fam)
+            await self._configure_device(fam)
 
     def close(self) -> None:
         if self._lookup is not None:
