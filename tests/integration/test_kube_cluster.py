@@ -182,3 +182,28 @@ def test_node_name_from_pod_and_missing_podcidr() -> None:
         assert f'node "{n3.name}" pod cidr not assigned' in log.replace("'", '"')
         assert "--allocate-node-cidrs" in log and "kubectl patch node" in log
         assert "Traceback" not in log
+
+
+def test_vxlan_in_kube_mode_mac_in_annotation_and_kept_across_restart() -> None:
+    netconf = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
+    with Cluster(nodes=2, name="pfk", netconf=netconf, store=KubeLabStore(),
+                 flanneld_args=["--ip-masq"]) as cl:
+        ks = store(cl)
+        cl.wait_until(cl.converged, timeout=TIMEOUT, what="vxlan routes on every node")
+        n1, n2 = cl.nodes[1], cl.nodes[2]
+        data = flannel_annotations(ks.node(n1.name))["backend-data"]
+        mac = n1.ns.ip("link", "show", "flannel.1").stdout.split("link/ether ")[1].split()[0]
+        assert data == f'{{"VNI":1,"VtepMAC":"{mac}"}}'
+        # the peer programmed our VTEP: neighbour + FDB entry with our MAC
+        assert mac in n2.ns.run("ip", "neigh", "show", "dev", "flannel.1").stdout
+        assert str(n1.addr) in n2.ns.run("bridge", "fdb", "show", "dev", "flannel.1").stdout
+        # the device goes away with a restart; the MAC comes back from the annotation
+        cl.stop_daemon(n1)
+        n1.ns.ip("link", "del", "flannel.1")
+        cl.start_daemon(n1)
+        cl.wait_until(lambda: "flannel.1" in n1.ns.ip("link", "show", check=False).stdout
+                      and cl.converged(), timeout=TIMEOUT, what="the device recreated")
+        assert f"link/ether {mac}" in n1.ns.ip("link", "show", "flannel.1").stdout
+        p1, p2 = cl.add_pod(n1), cl.add_pod(n2)
+        assert cl.whoami(p1.ns, p2.ip) == str(p1.ip)
+        no_tracebacks(cl)
