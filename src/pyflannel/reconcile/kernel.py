@@ -453,6 +453,3 @@ class KernelReconciler:
         self.stats.unreachable = unreachable
         return changed
 
-
-def routes_only(routes: Mapping[str, Route]) -> DesiredState:
-    return DesiredState(routes=dict(routes))
