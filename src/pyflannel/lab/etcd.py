@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pyflannel.lab.netns import NetNamespace, run, stop_process
+from pyflannel.lab.netns import NetNamespace, OwnedProcess, run
 
 ETCD_BIN = "/usr/bin/etcd"
 ETCDCTL_BIN = "/usr/bin/etcdctl"
@@ -80,7 +80,7 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-class EtcdServer:
+class EtcdServer(OwnedProcess):
     """One single-member etcd. Use as a context manager, or start()/stop()."""
 
     def __init__(self, *, host: str = "127.0.0.1", netns: NetNamespace | None = None,
@@ -173,19 +173,6 @@ class EtcdServer:
             return
         self._spawn()
         self.wait_ready(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds; only our own process."""
-        proc, self._proc = self._proc, None
-        stop_process(proc, grace=grace)
 
     def close(self) -> None:
         self.stop()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from pyflannel.lab.etcd import EtcdServer
-from pyflannel.lab.netns import NetNamespace, run, stop_process
+from pyflannel.lab.netns import NetNamespace, OwnedProcess, run
 
 if TYPE_CHECKING:
     from pyflannel.lab.cluster import Cluster, LabNode
@@ -235,7 +235,7 @@ class KubeAdmin:
         self._pool.shutdown(wait=True)
 
 
-class KubeApiServer:
+class KubeApiServer(OwnedProcess):
     """etcd + kube-apiserver in `netns` on `host`. start(), then close() (always)."""
 
     def __init__(self, netns: NetNamespace, host: str) -> None:
@@ -344,18 +344,9 @@ class KubeApiServer:
         raise KubeApiServerError(f"kube-apiserver not ready at {self.url} after "
                                  f"{timeout:.0f}s: {last}")
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def stop(self, grace: float = 15.0) -> None:
         """The API server goes away (etcd and its data stay)."""
-        proc, self._proc = self._proc, None
-        stop_process(proc, grace=grace)
+        super().stop(grace)
 
     def start_again(self, timeout: float = 120.0) -> None:
         if self.running:

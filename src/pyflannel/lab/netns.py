@@ -96,6 +96,26 @@ def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0,
     return proc.returncode
 
 
+class OwnedProcess:
+    """A server process this object started (etcd, kube-apiserver): whether it runs, its
+    PID, and stopping it by that PID."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        proc, self._proc = self._proc, None
+        stop_process(proc, grace=grace)
+
+
 def veth_between(a: NetNamespace, a_if: str, b: NetNamespace, b_if: str) -> None:
     """A veth pair with one end in each namespace, created inside `a` so the root
     namespace never holds either end."""
