@@ -19,12 +19,13 @@ fi
 # Debian starts etcd-server as a service on the standard ports; we never use that one
 # (ours run on free ports inside our own namespaces), so it is left as the system has it.
 
-# A real kube-apiserver for the kube-mode tests and `pyflannel lab demo --store kube`:
-# built once per machine (about 11 minutes on 2 cores) into /var/cache/pyflannel, a
+# Real Kubernetes binaries (apiserver, controller-manager, scheduler, kubelet, pause) for the
+# kube-mode tests and the labs:
+# built once per machine (about 12-15 minutes on 2 cores) into /var/cache/pyflannel, a
 # no-op afterwards. PYFLANNEL_SKIP_KUBE_APISERVER=1 skips it (the kube tests then skip).
 if [ "${PYFLANNEL_SKIP_KUBE_APISERVER:-0}" != 1 ]; then
-  echo ">> kube-apiserver"
-  bash scripts/build-kube-apiserver.sh
+  echo ">> kubernetes binaries"
+  bash scripts/build-kubernetes.sh
 fi
 
 PY=${PYTHON:-python3}

@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Makes a real kube-apiserver (v1.20.2) available for the kube-mode tests and the lab.
-# Built from Debian bookworm's own "kubernetes" source package (it ships vendor/, so no
-# network is needed beyond apt) with Debian's Go 1.19. The binary is cached OUTSIDE the clone
-# so a machine pays the ~11 minute build once; when the cache has it this script is a no-op.
-# Run as root (apt installs). Prints the binary's path on its last line.
+# Makes real Kubernetes v1.20.2 binaries available for the kube-mode tests and the labs:
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet (one `make`, which shares
+# the compile work) and the pause container's static binary. Built from Debian bookworm's own
+# "kubernetes" source package (it ships vendor/, so no network is needed beyond apt) with
+# Debian's Go 1.19. The binaries are cached OUTSIDE the clone so a machine pays the build
+# (about 12-15 minutes on 2 cores) once; when the cache has them this script is a no-op.
+# Run as root (apt installs). Prints the cache directory on its last line.
 set -euo pipefail
 
-CACHE_DIR=${PYFLANNEL_KAS_CACHE:-/var/cache/pyflannel/kube-apiserver-v1.20.2}
-BIN="$CACHE_DIR/kube-apiserver"
-if [ -x "$BIN" ] && "$BIN" --version 2>/dev/null | grep -q 'v1.20.2'; then
-  echo "$BIN"
+CACHE_DIR=${PYFLANNEL_KUBE_CACHE:-/var/cache/pyflannel/kubernetes-v1.20.2}
+BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
+have_all() {
+  local b
+  for b in "${BINS[@]}"; do
+    [ -x "$CACHE_DIR/$b" ] && "$CACHE_DIR/$b" --version 2>/dev/null | grep -q 'v1.20.2' || return 1
+  done
+  [ -x "$CACHE_DIR/pause" ]
+}
+if have_all; then
+  echo "$CACHE_DIR"
   exit 0
 fi
 
 WORK=$(mktemp -d /var/tmp/pyflannel-kas-build.XXXXXX)
 chmod 0755 "$WORK"  # apt downloads as the _apt user
-# The build tree is 1.9 GB; only the 110 MB binary is kept.
+# The build tree is about 2 GB; only the binaries (about 350 MB) are kept.
 trap 'rm -rf "$WORK"' EXIT
 
 # 1) deb-src entries derived from the machine's own sources, in a private apt config, so
@@ -45,7 +54,7 @@ APT_CONFIG=$A/apt.conf apt-get source --download-only -qq kubernetes
 # 2) toolchain; rsync is needed by the k8s Makefile; reflect2 1.0.2 replaces the vendored
 #    1.0.1, which crashes the server under Go >= 1.18 ("fatal error: key size wrong").
 need=()
-for p in golang-1.19-go rsync golang-github-modern-go-reflect2-dev; do
+for p in golang-1.19-go rsync golang-github-modern-go-reflect2-dev gcc libc6-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -64,13 +73,17 @@ R=/usr/share/gocode/src/github.com/modern-go/reflect2
 rm -f "$V"/*.go "$V"/*.s
 cp "$R"/*.go "$R"/*.s "$V"/
 rm -f "$V"/*_test.go
-echo ">> building kube-apiserver (about 11 minutes on 2 cores)"
-PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 make WHAT=cmd/kube-apiserver
+echo ">> building ${BINS[*]} (about 12-15 minutes on 2 cores)"
+PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 make WHAT="${BINS[*]/#/cmd/}"
+# The pause container: no registry is reachable, so its binary is built from the same tree.
+gcc -Os -static -o _output/bin/pause build/pause/linux/pause.c
 
 mkdir -p "$CACHE_DIR"
 # Copy then rename so a concurrent reader never sees a half-written binary.
-cp _output/bin/kube-apiserver "$BIN.tmp.$$"
-chmod 0755 "$BIN.tmp.$$"
-mv -f "$BIN.tmp.$$" "$BIN"
-"$BIN" --version
-echo "$BIN"
+for b in "${BINS[@]}" pause; do
+  cp "_output/bin/$b" "$CACHE_DIR/$b.tmp.$$"
+  chmod 0755 "$CACHE_DIR/$b.tmp.$$"
+  mv -f "$CACHE_DIR/$b.tmp.$$" "$CACHE_DIR/$b"
+done
+"$CACHE_DIR/kube-apiserver" --version
+echo "$CACHE_DIR"
