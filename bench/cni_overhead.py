@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pyflannel.cni.install import install_plugin
-from pyflannel.lab.netns import NetNamespace
+from pyflannel_lab.netns import NetNamespace
 
 CNI_BIN = Path("/usr/lib/cni")
 SUBNET_ENV = ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"

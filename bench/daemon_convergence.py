@@ -25,8 +25,8 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from pyflannel.lab.cluster import Cluster
-from pyflannel.lab.netns import NetNamespace, veth_between
+from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.netns import NetNamespace, veth_between
 
 NETWORK = IPv4Network("10.0.0.0/8")
 SEGMENT = "172.20.0.0/16"

@@ -31,8 +31,8 @@ import subprocess
 import sys
 from contextlib import ExitStack
 
-from pyflannel.lab.cluster import Cluster, LabNode
-from pyflannel.lab.netns import NetNamespace
+from pyflannel_lab.cluster import Cluster, LabNode
+from pyflannel_lab.netns import NetNamespace
 
 CASES = ("a) node->node (host-gw cluster)", "b) pod->pod host-gw",
          "a') node->node (vxlan cluster)", "c) pod->pod vxlan")

@@ -23,8 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pyflannel.lab.cluster import Cluster
-from pyflannel.lab.kube import KubeLabStore, kube_apiserver_binary
+from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.kube import KubeLabStore, kube_apiserver_binary
 
 P = "flannel.alpha.coreos.com/"
 
@@ -85,7 +85,7 @@ def kube_runs(n: int, reps: int, dc: ModuleType) -> tuple[list[float], list[floa
 
 def main() -> int:
     if kube_apiserver_binary() is None:
-        print("kube-apiserver not installed: run scripts/build-kube-apiserver.sh")
+        print("kube-apiserver not installed: run scripts/build-kubernetes.sh")
         return 1
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--sizes", default="1000,3000")

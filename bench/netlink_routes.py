@@ -33,8 +33,8 @@ import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
 
-from pyflannel.lab.netns import NetNamespace
 from pyflannel.netlink import Nexthop, Op, Route, RtNetlink
+from pyflannel_lab.netns import NetNamespace
 
 PHASES = ("replace (empty)", "replace (existing)", "dump", "delete")
 

@@ -32,10 +32,10 @@ from pyflannel.backend.base import DesiredTable, StoredNodeState
 from pyflannel.backend.vxlan import VxlanBackend, backend_data
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lab.netns import NetNamespace
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.netlink import RtNetlink
 from pyflannel.reconcile.kernel import DesiredState, KernelReconciler
+from pyflannel_lab.netns import NetNamespace
 
 PHASES = ("program (empty)", "program (existing)", "delete")
 TOOLS = ("ip+bridge -batch", "ours (nexthop objects)", "ours (classic routes)")

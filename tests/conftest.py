@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pyflannel.lab.netns import NetNamespace
+from pyflannel_lab.netns import NetNamespace
 
 NEEDS_ROOT = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,

@@ -3,43 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-DEFAULT_LABEL = "lab"
-
-
-def _lab_demo(args: argparse.Namespace) -> int:
-    from pyflannel.lab.demo import run_demo
-
-    return run_demo(nodes=args.nodes, keep=args.keep, backend=args.backend, store=args.store)
-
-
-def _lab(args: argparse.Namespace) -> int:
-    from pyflannel.lab import session
-
-    label = args.label
-    cmd = args.lab_command
-    if cmd == "up":
-        return session.up(label, {"nodes": args.nodes, "backend": args.backend,
-                                  "store": args.store})
-    if cmd == "down":
-        return session.down(label)
-    req: dict[str, object] = {"cmd": {"show": "show"}.get(cmd, cmd)}
-    if cmd == "remove-node":
-        req["node"] = args.node
-    if cmd == "graph":
-        req["out"] = str(Path(args.out).resolve())
-    return session.request(label, req)
-
-
-def _lab_status(args: argparse.Namespace) -> int:
-    """`pyflannel status --check` run inside every lab node."""
-    from pyflannel.lab import session
-
-    return session.request(args.label, {"cmd": "status"})
 
 
 def _install_cni(args: argparse.Namespace) -> int:
@@ -58,44 +24,12 @@ def _install_conf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    p.add_argument("--backend", choices=["host-gw", "vxlan"], default="host-gw",
-                   help="flannel backend (default host-gw)")
-    p.add_argument("--store", choices=["etcd", "kube"], default="etcd",
-                   help="where leases live (default etcd; kube needs the apiserver that "
-                   "scripts/build-kube-apiserver.sh installs)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyflannel", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    lab = sub.add_parser("lab", help="a flannel cluster in network namespaces on this machine")
-    lab.add_argument("--label", default=DEFAULT_LABEL,
-                     help="which lab, when several are up (default 'lab')")
-    labsub = lab.add_subparsers(dest="lab_command", required=True)
-    demo = labsub.add_parser("demo", help="build a cluster, show it, remove it (one command)")
-    _cluster_options(demo)
-    demo.add_argument("--keep", action="store_true",
-                      help="wait for Enter before removing the cluster")
-    demo.set_defaults(func=_lab_demo)
-    up = labsub.add_parser("up", help="build a cluster that stays up; then add-node, "
-                           "remove-node, graph, status, down")
-    _cluster_options(up)
-    up.set_defaults(func=_lab)
-    labsub.add_parser("show", help="every node's routes and the reachability matrix"
-                      ).set_defaults(func=_lab)
-    labsub.add_parser("add-node", help="a new node joins; watch routes appear everywhere"
-                      ).set_defaults(func=_lab)
-    rm = labsub.add_parser("remove-node", help="a node leaves; watch its routes disappear")
-    rm.add_argument("node", help="e.g. node2")
-    rm.set_defaults(func=_lab)
-    gr = labsub.add_parser("graph", help="write an SVG picture of nodes, subnets and routes")
-    gr.add_argument("--out", default="flannel-lab.svg", help="file (default flannel-lab.svg)")
-    gr.set_defaults(func=_lab)
-    labsub.add_parser("status", help="`pyflannel status --check` on every node"
-                      ).set_defaults(func=_lab_status)
-    labsub.add_parser("down", help="remove the lab, also after a crash").set_defaults(func=_lab)
+    # The lab lives in its own package (pyflannel_lab), which the image does not contain.
+    sub.add_parser("lab", add_help=False,
+                   help="a flannel cluster in network namespaces on this machine (pyflannel_lab)")
     sub.add_parser("status", help="leases in the store, and whether this node's kernel matches "
                    "them (--check); takes flanneld's flags; --help for more")
     inst = sub.add_parser("install-cni", help="install the flannel CNI plugin executable")
@@ -115,21 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyflannel.status.command import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["lab"]:
+        try:
+            from pyflannel_lab.cli import main as lab_main
+        except ImportError:
+            print("pyflannel lab: the lab package (pyflannel_lab) is not installed here; it "
+                  "comes with a source checkout (scripts/setup.sh)", file=sys.stderr)
+            return 1
+        return lab_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "lab" and os.geteuid() != 0:
-        print("pyflannel lab: needs root (it creates network namespaces); run it with sudo",
-              file=sys.stderr)
-        return 1
     try:
         rc: int = args.func(args)
-    except BrokenPipeError:  # `pyflannel lab show | head`: the reader has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as e:
-        from pyflannel.lab.session import LabError
-
-        if not isinstance(e, LabError | ValueError):
-            raise
+    except ValueError as e:
         print(f"pyflannel: {e}", file=sys.stderr)
         return 1
     return rc

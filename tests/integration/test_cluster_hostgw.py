@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyflannel.lab.cluster import Cluster
+from pyflannel_lab.cluster import Cluster
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),

@@ -20,8 +20,6 @@ import httpx
 import pytest
 
 from pyflannel.config.netconf import NetConf
-from pyflannel.lab.etcd import ETCD_BIN, EtcdServer, make_tls_files
-from pyflannel.lab.netns import NetNamespace
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.subnet.etcd import (
@@ -31,6 +29,8 @@ from pyflannel.subnet.etcd import (
     LeaseRevoked,
 )
 from pyflannel.subnet.etcd.client import WatchStream
+from pyflannel_lab.etcd import ETCD_BIN, EtcdServer, make_tls_files
+from pyflannel_lab.netns import NetNamespace
 
 pytestmark = [
     pytest.mark.etcd,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from pyflannel.lab.cluster import Cluster, LabNode
-from pyflannel.lab.kube import MISSING_BINARY, KubeLabStore, kube_apiserver_binary, kubelet_node
+from pyflannel_lab.cluster import Cluster, LabNode
+from pyflannel_lab.kube import MISSING_BINARY, KubeLabStore, kube_apiserver_binary, kubelet_node
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

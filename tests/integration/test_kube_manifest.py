@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from pyflannel.cni.install import install_conf
-from pyflannel.lab.cluster import Cluster
-from pyflannel.lab.kube import (
+from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.kube import (
     FLANNEL_NAMESPACE,
     MISSING_BINARY,
     KubeAdmin,

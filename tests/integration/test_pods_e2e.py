@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pyflannel.lab.cluster import Cluster
+from pyflannel_lab.cluster import Cluster
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflannel.lab.cluster import Cluster, LabNode
+from pyflannel_lab.cluster import Cluster, LabNode
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),

@@ -19,10 +19,10 @@ from pyflannel.backend.base import DesiredTable, StoredNodeState
 from pyflannel.backend.vxlan import RouteLookup, VxlanBackend, backend_data
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lab.netns import NetNamespace
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
 from pyflannel.reconcile.kernel import KernelReconciler
+from pyflannel_lab.netns import NetNamespace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for network namespaces")

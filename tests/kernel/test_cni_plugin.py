@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pyflannel.cni.install import install_plugin
-from pyflannel.lab.cniruntime import Attachment, CniPluginError, CniRuntime
-from pyflannel.lab.netns import NetNamespace, run
+from pyflannel_lab.cniruntime import Attachment, CniPluginError, CniRuntime
+from pyflannel_lab.netns import NetNamespace, run
 
 CNI_BIN = Path("/usr/lib/cni")
 

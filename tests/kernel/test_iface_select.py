@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from pyflannel.iface.select import InterfaceError, find_external_interface, sort_addresses
-from pyflannel.lab.netns import NetNamespace, veth_between
+from pyflannel_lab.netns import NetNamespace, veth_between
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 

@@ -19,7 +19,6 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 
 import pytest
 
-from pyflannel.lab.netns import NetNamespace
 from pyflannel.netlink import (
     IFA_F_DEPRECATED,
     IFA_F_HOMEADDRESS,
@@ -45,6 +44,7 @@ from pyflannel.netlink import (
     RtNetlink,
 )
 from pyflannel.netlink.codec import FDB_STATE, NTF_SELF, NUD_STALE
+from pyflannel_lab.netns import NetNamespace
 
 pytestmark = [
     pytest.mark.kernel,

@@ -19,8 +19,8 @@ from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
-from pyflannel.lab.netns import NetNamespace, veth_between
 from pyflannel.traffic import TrafficConfig, TrafficRules, make_traffic_rules
+from pyflannel_lab.netns import NetNamespace, veth_between
 
 pytestmark = [
     pytest.mark.kernel,

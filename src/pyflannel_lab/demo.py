@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import sys
 
-from pyflannel.lab import views
+from pyflannel_lab import views
 
 
 def _say(msg: str) -> None:

@@ -10,8 +10,8 @@ from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 from typing import Any
 
-from pyflannel.lab.cluster import Cluster, LabNode, LabStore
 from pyflannel.status.svg import GraphEdge, GraphNode, render_svg
+from pyflannel_lab.cluster import Cluster, LabNode, LabStore
 
 Say = Callable[[str], None]
 NETWORK = "10.244.0.0/16"
@@ -22,7 +22,7 @@ def make_store(kind: str) -> LabStore | None:
         return None  # the Cluster's default
     if kind == "kube":
         try:
-            from pyflannel.lab.kube import KubeLabStore
+            from pyflannel_lab.kube import KubeLabStore
         except ImportError:
             raise ValueError("--store kube needs the Kubernetes lab store, which this "
                              "version does not have") from None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pyflannel.lab.netns import NetNamespace, OwnedProcess, run
+from pyflannel_lab.netns import NetNamespace, OwnedProcess, run
 
 ETCD_BIN = "/usr/bin/etcd"
 ETCDCTL_BIN = "/usr/bin/etcdctl"

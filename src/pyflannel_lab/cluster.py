@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pyflannel.cni.install import install_plugin
-from pyflannel.lab.cniruntime import Attachment, CniRuntime
-from pyflannel.lab.etcd import EtcdServer
-from pyflannel.lab.netns import NetNamespace, stop_process, veth_between
+from pyflannel_lab.cniruntime import Attachment, CniRuntime
+from pyflannel_lab.etcd import EtcdServer
+from pyflannel_lab.netns import NetNamespace, stop_process, veth_between
 
 DEFAULT_SEGMENT = "192.168.77.0/24"
 IPV6_SEGMENT_PREFIX = "fd77:{seg}::/64"  # the IPv6 prefix of segment number `seg`

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyflannel.lab.netns import NetNamespace, run
+from pyflannel_lab.netns import NetNamespace, run
 
 STATE_DIR = Path(os.environ.get("PYFLANNEL_LAB_DIR", "/run/pyflannel-lab"))
 
@@ -62,7 +62,7 @@ def _alive(pid: int) -> bool:
         return True
     # A recycled PID is not our supervisor: check what it runs.
     try:
-        return b"pyflannel.lab.session" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"pyflannel_lab.session" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -111,7 +111,7 @@ def up(label: str, options: dict[str, Any], say: Say = print) -> int:
     state_file(label).write_text(json.dumps({"name": name, "pid": 0, "workdir": ""}))
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pyflannel.lab.session", label, name],
+            [sys.executable, "-m", "pyflannel_lab.session", label, name],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True)  # survives this command's exit and its Ctrl-C
     deadline = time.monotonic() + 30
@@ -207,7 +207,7 @@ class Supervisor:
 
         try:
             req = json.loads(f.readline())
-            from pyflannel.lab import views
+            from pyflannel_lab import views
 
             cmd = req.pop("cmd")
             if cmd == "down":

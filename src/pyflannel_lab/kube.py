@@ -1,7 +1,7 @@
 """A real Kubernetes API server for tests and the lab, and the lab store on top of it.
 
 `KubeApiServer` runs its own etcd and kube-apiserver (v1.20.2, built by
-scripts/build-kube-apiserver.sh) inside a network namespace we created, on an address in
+scripts/build-kubernetes.sh) inside a network namespace we created, on an address in
 it and ports picked at run time: TLS with an openssl-made CA, a static admin token, RBAC
 on (`--authorization-mode=Node,RBAC`), and ServiceAccount tokens through the
 TokenRequest API. `KubeAdmin` talks to it from this process: its requests run on one
@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from pyflannel.lab.etcd import EtcdServer
-from pyflannel.lab.netns import NetNamespace, OwnedProcess, run
+from pyflannel_lab.etcd import EtcdServer
+from pyflannel_lab.netns import NetNamespace, OwnedProcess, run
 
 if TYPE_CHECKING:
-    from pyflannel.lab.cluster import Cluster, LabNode
+    from pyflannel_lab.cluster import Cluster, LabNode
 
 KUBE_APISERVER_ENV = "PYFLANNEL_KUBE_APISERVER"
-KUBE_APISERVER_DEFAULT = "/var/cache/pyflannel/kube-apiserver-v1.20.2/kube-apiserver"
+KUBE_APISERVER_DEFAULT = "/var/cache/pyflannel/kubernetes-v1.20.2/kube-apiserver"
 SERVICE_CIDR = "10.96.0.0/16"
 FLANNEL_NAMESPACE = "kube-flannel"
 FLANNEL_SERVICE_ACCOUNT = "flannel"
@@ -58,7 +58,7 @@ def kube_apiserver_binary() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-MISSING_BINARY = ("kube-apiserver not installed: run scripts/build-kube-apiserver.sh as root "
+MISSING_BINARY = ("kube-apiserver not installed: run scripts/build-kubernetes.sh as root "
                   f"(about 11 minutes, once per machine) or set {KUBE_APISERVER_ENV}")
 
 
