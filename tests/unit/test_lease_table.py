@@ -48,9 +48,9 @@ def test_a_snapshot_removes_what_vanished() -> None:
 @pytest.mark.parametrize("bad,reason", [
     (lease("10.9.2.0/24", "192.168.1.12"), "outside the network"),
     (lease("10.244.0.0/23", "192.168.1.12"), "not a /24"),
-    (lease("10.244.2.0/24", "0.0.0.0"), "not a usable unicast"),
-    (lease("10.244.2.0/24", "127.0.0.1"), "not a usable unicast"),
-    (lease("10.244.2.0/24", "224.0.0.5"), "not a usable unicast"),
+    (lease("10.244.2.0/24", "0.0.0.0"), "is unspecified"),
+    (lease("10.244.2.0/24", "127.0.0.1"), "loopback"),
+    (lease("10.244.2.0/24", "224.0.0.5"), "multicast"),
     (lease("10.244.2.0/24", "192.168.1.11"), "our own"),
     (lease("10.244.2.0/24", "192.168.1.12", "vxlan"), "backend type"),
 ])

@@ -9,13 +9,16 @@ applying, drift repair) is the KernelReconciler's job, the same for every backen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
 from pyflannel.lease.model import Lease
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
 from pyflannel.reconcile.kernel import DesiredState, KernelScope
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ class Backend(Protocol):
 @dataclass
 class DesiredTable:
     """The DesiredState kept up to date incrementally from per-peer states, so a lease
-    event costs O(1) instead of recomputing every peer."""
+    event costs O(1) instead of recomputing every peer. Keyed by lease ident; an entry is
+    removed only by the peer that put it, so one lease's removal can never take another
+    lease's route, neighbour or FDB entry with it."""
 
     state: DesiredState = field(default_factory=DesiredState)
     peers: dict[str, PeerState] = field(default_factory=dict)
@@ -79,12 +84,13 @@ class DesiredTable:
         old = self.peers.pop(key, None)
         if old is None:
             return
+        st = self.state
         for r in old.routes:
-            self.state.routes.pop(str(r.dst), None)
+            _pop_if(st.routes, str(r.dst), r)
         for n in old.neighbours:
-            self.state.neighbours.pop((n.ifindex, str(n.ip)), None)
+            _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n)
         for f in old.fdb:
-            self.state.fdb.pop((f.ifindex, f.lladdr.lower()), None)
+            _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f)
 
     def put(self, key: str, peer: PeerState) -> None:
         self.remove(key)
@@ -95,3 +101,9 @@ class DesiredTable:
             self.state.neighbours[(n.ifindex, str(n.ip))] = n
         for f in peer.fdb:
             self.state.fdb[(f.ifindex, f.lladdr.lower())] = f
+
+
+def _pop_if(table: dict[K, V], key: K, entry: V) -> None:
+    # `is`: the very object this peer put; an equal-keyed entry of another peer stays.
+    if table.get(key) is entry:
+        del table[key]

@@ -125,6 +125,14 @@ def vtep_mac_of(data: str) -> str | None:
     return None
 
 
+def vtep_claims(lease: Lease) -> tuple[str, ...]:
+    """The VTEP MACs a lease claims, per device family: they key the FDB, so a second lease
+    with a copied MAC would redirect the first one's traffic (LeaseTable refuses it)."""
+    macs = (vtep_mac_of(lease.attrs.backend_data), vtep_mac_of(lease.attrs.backend_v6_data))
+    return tuple(f"vtep{fam}:{mac.lower()}" for fam, mac in zip((4, 6), macs, strict=True)
+                 if mac is not None)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """What a flannel vxlan device must look like."""

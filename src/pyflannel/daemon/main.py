@@ -194,13 +194,14 @@ class Daemon:
 
         policy = lease_policy(nc, store=mgr.name, backend_type=setup.backend_type,
                               own_subnet=lease.subnet, own_ipv6_subnet=lease.ipv6_subnet,
-                              own_public_ip=attrs.public_ip, own_public_ipv6=attrs.public_ipv6)
+                              own_public_ip=attrs.public_ip, own_public_ipv6=attrs.public_ipv6,
+                              segments=ext.segments)
         nl = RtNetlink.open()
         # Opened before the first dump, so no change can slip between dump and watch.
         monitor = RtMonitor.open(routes=True, neighbours=True, links=True, nexthops=True)
         reconciler = KernelReconciler(nl, backend.scope())
         reconciler.on_pass = self._record_pass
-        table = LeaseTable(lease.key, policy)
+        table = LeaseTable(lease.ident, policy)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
@@ -259,9 +260,9 @@ class Daemon:
             for _lease, reason in delta.refused:
                 self.metrics.refused_leases.labels(reason=reason.kind).inc()
             for old in delta.removed:
-                desired.remove(old.key)
+                desired.remove(old.ident)
             for new in delta.added:
-                desired.put(new.key, backend.peer_state(new))
+                desired.put(new.ident, backend.peer_state(new))
             self.metrics.leases.set(len(table.peers))
             self.metrics.observe_reconnects(getattr(mgr, "watch_reconnects", 0))
             if delta.changed or not reconciler.stats.runs:

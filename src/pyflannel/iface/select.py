@@ -13,7 +13,7 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from pyflannel.netlink import Link, RtNetlink
@@ -38,6 +38,9 @@ class ExternalInterface:
     ext_addr: IPv4Address | None
     iface_addr6: IPv6Address | None = None
     ext_addr6: IPv6Address | None = None
+    # The interface's connected prefixes: a peer whose public IP is one of their network or
+    # broadcast addresses can never be a gateway.
+    segments: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class _Addr:
     index: int
     ip: IPv4Address | IPv6Address
     flags: int
+    prefixlen: int = 0
 
 
 def sort_addresses(addrs: Sequence[_Addr]) -> list[_Addr]:
@@ -82,7 +86,7 @@ async def find_external_interface(
     # Our own netlink codec, not pyroute2: the daemon's start-up and RSS stay small.
     with RtNetlink.open(netns) as nl:
         links = [link async for link in nl.dump_links()]
-        addrs = [_Addr(a.index, a.ip, a.flags) async for a in nl.dump_addresses()]
+        addrs = [_Addr(a.index, a.ip, a.flags, a.prefixlen) async for a in nl.dump_addresses()]
         by_index = {link.index: link for link in links}
         by_name = {link.name: link for link in links}
         chosen: Link | None = None
@@ -150,4 +154,6 @@ async def find_external_interface(
         name=chosen.name, index=chosen.index, mtu=chosen.mtu,
         iface_addr=a4, ext_addr=public_ip if public_ip is not None else a4,
         iface_addr6=a6, ext_addr6=public_ipv6 if public_ipv6 is not None else a6,
+        segments=tuple(ip_network((a.ip, a.prefixlen), strict=False) for a in addrs
+                       if a.index == chosen.index),
     )

@@ -8,18 +8,12 @@ upstream node and a pyflannel node read each other's leases.
 from __future__ import annotations
 
 import json
-import re
 import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 UNSET_IPV4 = IPv4Address("0.0.0.0")
-
-# Upstream's parse regex for subnet keys (pkg/subnet/subnet.go), including its quirk of an
-# unescaped dot in the third position, so that we accept exactly the keys it accepts.
-_SUBNET_KEY = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
-
 
 class LeaseFormatError(ValueError):
     """A key or value in the store that is not a flannel lease."""
@@ -32,11 +26,12 @@ _CANONICAL_BY_LOWER = {k.lower(): k for k in _CANONICAL_KEYS}
 
 def parse_ipv4(text: str) -> IPv4Address:
     """IPv4Address(text), 5x faster: start-up parses one address per peer (10k+).
-    inet_pton is as strict as ipaddress (four decimal parts, no leading zeros)."""
+    Dotted-quad only, as Go's parser: four decimal parts, no leading zeros; ValueError
+    otherwise."""
     try:
         return IPv4Address(socket.inet_pton(socket.AF_INET, text))
     except (OSError, TypeError):
-        return IPv4Address(text)  # raises ipaddress's own, clearer error
+        raise ValueError(f"{str(text)[:45]!r} is not an IPv4 address") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +73,8 @@ class LeaseAttrs:
         # canonical case, which is the fast path.
         if not obj.keys() <= _CANONICAL_KEYS:
             obj = {_CANONICAL_BY_LOWER.get(k.lower(), k): v for k, v in obj.items()}
-        try:
-            pub = obj.get("PublicIP")
-            pub4 = parse_ipv4(pub) if isinstance(pub, str) and pub else (
-                IPv4Address(pub) if pub else UNSET_IPV4)
-            pub6_raw = obj.get("PublicIPv6")
-            pub6 = IPv6Address(pub6_raw) if pub6_raw else None
-        except ValueError as e:
-            raise LeaseFormatError(f"lease PublicIP: {e}") from None
+        pub4 = _public_ip(obj.get("PublicIP"), socket.AF_INET, "PublicIP")
+        pub6 = _public_ip(obj.get("PublicIPv6"), socket.AF_INET6, "PublicIPv6")
         btype = obj.get("BackendType") or ""
         if not isinstance(btype, str):
             raise LeaseFormatError("lease BackendType is not a string")
@@ -99,6 +88,22 @@ class LeaseAttrs:
 
     def backend_data_obj(self) -> Any:
         return json.loads(self.backend_data) if self.backend_data else None
+
+
+def _public_ip(value: Any, family: int, field_name: str) -> Any:
+    """Go's ip.IP4/IP6 UnmarshalJSON: a JSON string in dotted-quad / RFC 4291 text form, or
+    null/absent. A number (`3232255290`) or any other type is refused, as Go refuses it."""
+    if value is None or value == "":
+        return UNSET_IPV4 if family == socket.AF_INET else None
+    if not isinstance(value, str) or len(value) > 45:
+        raise LeaseFormatError(f"lease {field_name}: expected an IP address string, got "
+                               f"{type(value).__name__} {str(value)[:40]!r}")
+    try:
+        packed = socket.inet_pton(family, value)
+    except OSError:
+        raise LeaseFormatError(f"lease {field_name}: {value[:45]!r} is not an IPv"
+                               f"{4 if family == socket.AF_INET else 6} address") from None
+    return IPv4Address(packed) if family == socket.AF_INET else IPv6Address(packed)
 
 
 def _compact(value: Any) -> str:
@@ -126,10 +131,29 @@ class Lease:
     reservation: bool = False
     # etcd's lease ID or the Kubernetes node name: where the lease came from.
     origin: str = field(default="", compare=False)
+    # The store's own name for the lease when it is not the subnet key: the Node's name in
+    # kube mode, where two Nodes can claim overlapping podCIDRs. "" in etcd mode, where
+    # the (canonical) key is the identity.
+    node: str = ""
+    # Seniority for conflicts: etcd's create revision, a Node's creation time (Unix s).
+    # Rewriting a key keeps it, so a later writer can never out-rank an older lease.
+    created: int = field(default=0, compare=False)
+    # etcd's mod revision / the Node's resourceVersion: refusals are logged once each.
+    revision: int = field(default=0, compare=False)
 
     @property
     def key(self) -> str:
         return subnet_key(self.subnet, self.ipv6_subnet)
+
+    @property
+    def ident(self) -> str:
+        """What the store calls this lease: the key its removal is announced by."""
+        return self.node or self.key
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        """Lower wins a conflict: older first, then by name (deterministic)."""
+        return (self.created, self.ident)
 
 
 def subnet_key(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = None) -> str:
@@ -144,35 +168,41 @@ def subnet_key(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = Non
     return f"{v4}&{ipv6_subnet.network_address.compressed}-{ipv6_subnet.prefixlen}"
 
 
-_V6_ONLY_KEY = re.compile(r"^&([a-f\d:]+)-(\d+)$")
+_KEY_FORM = "<network address>-<prefix length>, then &<IPv6 network>-<length> for dual stack"
+MAX_KEY_LEN = 100  # the longest canonical key, v4 + v6, is 62 characters
 
 
 def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
-    """Inverse of subnet_key for a full store key or its last component. An IPv6-only key
-    (`&fd00:10::-64`, which upstream writes but cannot read back) gives (None, v6)."""
+    """Inverse of subnet_key for a full store key or its last component, anchored: the key
+    must be exactly what subnet_key (upstream's MakeSubnetKey) writes for the subnets it
+    names, so no prefix, suffix, leading zero, host bit, upper-case hex or uncompressed
+    IPv6 form is accepted. Otherwise two keys could name one subnet, and the second one
+    could take the first one's route (or remove it when deleted)."""
     last = key.rsplit("/", 1)[-1]
-    if last.startswith("&"):
-        m6 = _V6_ONLY_KEY.match(last)
-        try:
-            if m6:
-                return None, IPv6Network(f"{m6.group(1)}/{m6.group(2)}")
-        except ValueError as e:
-            raise LeaseFormatError(f"not a subnet key: {key!r}: {e}") from None
-        raise LeaseFormatError(f"not a subnet key: {key!r}")
-    if "&" not in last:
-        # Fast path for the common v4-only key; anything unusual goes to the regex.
-        addr, _, plen = last.rpartition("-")
-        if plen.isdigit() and len(plen) <= 2 and addr.count(".") == 3:
-            try:
-                return IPv4Network((int(parse_ipv4(addr)), int(plen))), None
-            except ValueError:
-                pass
-    m = _SUBNET_KEY.search(key)
-    if not m:
-        raise LeaseFormatError(f"not a subnet key: {key!r}")
+    if len(last) > MAX_KEY_LEN:
+        raise LeaseFormatError(f"not a subnet key: {key[:MAX_KEY_LEN]!r}... (too long)")
+    v4_text, amp, v6_text = last.partition("&")
     try:
-        v4 = IPv4Network(f"{m.group(1)}/{m.group(2)}")
-        v6 = IPv6Network(f"{m.group(3)}/{m.group(4)}") if m.group(3) else None
-    except ValueError as e:
-        raise LeaseFormatError(f"not a subnet key: {key!r}: {e}") from None
+        v4 = _key_net(v4_text, 4) if v4_text else None
+        v6 = _key_net(v6_text, 6) if amp else None
+    except ValueError:
+        raise LeaseFormatError(f"not a subnet key: {key!r} (expected {_KEY_FORM})") from None
+    if v4 is None and v6 is None:
+        raise LeaseFormatError(f"not a subnet key: {key!r} (expected {_KEY_FORM})")
+    if subnet_key(v4, v6) != last:
+        raise LeaseFormatError(f"not a canonical subnet key: {key!r} (upstream writes "
+                               f"{subnet_key(v4, v6)!r} for these subnets)")
     return v4, v6
+
+
+def _key_net(text: str, version: int) -> Any:
+    addr, dash, plen = text.rpartition("-")
+    if not dash or not plen.isdigit() or not plen.isascii() or len(plen) > 3:
+        raise ValueError(text)
+    if version == 4:
+        return IPv4Network((int(parse_ipv4(addr)), int(plen)))
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, addr)
+    except OSError:
+        raise ValueError(text) from None
+    return IPv6Network((IPv6Address(packed), int(plen)))

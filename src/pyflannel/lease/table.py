@@ -8,12 +8,12 @@ reason instead of being programmed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
-from pyflannel.lease.model import UNSET_IPV4, Lease
+from pyflannel.lease.model import Lease
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ class LeasePolicy:
     own_ipv6_subnet: IPv6Network | None = None
     own_public_ip: IPv4Address | None = None
     own_public_ipv6: IPv6Address | None = None
+    # What else a lease claims for itself alone, beside its subnets (vxlan: its VTEP MACs,
+    # which key the FDB): two leases claiming the same token conflict like overlaps do.
+    unique: Callable[[Lease], tuple[str, ...]] | None = None
+    # Our external interface's connected prefixes (their network and broadcast addresses
+    # are never a peer's address).
+    segments: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,9 @@ def refusal(lease: Lease, p: LeasePolicy) -> Refusal | None:
         if p.own_subnet is not None and s.overlaps(p.own_subnet):
             return Refusal("own-subnet", f"subnet {s} overlaps our own subnet {p.own_subnet}")
         ip = lease.attrs.public_ip
-        if ip == UNSET_IPV4 or ip.is_loopback or ip.is_multicast or ip.is_reserved:
-            return Refusal("public-ip", f"public IP {ip} is not a usable unicast address")
+        bad = _unusable(ip, p.segments)
+        if bad:
+            return Refusal("public-ip", f"public IP {ip} is {bad}, not a node's address")
         if p.own_public_ip is not None and ip == p.own_public_ip:
             return Refusal("public-ip", f"public IP {ip} is our own")
     if p.ipv6_network is not None:
@@ -74,16 +81,42 @@ def refusal(lease: Lease, p: LeasePolicy) -> Refusal | None:
             return Refusal("own-subnet",
                            f"IPv6 subnet {s6} overlaps our own subnet {p.own_ipv6_subnet}")
         ip6 = lease.attrs.public_ipv6
-        if ip6 is None or ip6.is_unspecified or ip6.is_loopback or ip6.is_multicast:
-            return Refusal("public-ip", f"public IPv6 {ip6} is not a usable unicast address")
+        bad = "missing" if ip6 is None else _unusable(ip6, p.segments)
+        if bad:
+            return Refusal("public-ip", f"public IPv6 {ip6} is {bad}, not a node's address")
         if p.own_public_ipv6 is not None and ip6 == p.own_public_ipv6:
             return Refusal("public-ip", f"public IPv6 {ip6} is our own")
     return None
 
 
+def _unusable(ip: IPv4Address | IPv6Address, segments: tuple[IPv4Network | IPv6Network, ...]
+              ) -> str:
+    """Why `ip` cannot be a peer's address (a gateway or tunnel endpoint), or ""."""
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.version == 4 and (ip.is_reserved or ip == IPv4Address("255.255.255.255")):
+        return "a reserved address"
+    for seg in segments:
+        if seg.version != ip.version or ip not in seg:
+            continue
+        if seg.version == 4 and seg.prefixlen < 31 and ip in (seg.network_address,
+                                                             seg.broadcast_address):
+            return f"the {'network' if ip == seg.network_address else 'broadcast'} " \
+                   f"address of this node's segment {seg}"
+        if seg.version == 6 and seg.prefixlen < 127 and ip == seg.network_address:
+            return f"the subnet-router anycast address of this node's segment {seg}"
+    return ""
+
+
 @dataclass
 class TableDelta:
-    """What one update changed: keys whose desired state must be recomputed."""
+    """What one update changed: leases (by ident) whose desired state must be recomputed."""
 
     changed: set[str] = field(default_factory=set)
     added: list[Lease] = field(default_factory=list)
@@ -91,14 +124,87 @@ class TableDelta:
     refused: list[tuple[Lease, Refusal]] = field(default_factory=list)
 
 
+Net = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class _Claims:
+    nets: tuple[Net, ...]
+    tokens: tuple[str, ...]
+
+    def clash(self, other: _Claims) -> bool:
+        return bool(set(self.tokens) & set(other.tokens)) or any(
+            a.version == b.version and a.overlaps(b)
+            for a in self.nets for b in other.nets)
+
+
+class _Owners:
+    """Which accepted lease holds each subnet, so a new lease's overlaps are found without a
+    scan: subnets are indexed by (version, prefix length), and a cluster uses one or two
+    lengths, so a lookup is a dict probe per length in use."""
+
+    _ENUMERATE_MAX = 256  # shorter new prefixes enumerate this many longer ones, else scan
+
+    def __init__(self) -> None:
+        self._by_len: dict[tuple[int, int], dict[int, str]] = {}
+        self._tokens: dict[str, str] = {}
+
+    def add(self, ident: str, c: _Claims) -> None:
+        for n in c.nets:
+            self._by_len.setdefault((n.version, n.prefixlen), {})[
+                int(n.network_address)] = ident
+        for t in c.tokens:
+            self._tokens[t] = ident
+
+    def remove(self, ident: str, c: _Claims) -> None:
+        for n in c.nets:
+            held = self._by_len.get((n.version, n.prefixlen))
+            if held is not None and held.get(int(n.network_address)) == ident:
+                del held[int(n.network_address)]
+                if not held:
+                    del self._by_len[(n.version, n.prefixlen)]
+        for t in c.tokens:
+            if self._tokens.get(t) == ident:
+                del self._tokens[t]
+
+    def overlapping(self, c: _Claims) -> set[str]:
+        found = {h for t in c.tokens if (h := self._tokens.get(t)) is not None}
+        for n in c.nets:
+            bits = n.max_prefixlen
+            addr = int(n.network_address)
+            for (version, plen), held in self._by_len.items():
+                if version != n.version:
+                    continue
+                if plen <= n.prefixlen:  # a held subnet that contains n (or equals it)
+                    hit = held.get(addr >> (bits - plen) << (bits - plen))
+                    if hit is not None:
+                        found.add(hit)
+                    continue
+                step, count = 1 << (bits - plen), 1 << (plen - n.prefixlen)
+                if count <= self._ENUMERATE_MAX:  # held subnets inside n
+                    found.update(h for a in range(addr, addr + count * step, step)
+                                 if (h := held.get(a)) is not None)
+                else:
+                    end = addr + (1 << (bits - n.prefixlen))
+                    found.update(h for a, h in held.items() if addr <= a < end)
+        return found
+
+
 class LeaseTable:
-    """The accepted peer leases, keyed by subnet key."""
+    """The accepted peer leases, by ident (the etcd key, or the Node's name).
+
+    At most one lease holds any address: when two leases overlap, the one with the lower
+    rank (older create revision / creation time, then name) is routed and the other is
+    refused until the winner goes. A later write can never win, so a planted lease cannot
+    take a route over, and deleting it changes nothing."""
 
     def __init__(self, own_key: str, policy: LeasePolicy) -> None:
         self.own_key = own_key
         self.policy = policy
         self._peers: dict[str, Lease] = {}
-        self._refused: dict[str, str] = {}  # key -> last reason logged
+        self._losers: dict[str, Lease] = {}  # valid, but overlapping an older lease
+        self._owners = _Owners()
+        self._refused: dict[str, tuple[int, str]] = {}  # ident -> (revision, reason) logged
         self.synced = False  # a first snapshot has been applied
 
     @property
@@ -107,49 +213,122 @@ class LeaseTable:
 
     @property
     def refused(self) -> Mapping[str, str]:
-        return self._refused
+        return {k: msg for k, (_rev, msg) in self._refused.items()}
 
     def apply(self, update: LeaseUpdate) -> TableDelta:
         delta = TableDelta()
         if isinstance(update, LeaseSnapshot):
-            seen = {lease.key for lease in update.leases}
-            for key in [k for k in self._peers if k not in seen]:
-                self._remove(key, delta)
-            for key in [k for k in self._refused if k not in seen]:
-                del self._refused[key]
-            for lease in update.leases:
+            seen = {lease.ident for lease in update.leases}
+            for ident in [k for k in self._peers if k not in seen]:
+                self._remove(ident, delta)
+            for ident in [k for k in self._losers if k not in seen]:
+                del self._losers[ident]
+            for ident in [k for k in self._refused if k not in seen]:
+                del self._refused[ident]
+            # Oldest first: winners are placed before the leases they refuse, so a
+            # snapshot causes no churn whatever order the store listed them in.
+            for lease in sorted(update.leases, key=lambda le: le.rank):
                 self._upsert(lease, delta)
             self.synced = True
         elif isinstance(update, LeaseChanges):
-            for key in update.removed:
-                self._remove(key, delta)
-                self._refused.pop(key, None)
+            for ident in update.removed:
+                self._remove(ident, delta)
+                self._refused.pop(ident, None)
             for lease in update.upserted:
                 self._upsert(lease, delta)
         return delta
 
+    def _claims(self, lease: Lease) -> _Claims:
+        nets = tuple(n for n in (lease.subnet, lease.ipv6_subnet) if n is not None)
+        unique = self.policy.unique
+        return _Claims(nets, unique(lease) if unique is not None else ())
+
+    def _refuse(self, lease: Lease, reason: Refusal, delta: TableDelta) -> None:
+        ident = lease.ident
+        if self._refused.get(ident) != (lease.revision, reason.message):
+            log.warning("Refusing lease %s (public IP %s): %s", ident, lease.attrs.public_ip,
+                        reason.message)
+            delta.refused.append((lease, reason))
+        self._refused[ident] = (lease.revision, reason.message)
+
     def _upsert(self, lease: Lease, delta: TableDelta) -> None:
-        key = lease.key
-        if key == self.own_key:
+        ident = lease.ident
+        if ident == self.own_key:
             return
         reason = refusal(lease, self.policy)
         if reason is not None:
-            if self._refused.get(key) != reason.message:
-                log.warning("Refusing lease %s (public IP %s): %s", key,
-                            lease.attrs.public_ip, reason.message)
-                delta.refused.append((lease, reason))
-            self._refused[key] = reason.message
-            self._remove(key, delta)
+            self._refuse(lease, reason, delta)
+            self._losers.pop(ident, None)
+            self._remove(ident, delta)
             return
-        self._refused.pop(key, None)
-        old = self._peers.get(key)
-        self._peers[key] = lease  # keeps the newest expiration even when nothing else changed
-        if old != lease:
-            delta.changed.add(key)
-            delta.added.append(lease)
-
-    def _remove(self, key: str, delta: TableDelta) -> None:
-        old = self._peers.pop(key, None)
+        old = self._peers.get(ident)
         if old is not None:
-            delta.changed.add(key)
+            self._owners.remove(ident, self._claims(old))
+        self._losers.pop(ident, None)
+        claims = self._claims(lease)
+        holders = self._owners.overlapping(claims)
+        senior = sorted((self._peers[h] for h in holders if self._peers[h].rank < lease.rank),
+                        key=lambda le: le.rank)
+        if senior:
+            if old is not None:
+                del self._peers[ident]
+                delta.changed.add(ident)
+                delta.removed.append(old)
+            self._losers[ident] = lease
+            self._refuse(lease, _conflict(lease, senior[0]), delta)
+            if old is not None:
+                self._promote(old, delta)
+            return
+        evicted = [self._peers.pop(h) for h in holders]
+        for ev in evicted:
+            self._owners.remove(ev.ident, self._claims(ev))
+            delta.changed.add(ev.ident)
+            delta.removed.append(ev)
+            self._losers[ev.ident] = ev
+            self._refuse(ev, _conflict(ev, lease), delta)
+        self._refused.pop(ident, None)
+        self._peers[ident] = lease  # keeps the newest expiration even when nothing else changed
+        self._owners.add(ident, claims)
+        if old != lease:
+            delta.changed.add(ident)
+            delta.added.append(lease)
+        if old is not None and self._claims(old) != claims:
+            self._promote(old, delta)
+        for ev in evicted:
+            self._promote(ev, delta)
+
+    def _remove(self, ident: str, delta: TableDelta) -> None:
+        self._losers.pop(ident, None)
+        old = self._peers.pop(ident, None)
+        if old is not None:
+            self._owners.remove(ident, self._claims(old))
+            delta.changed.add(ident)
             delta.removed.append(old)
+            self._promote(old, delta)
+
+    def _promote(self, gone: Lease, delta: TableDelta) -> None:
+        """`gone` no longer holds its subnets: refused leases that overlapped it may now be
+        routed, oldest first."""
+        if not self._losers:
+            return
+        gone_claims = self._claims(gone)
+        waiting = sorted((le for le in self._losers.values()
+                          if self._claims(le).clash(gone_claims)), key=lambda le: le.rank)
+        for lease in waiting:
+            claims = self._claims(lease)
+            if self._owners.overlapping(claims):
+                continue
+            del self._losers[lease.ident]
+            self._refused.pop(lease.ident, None)
+            self._peers[lease.ident] = lease
+            self._owners.add(lease.ident, claims)
+            delta.changed.add(lease.ident)
+            delta.added.append(lease)
+            log.info("Lease %s no longer conflicts with %s: routing it", lease.ident,
+                     gone.ident)
+
+
+def _conflict(loser: Lease, winner: Lease) -> Refusal:
+    return Refusal("conflict", f"it claims what lease {winner.ident} (public IP "
+                   f"{winner.attrs.public_ip}) holds (an overlapping subnet or the same "
+                   "VTEP MAC); the older lease keeps it")

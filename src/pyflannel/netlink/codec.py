@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from socket import AF_INET, AF_INET6
@@ -173,8 +173,8 @@ class NetlinkDecodeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One route. Equality covers every field, so a desired route equals a dumped one only
-    if protocol, scope, type and flags match too."""
+    """One route. Equality covers every field but the metric, so a desired route equals a
+    dumped one only if protocol, scope, type and flags match too."""
 
     dst: IPv4Network | IPv6Network
     gateway: IPv4Address | IPv6Address | None
@@ -188,6 +188,11 @@ class Route:
     # (the kernel refuses both together); dumps fill them from the nexthop unless the
     # namespace has net.ipv4.nexthop_compat_mode = 0.
     nhid: int | None = None
+    # RTA_PRIORITY (the metric). Ours are the kernel's default (0 for IPv4, 1024 for IPv6);
+    # a foreign route to one of our prefixes with another metric is a second route,
+    # deleted by its metric so ours stays. Not part of equality: the v6 default would
+    # make every dumped route differ from its desired one.
+    priority: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +356,8 @@ def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -
         parts.append(RTATTR.pack(4 + len(addr), RTA_GATEWAY) + addr)
     if oif is not None:
         parts.append(_ATTR_I32.pack(8, RTA_OIF, oif))
+    if route.priority:
+        parts.append(_ATTR_U32.pack(8, RTA_PRIORITY, route.priority))
     return _message(msg_type, flags, seq, b"".join(parts))
 
 
@@ -592,6 +599,7 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
     gw: IPv4Address | IPv6Address | None = None
     oif: int | None = None
     nhid: int | None = None
+    priority = 0
     onlink = bool(rflags & RTNH_F_ONLINK)
     off = start + 12
     unpack_attr = RTATTR.unpack_from
@@ -612,6 +620,8 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
             oif = _I32.unpack_from(buf, p)[0]
         elif atype == RTA_NH_ID:
             nhid = _U32.unpack_from(buf, p)[0]
+        elif atype == RTA_PRIORITY and q - p == 4:
+            priority = _U32.unpack_from(buf, p)[0]
         elif atype == RTA_MULTIPATH and q - p >= 8:
             nh_len, nh_flags, _hops, nh_ifindex = _RTNEXTHOP.unpack_from(buf, p)
             oif = nh_ifindex
@@ -622,7 +632,7 @@ def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
         off += (alen + 3) & ~3
     dst: IPv4Network | IPv6Network = (
         _v4_net(dst_b, dst_len) if width == 4 else _v6_net(dst_b, dst_len))
-    return Route(dst, gw, oif, table, proto, onlink, scope, rtype, nhid)
+    return Route(dst, gw, oif, table, proto, onlink, scope, rtype, nhid, priority)
 
 
 def decode_nexthop(buf: Buffer, start: int, end: int) -> Nexthop | None:

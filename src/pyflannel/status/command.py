@@ -121,11 +121,12 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
         return problems + [f"status --check does not know the {nc.backend_type} backend"], []
     policy = lease_policy(nc, store=store, backend_type=backend.backend_type, own_subnet=own4,
                           own_ipv6_subnet=own6, own_public_ip=ext.ext_addr,
-                          own_public_ipv6=ext.ext_addr6)
-    lt = LeaseTable(own_key, policy)
+                          own_public_ipv6=ext.ext_addr6, segments=ext.segments)
+    # kube mode names leases by Node: ours is the one whose subnets subnet.env records.
+    lt = LeaseTable(own.ident if own is not None else own_key, policy)
     delta = lt.apply(LeaseSnapshot(tuple(leases)))
     for lease, reason in delta.refused:
-        problems.append(f"refused lease {lease.key}: {reason.message}")
+        problems.append(f"refused lease {lease.ident}: {reason.message}")
     desired = DesiredTable()
     for key, lease in lt.peers.items():
         desired.put(key, backend.peer_state(lease))

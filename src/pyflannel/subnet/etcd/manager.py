@@ -58,7 +58,8 @@ def _lease_from_kv(kv: KeyValue, key_suffix: str) -> Lease:
     v4, v6 = parse_subnet_key(key_suffix)
     attrs = LeaseAttrs.from_json(kv.value)
     return Lease(subnet=v4, attrs=attrs, ipv6_subnet=v6, expiration=None,
-                 reservation=kv.lease == 0, origin=str(kv.lease))
+                 reservation=kv.lease == 0, origin=str(kv.lease),
+                 created=kv.create_revision, revision=kv.mod_revision)
 
 
 class EtcdSubnetManager:
@@ -84,6 +85,7 @@ class EtcdSubnetManager:
         self._rng = rng or random.Random()
         self._primed: tuple[LeaseSnapshot, int] | None = None
         self.watch_reconnects = 0
+        self._skipped: dict[str, int] = {}  # key -> mod revision whose refusal was logged
 
     # -- config ----------------------------------------------------------------------
     async def network_config(self) -> NetConf:
@@ -102,15 +104,20 @@ class EtcdSubnetManager:
         return rest if rest and "/" not in rest else None
 
     def _parse(self, kv: KeyValue) -> Lease | None:
+        """The lease in `kv`, or None (logged once per key revision) for anything else."""
         suffix = self._suffix(kv.key)
         if suffix is None:
-            log.debug("%s: not a subnet, skipping", kv.key)
+            log.debug("%s: not a subnet, skipping", kv.key[:200])
             return None
         try:
-            return _lease_from_kv(kv, suffix)
+            lease = _lease_from_kv(kv, suffix)
         except LeaseFormatError as e:
-            log.warning("Skipping %s: %s", kv.key, e)
+            if self._skipped.get(kv.key) != kv.mod_revision:
+                self._skipped[kv.key] = kv.mod_revision
+                log.warning("Skipping %s: %s", kv.key[:200], e)
             return None
+        self._skipped.pop(kv.key, None)
+        return lease
 
     async def _read_leases(self) -> tuple[list[_StoredLease], int]:
         kvs, rev = await self.client.range_prefix(self.subnets_prefix)
@@ -127,10 +134,12 @@ class EtcdSubnetManager:
         from pyflannel.backend.base import StoredNodeState  # the daemon's seam type
 
         stored, _ = await self._read_leases()
-        for s in stored:
-            if self._same_node(s.lease, attrs):
-                return StoredNodeState(backend_data=s.lease.attrs.backend_data,
-                                       backend_v6_data=s.lease.attrs.backend_v6_data)
+        mine = [s for s in stored if self._same_node(s.lease, attrs)]
+        recorded = next((s for s in mine if s.lease.subnet == self.previous_subnet
+                         and s.lease.ipv6_subnet == self.previous_ipv6_subnet), None)
+        for s in [recorded] if recorded is not None else mine:
+            return StoredNodeState(backend_data=s.lease.attrs.backend_data,
+                                   backend_v6_data=s.lease.attrs.backend_v6_data)
         return StoredNodeState()
 
     # -- acquiring -------------------------------------------------------------------
@@ -216,6 +225,18 @@ class EtcdSubnetManager:
         return Lease(v4, attrs, v6, expiration=time.time() + ttl, reservation=False,
                      origin=str(lease_id))
 
+    def _recorded_lease(self, nc: NetConf, mine: list[_StoredLease]) -> _StoredLease | None:
+        """Our lease as subnet.env records it, when the store still has it with our public
+        IP: it wins over any other lease carrying our IP (one planted there must not be
+        adopted by a restart)."""
+        v4 = self.previous_subnet if nc.enable_ipv4 else None
+        v6 = self.previous_ipv6_subnet if nc.enable_ipv6 else None
+        if v4 is None and v6 is None:
+            return None
+        key = subnet_key(v4, v6)
+        return next((s for s in mine if s.lease.key == key
+                     and self._fits(nc, s.lease.subnet, s.lease.ipv6_subnet)), None)
+
     def _previous_choice(self, nc: NetConf, stored: list[_StoredLease]
                          ) -> tuple[IPv4Network | None, IPv6Network | None] | None:
         v4 = self.previous_subnet if nc.enable_ipv4 else None
@@ -267,6 +288,14 @@ class EtcdSubnetManager:
             stored, rev = await self._read_leases()
 
             mine = [s for s in stored if self._same_node(s.lease, attrs)]
+            recorded = self._recorded_lease(netconf, mine)
+            if recorded is not None:
+                for s in mine:
+                    if s is not recorded:
+                        log.warning("Lease %s carries our public IP (%s) but is not the one "
+                                    "subnet.env records (%s): not ours, leaving it alone",
+                                    s.lease.key, attrs.public_ip, recorded.lease.key)
+                mine = [recorded]
             for s in mine:
                 if self._fits(netconf, s.lease.subnet, s.lease.ipv6_subnet):
                     log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing",
@@ -419,23 +448,24 @@ class EtcdSubnetManager:
         for typ, kv in batch:
             suffix = self._suffix(kv.key)
             if suffix is None:
-                log.debug("%s: not a subnet, skipping", kv.key)
+                log.debug("%s: not a subnet, skipping", kv.key[:200])
                 continue
             try:
-                v4, v6 = parse_subnet_key(suffix)
-            except LeaseFormatError:
-                log.debug("%s: not a subnet, skipping", kv.key)
-                continue
-            lease_key = subnet_key(v4, v6)
-            if typ == "DELETE":
-                final[lease_key] = None
-                continue
-            try:
-                final[lease_key] = _lease_from_kv(kv, suffix)
+                parse_subnet_key(suffix)
             except LeaseFormatError as e:
-                # A key that no longer holds a lease must not keep its old route.
-                log.warning("Skipping %s: %s", kv.key, e)
-                final[lease_key] = None
+                # Never a lease, so its deletion cannot remove one either.
+                if typ == "DELETE":
+                    self._skipped.pop(kv.key, None)
+                elif self._skipped.get(kv.key) != kv.mod_revision:
+                    self._skipped[kv.key] = kv.mod_revision
+                    log.warning("Skipping %s: %s", kv.key[:200], e)
+                continue
+            if typ == "DELETE":
+                self._skipped.pop(kv.key, None)
+                final[suffix] = None
+                continue
+            # A key that no longer holds a lease must not keep its old route.
+            final[suffix] = self._parse(kv)
         if not final:
             return None
         return LeaseChanges(

@@ -247,7 +247,7 @@ class KubeSubnetManager:
         self._attrs = attrs
         await self._ensure_annotations(node)
         self._lease = Lease(subnet=subnet, attrs=attrs, ipv6_subnet=subnet6,
-                            expiration=time.time() + LEASE_TTL, origin=name)
+                            expiration=time.time() + LEASE_TTL, origin=name, node=name)
         return self._lease
 
     async def _ensure_annotations(self, node: dict[str, Any]) -> bool:

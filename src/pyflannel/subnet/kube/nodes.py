@@ -105,8 +105,25 @@ def node_lease(node: Mapping[str, Any], ann: Annotations, *, ipv4: bool = True,
         backend_data=_backend_data(a.get(ann.backend_data), ann.backend_data) if ipv4 else "",
         backend_v6_data=(_backend_data(a.get(ann.backend_v6_data), ann.backend_v6_data)
                          if ipv6 else ""))
+    meta = node.get("metadata") or {}
     return Lease(subnet=subnet, attrs=attrs, ipv6_subnet=subnet6, expiration=None,
-                 origin=name)
+                 origin=name, node=name, created=_created(meta.get("creationTimestamp")),
+                 revision=_revision(meta.get("resourceVersion")))
+
+
+def _created(stamp: Any) -> int:
+    """metadata.creationTimestamp (RFC 3339, second precision) as Unix seconds; a Node
+    without one ranks last, so it can never out-rank a real one."""
+    if isinstance(stamp, str) and len(stamp) <= 40:
+        try:
+            return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            pass
+    return 1 << 62
+
+
+def _revision(rv: Any) -> int:
+    return int(rv) if isinstance(rv, str) and rv.isdigit() and len(rv) <= 20 else 0
 
 
 def _override(a: Mapping[str, str], key: str, family: int) -> str | None:

@@ -9,8 +9,8 @@
   deleted meanwhile.
 - Events are turned into LeaseChanges one at a time while the consumer pulls them: the
   HTTP stream itself is the buffer, so nothing queues up without bound.
-- Unlike upstream (§14.8) a podCIDR change (a node re-registered under the same name) is
-  a removal of the old lease plus the new one, and a public-ip change reprograms peers.
+- Unlike upstream (§14.8) a podCIDR change (a node re-registered under the same name) replaces
+  the node's lease, and a public-ip change reprograms peers.
 """
 
 from __future__ import annotations
@@ -124,14 +124,11 @@ class NodeFollower:
             if old is None:
                 return None
             del self.leases[name]
-            return LeaseChanges(removed=(old.key,))
+            return LeaseChanges(removed=(old.ident,))
         self.leases[name] = new
-        if old is None:
-            return LeaseChanges(upserted=(new,))
         if old == new:
             return None  # a heartbeat or any other change flannel does not care about
-        if old.key != new.key:
-            return LeaseChanges(upserted=(new,), removed=(old.key,))
+        # A new podCIDR is the same Node's lease: the table replaces it under its name.
         return LeaseChanges(upserted=(new,))
 
     async def updates(self) -> AsyncGenerator[LeaseUpdate, None]:
