@@ -97,12 +97,53 @@ def test_hand_deleted_route_is_restored_by_the_event_path(cluster: Cluster) -> N
         took = time.monotonic() - t0
         print(f"route restored after {took * 1000:.0f} ms")
     # it was the netlink event, not the 10 s periodic resync, that repaired it
-    assert "was deleted by someone else; reconciling" in node.log()
+    assert f"Drift: route to {subnet} via {gw} was deleted by someone else; repairing" \
+        in node.log()
     # a route altered by hand (another gateway) is put back too
     other = "192.168.77.200"
     node.ns.ip("route", "replace", subnet, "via", other, "dev", "eth0")
     cluster.wait_until(lambda: (subnet, gw) in cluster.flannel_routes(node), timeout=5,
                        what="the altered route to be corrected")
+
+
+def test_every_kind_of_route_drift_is_repaired_from_its_event_and_logged_once(
+        cluster: Cluster) -> None:
+    """Moved to another device, replaced by a blackhole or an unreachable route, shadowed by
+    a lower metric: each is one netlink event, one "Drift:" line, and a repair well before
+    the 10 s periodic pass (the wait allows 3 s, so only the event path can pass it)."""
+    node = cluster.nodes[1]
+    subnet, gw = sorted(cluster.expected_routes(node))[0]
+    node.ns.ip("link", "add", "dummy9", "type", "veth", "peer", "name", "dummy9p")
+    node.ns.ip("link", "set", "dummy9p", "up")
+    node.ns.ip("link", "set", "dummy9", "up")
+    node.ns.ip("addr", "add", "192.0.2.1/24", "dev", "dummy9")
+    tampers = [("route", "replace", subnet, "via", "192.0.2.7", "dev", "dummy9"),
+               ("route", "replace", "blackhole", subnet),
+               ("route", "replace", "unreachable", subnet)]
+    for tamper in tampers:
+        before = node.log().count("Drift:")
+        node.ns.ip(*tamper)
+        cluster.wait_until(lambda b=before: (subnet, gw) in cluster.flannel_routes(node)
+                           and node.log().count("Drift:") > b, timeout=3, interval=0.01,
+                           what=f"the route to come back after `ip {' '.join(tamper)}`")
+        time.sleep(0.3)  # our own repair must not be reported as drift as well
+        assert node.log().count("Drift:") == before + 1, node.log()[-2000:]
+    # A second route to the subnet with another metric is reported (and, on our device,
+    # removed by its metric so ours stays).
+    node.ns.ip("route", "append", subnet, "via", gw, "dev", "eth0", "metric", "7")
+    cluster.wait_until(lambda: "metric 7" in node.log()
+                       and (subnet, gw) in cluster.flannel_routes(node)
+                       and "metric 7" not in node.ns.ip("route", "show", subnet).stdout,
+                       timeout=3, interval=0.01, what="the extra metric-7 route to go")
+    # Our own changes are never drift: a node joining and leaving is programmed quietly.
+    before = node.log().count("Drift:")
+    new = cluster.add_node()
+    cluster.wait_until(cluster.converged, timeout=30, what="the new node to join")
+    cluster.remove_node(new)
+    cluster.wait_until(cluster.converged, timeout=30, what="the new node to leave")
+    time.sleep(0.5)
+    assert node.log().count("Drift:") == before, node.log()[-2000:]
+    node.ns.ip("link", "del", "dummy9")
 
 
 def test_stale_routes_are_removed_at_start_and_foreign_routes_kept(cluster: Cluster) -> None:

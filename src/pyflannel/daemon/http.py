@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, *, ready: Callable[[], bool],
+    def __init__(self, host: str, port: int, *, ready: Callable[[], str],
                  registry: CollectorRegistry) -> None:
         self.host, self.port = host, port
         self.ready = ready
@@ -44,8 +44,9 @@ class HealthServer:
             if path == "/healthz":
                 status, body = 200, b"flanneld is running"
             elif path == "/readyz":
-                status, body = ((200, b"flanneld is ready") if self.ready()
-                                else (503, b"flanneld is not ready yet"))
+                why = self.ready()  # "" when ready, else the reason
+                status, body = ((503, f"flanneld is not ready: {why}".encode()) if why
+                                else (200, b"flanneld is ready"))
             elif path == "/metrics":
                 status, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
             else:

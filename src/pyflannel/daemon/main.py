@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -44,6 +45,7 @@ from pyflannel.subnet.kube.errors import KubeError
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
     read_subnet_env,
+    render_subnet_env,
     subnet_env_for,
     write_subnet_env,
 )
@@ -52,6 +54,9 @@ from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_ru
 log = logging.getLogger("main")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# /readyz turns 503 when the lease watch has been failing for longer than this: peers that
+# join or change meanwhile are not programmed. Short outages (a store restart) stay ready.
+WATCH_DOWN_READY_LIMIT = 30.0
 BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend, "vxlan": VxlanBackend}
 
 
@@ -64,6 +69,7 @@ class Daemon:
         self.flags = flags
         self.metrics = DaemonMetrics()
         self.ready = False
+        self._subnet_env_problem = ""  # why subnet.env is not what we wrote, "" when it is
         self._stop = asyncio.Event()
         self._drift_seen = 0
         self._mgr: SubnetManager | None = None
@@ -118,7 +124,7 @@ class Daemon:
         log.info("Created subnet manager: %s", describe(f))
         http: HealthServer | None = None
         if f.healthz_port > 0:
-            http = HealthServer(f.healthz_ip, f.healthz_port, ready=lambda: self.ready,
+            http = HealthServer(f.healthz_ip, f.healthz_port, ready=self.unready_reason,
                                 registry=self.metrics.registry)
             await http.start()
         try:
@@ -184,11 +190,7 @@ class Daemon:
                              nc.ipv6_network if nc.enable_ipv6 else None,
                              lease.ipv6_subnet if nc.enable_ipv6 else None,
                              setup.mtu, f.ip_masq)
-        try:
-            write_subnet_env(subnet_file, env)
-            log.info("Wrote subnet file to %s", subnet_file)
-        except OSError as e:
-            log.warning("Failed to write subnet file: %s", e)
+        self._sync_subnet_env(subnet_file, env)
         self.ready = True
         log.info("flannel is ready")
 
@@ -210,6 +212,7 @@ class Daemon:
                 tg.create_task(self._watch_leases(mgr, table, reconciler, backend, desired))
                 tg.create_task(reconciler.run())
                 tg.create_task(self._resync_traffic_loop())
+                tg.create_task(self._keep_subnet_env(subnet_file, env))
                 if f.ip_blackhole_route:
                     tg.create_task(self._blackhole_loop(nl, lease))
                 tg.create_task(self._watch_kernel(monitor, reconciler, backend, table,
@@ -247,6 +250,49 @@ class Daemon:
         except Exception as e:  # a masq setup failure is fatal upstream too
             raise StartupError(f"Failed to set up {rules.mode} rules: {e}") from None
         self._traffic = (rules, cfg)
+
+    def unready_reason(self) -> str:
+        """/readyz: "" when ready, else why not (the probe's body says it)."""
+        if not self.ready:
+            return "starting up (network config, lease, backend)"
+        if self._subnet_env_problem:
+            return self._subnet_env_problem
+        down = self._mgr.watch_down_since if self._mgr is not None else None
+        if down is not None and time.monotonic() - down > WATCH_DOWN_READY_LIMIT:
+            return (f"the lease watch has been down for {time.monotonic() - down:.0f} s "
+                    f"(limit {WATCH_DOWN_READY_LIMIT:.0f} s): peers' changes are not seen")
+        return ""
+
+    def _sync_subnet_env(self, path: Path, env: SubnetEnv) -> None:
+        """Make subnet.env hold exactly our bytes (rewritten when changed or removed); the
+        CNI plugin reads it for every pod, so a stale one makes us not ready."""
+        first = not self.ready  # start-up writes it always, as upstream does
+        try:
+            if not first:
+                with contextlib.suppress(FileNotFoundError):
+                    if path.read_bytes() == render_subnet_env(env):
+                        self._subnet_env_problem = ""
+                        return
+            write_subnet_env(path, env)
+            if first:
+                log.info("Wrote subnet file to %s", path)
+            else:
+                log.warning("%s was changed or removed; rewrote it", path)
+            self._subnet_env_problem = ""
+        except OSError as e:
+            if not self._subnet_env_problem:
+                log.error("Failed to write subnet file %s: %s (retrying every %d s)", path,
+                          e.strerror or e, self.flags.iptables_resync)
+            self._subnet_env_problem = f"cannot write {path}: {e.strerror or e}"
+
+    async def _keep_subnet_env(self, path: Path, env: SubnetEnv) -> None:
+        while True:
+            await asyncio.sleep(self.flags.iptables_resync)
+            # A small file: read and compared off the loop, so a slow disk never stalls it.
+            want = render_subnet_env(env)
+            have = await asyncio.to_thread(_read_or_none, path)
+            if have != want or self._subnet_env_problem:
+                await asyncio.to_thread(self._sync_subnet_env, path, env)
 
     async def _stop_waiter(self) -> None:
         await self._stop.wait()
@@ -329,6 +375,13 @@ class Daemon:
 
     async def _keep_lease(self, mgr: SubnetManager, lease: Lease) -> None:
         await mgr.keep_lease(lease)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 class _Stopping(Exception):

@@ -49,6 +49,12 @@ from pyflannel.netlink import (
 log = logging.getLogger(__name__)
 
 LOG_EACH_LIMIT = 50  # changes logged one by one per pass; beyond that, a summary
+DRIFT_LOG_LIMIT = 10  # drift events logged one by one per netlink batch
+# How long after a change its notification counts as our own echo (they arrive within
+# milliseconds; the window only bounds what a lost notification leaves behind).
+ECHO_WINDOW = 2.0
+ECHO_MAX = 200_000
+IPV6_DEFAULT_METRIC = 1024  # the kernel's metric for an IPv6 route added with none
 NHID_BASE = 0x0F1A0000  # our nexthop ids: NHID_BASE .. NHID_BASE + NHID_SPAN - 1
 NHID_SPAN = 1 << 20
 UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
@@ -221,6 +227,25 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
             + fdb_dels)
 
 
+def _signature(deleted: bool, obj: object) -> tuple[object, ...]:
+    """What identifies a change and its notification alike."""
+    if isinstance(obj, Route):
+        return (deleted, "route", obj.dst, obj.table, obj.gateway, obj.oif, obj.type)
+    if isinstance(obj, Nexthop):
+        return (deleted, "nexthop", obj.id)
+    if isinstance(obj, Neighbour):
+        return (deleted, "neigh", obj.ifindex, obj.ip, obj.lladdr.lower() if not deleted else "")
+    if isinstance(obj, FdbEntry):
+        return (deleted, "fdb", obj.ifindex, obj.lladdr.lower())
+    return (deleted, type(obj).__name__)
+
+
+def _route_text(r: Route) -> str:
+    kind = {RTN_UNICAST: ""}.get(r.type, f"type {r.type} ")
+    nh = f" nhid {r.nhid}" if r.nhid is not None else ""
+    return f"{kind}via {r.gateway} dev #{r.oif}{nh} metric {r.priority}"
+
+
 @dataclass
 class ReconcileStats:
     """Counters the metrics endpoint and the status command read."""
@@ -267,6 +292,8 @@ class KernelReconciler:
         self._dirty = asyncio.Event()
         self._have_desired = False
         self._drift_pending = False
+        self._echo: dict[tuple[object, ...], float] = {}  # change signature -> deadline
+        self._failing: dict[tuple[object, ...], int] = {}  # op signature -> errno logged
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -286,37 +313,66 @@ class KernelReconciler:
         self._dirty.set()
 
     def on_events(self, events: Sequence[RtEvent]) -> None:
-        """React to kernel notifications; only contradictions trigger a pass, so the echo
-        of our own changes costs nothing."""
+        """React to kernel notifications. The echo of our own changes is recognised and
+        costs nothing; anything else that contradicts the desired state is drift: logged
+        once per change and repaired by a pass right away."""
+        now = time.monotonic()
+        drifts = 0
         for ev in events:
+            if self._is_echo(ev, now):
+                continue
             reason = self._contradiction(ev)
             if reason:
-                log.info("%s; reconciling", reason)
-                self.mark_dirty(drift=True)
-                return
+                drifts += 1
+                if drifts <= DRIFT_LOG_LIMIT:
+                    log.warning("Drift: %s; repairing", reason)
+        if drifts > DRIFT_LOG_LIMIT:
+            log.warning("Drift: ... and %d more changes in this batch", drifts - DRIFT_LOG_LIMIT)
+        if drifts:
+            self.mark_dirty(drift=True)
+
+    def _is_echo(self, ev: RtEvent, now: float) -> bool:
+        if not self._echo or ev.obj is None:
+            return False
+        sig = _signature(ev.kind.endswith("_del"), ev.obj)
+        deadline = self._echo.pop(sig, None)
+        return deadline is not None and deadline >= now
+
+    def _expect_echoes(self, results: Iterable[OpResult]) -> None:
+        """Remember what we just changed, so its notifications are not taken for drift."""
+        deadline = time.monotonic() + ECHO_WINDOW
+        if len(self._echo) > ECHO_MAX:
+            self._echo.clear()
+        for res in results:
+            if res.errno == 0:
+                self._echo[_signature(res.op.action == "delete", res.op.obj)] = deadline
 
     def _contradiction(self, ev: RtEvent) -> str | None:
         d, o = self._desired, ev.obj
         if ev.kind == "overflow":
             return "netlink event queue overflowed"
         if isinstance(o, Route):
-            want = d.routes.get(str(o.dst))
+            want = d.routes.get(str(o.dst)) if o.table == self.scope.table else None
             if ev.kind == "route_del":
-                if want is not None and o.table == want.table:
-                    return f"Route to {o.dst} via {o.gateway} was deleted by someone else"
-            elif self.scope.owns_route(o) and (
-                    want is None or (o.gateway, o.oif) != (want.gateway, want.oif)):
-                return f"Route to {o.dst} via {o.gateway} was changed by someone else"
+                if want is not None and self._is_ours(want, o):
+                    return f"route to {o.dst} via {o.gateway} was deleted by someone else"
+            elif want is not None:
+                if not self._is_ours(want, o):
+                    return (f"route to {o.dst} was changed by someone else (now "
+                            f"{_route_text(o)}; want via {want.gateway})")
+            elif self.scope.owns_route(o):
+                return f"route to {o.dst} via {o.gateway} was added by someone else"
         elif isinstance(o, Nexthop):
-            if ev.kind == "nexthop_del" and self.scope.owns_nexthop(o):
-                return f"Nexthop {o.id} via {o.gateway} was deleted by someone else"
+            if self.scope.owns_nexthop(o):
+                verb = "deleted" if ev.kind == "nexthop_del" else "changed"
+                return f"nexthop {o.id} via {o.gateway} was {verb} by someone else"
         elif isinstance(o, Neighbour):
             wn = d.neighbours.get(neighbour_key(o))
             if ev.kind == "neigh_del" and wn is not None:
-                return f"Neighbour {o.ip} was deleted by someone else"
+                return f"neighbour {o.ip} was deleted by someone else"
             if ev.kind == "neigh_new" and self.scope.owns_neighbour(o) and (
                     wn is None or not same_neighbour(wn, o)):
-                return f"Neighbour {o.ip} was changed by someone else"
+                return f"neighbour {o.ip} was changed by someone else"
         elif isinstance(o, FdbEntry):
             wf = d.fdb.get(fdb_key(o))
             if ev.kind == "neigh_del" and wf is not None:
@@ -325,6 +381,20 @@ class KernelReconciler:
                     wf is None or wf.dst != o.dst):
                 return f"FDB entry {o.lladdr} was changed by someone else"
         return None
+
+    def _is_ours(self, want: Route, have: Route) -> bool:
+        """`have` is the route we program for `want`: same device, gateway, type, flags,
+        the kernel's default metric, and one of our nexthop objects when we use them."""
+        if (self.nexthops and have.gateway is None and have.oif is None
+                and have.nhid is not None and NHID_BASE <= have.nhid < NHID_BASE + NHID_SPAN):
+            return True  # nexthop_compat_mode=0: the nexthop's own events cover the rest
+        if (have.type != want.type or have.gateway != want.gateway or have.oif != want.oif
+                or have.onlink != want.onlink
+                or have.priority != (0 if have.dst.version == 4 else IPV6_DEFAULT_METRIC)):
+            return False
+        if self.nexthops:
+            return have.nhid is not None and NHID_BASE <= have.nhid < NHID_BASE + NHID_SPAN
+        return have.nhid is None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -376,6 +446,7 @@ class KernelReconciler:
         desired = self._desired
         ops = plan(desired, await self.observe(), self.scope, nexthops=self.nexthops)
         results = await self.nl.apply(ops) if ops else []
+        self._expect_echoes(results)
         if self.nexthops and self._nexthops_unsupported(results):
             log.warning("This kernel does not support nexthop objects; using classic routes")
             self.nexthops = False
@@ -412,6 +483,8 @@ class KernelReconciler:
             op, obj = res.op, res.op.obj
             if res.errno == 0:
                 changed += 1
+                if self._failing:
+                    self._failing.pop(_signature(op.action == "delete", obj), None)
                 if isinstance(obj, Nexthop):
                     continue  # reported with its route
                 logged += 1
@@ -441,9 +514,12 @@ class KernelReconciler:
                         obj.dst, obj.gateway)
                 continue
             self.stats.failures += 1
-            log.error("Error %s %s: %s%s", "setting" if op.action == "replace" else "deleting",
-                      _describe(op), os.strerror(res.errno),
-                      f" ({res.message})" if res.message else "")
+            sig = _signature(op.action == "delete", obj)
+            if self._failing.get(sig) != res.errno:  # once, not on every retry
+                self._failing[sig] = res.errno
+                log.error("Error %s %s: %s%s (retrying quietly)",
+                          "setting" if op.action == "replace" else "deleting", _describe(op),
+                          os.strerror(res.errno), f" ({res.message})" if res.message else "")
         if logged > LOG_EACH_LIMIT and not verbose_all:
             log.info("... and %d more changes (%d in this pass; -v=2 lists each)",
                      logged - LOG_EACH_LIMIT, logged)

@@ -32,6 +32,11 @@ class SubnetManager(Protocol):
         """A snapshot first (and after any gap in history), then changes."""
         ...
 
+    @property
+    def watch_down_since(self) -> float | None:
+        """time.monotonic() since when the lease watch has been failing; None while up."""
+        ...
+
     async def keep_lease(self, lease: Lease) -> None:
         """Runs while the lease is ours (etcd renews it); raises LeaseRevoked when it is
         taken away."""

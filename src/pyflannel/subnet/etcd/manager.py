@@ -86,6 +86,8 @@ class EtcdSubnetManager:
         self._primed: tuple[LeaseSnapshot, int] | None = None
         self.watch_reconnects = 0
         self._skipped: dict[str, int] = {}  # key -> mod revision whose refusal was logged
+        self.watch_backoff = ReconnectBackoff("lease watch", log,
+                                              recovered="connected to etcd again")
 
     # -- config ----------------------------------------------------------------------
     async def network_config(self) -> NetConf:
@@ -476,7 +478,7 @@ class EtcdSubnetManager:
     async def updates(self) -> AsyncIterator[LeaseUpdate]:
         """A snapshot of all leases, then changes; never ends, never gives up."""
         revision: int | None = None
-        backoff = ReconnectBackoff("lease watch", log, recovered="connected to etcd again")
+        backoff = self.watch_backoff
         watched = False
         while True:
             try:
@@ -504,6 +506,10 @@ class EtcdSubnetManager:
                 revision = None
             except EtcdError as e:
                 await backoff.fail(e)
+
+    @property
+    def watch_down_since(self) -> float | None:
+        return self.watch_backoff.failing_since
 
     async def aclose(self) -> None:
         await self.client.aclose()

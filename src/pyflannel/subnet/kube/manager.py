@@ -276,6 +276,10 @@ class KubeSubnetManager:
     def updates(self) -> AsyncIterator[LeaseUpdate]:
         return self.follower.updates()
 
+    @property
+    def watch_down_since(self) -> float | None:
+        return self.follower.backoff.failing_since
+
     def _on_own_node(self, typ: str, node: dict[str, Any] | None) -> None:
         self._own_latest = node
         self._own_seen = True

@@ -56,6 +56,7 @@ class NodeFollower:
         self.relists = 0
         self._rng = rng or random.Random()
         self._bad: dict[str, str] = {}  # node -> last problem logged
+        self.backoff = ReconnectBackoff("Node watch", log, level=logging.ERROR)
 
     # -- node -> lease -----------------------------------------------------------------
     def _lease(self, node: dict[str, Any]) -> Lease | None:
@@ -134,7 +135,7 @@ class NodeFollower:
     async def updates(self) -> AsyncGenerator[LeaseUpdate, None]:
         """A snapshot, then changes; again a snapshot after a 410. Never ends, never
         gives up (errors are logged once and retried with backoff)."""
-        backoff = ReconnectBackoff("Node watch", log, level=logging.ERROR)
+        backoff = self.backoff
         while True:
             try:
                 if self.resource_version is None:
