@@ -234,6 +234,24 @@ def test_health_endpoints_and_metrics() -> None:
         assert "flannel_watch_reconnects_total" in m
         assert "flannel_neighbours_programmed" in m and "flannel_fdb_entries_programmed" in m
 
+        # subnet.env removed: rewritten at the next resync, with our exact bytes.
+        good = node.subnet_file.read_bytes()
+        node.subnet_file.unlink()
+        cl.wait_until(lambda: node.subnet_file.exists(), timeout=15,
+                      what="subnet.env to be rewritten")
+        assert node.subnet_file.read_bytes() == good and get("/readyz")[0] == 200
+        # subnet.env cannot be written (a directory in its place): not ready, and why.
+        node.subnet_file.unlink()
+        node.subnet_file.mkdir()
+        cl.wait_until(lambda: get("/readyz")[0] == 503, timeout=15, what="/readyz to say 503")
+        code, body = get("/readyz")
+        assert body.startswith(f"flanneld is not ready: cannot write {node.subnet_file}"), body
+        assert get("/healthz") == (200, "flanneld is running")  # liveness is unaffected
+        node.subnet_file.rmdir()
+        cl.wait_until(lambda: get("/readyz") == (200, "flanneld is ready"), timeout=15,
+                      what="/readyz to recover")
+        assert node.subnet_file.read_bytes() == good
+
 
 def test_racing_daemons_get_distinct_leases() -> None:
     # Only two subnets exist: two daemons starting together must not both take one.

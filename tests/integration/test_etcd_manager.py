@@ -204,6 +204,37 @@ async def test_reuses_lease_of_our_public_ip(etcd: EtcdServer, client: EtcdClien
                in r.getMessage() for r in caplog.records)
 
 
+async def test_subnet_env_lease_wins_over_a_planted_lease_with_our_ip(
+        etcd: EtcdServer, client: EtcdClient, prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue #9: after a restart, a lease planted with this node's PublicIP for another
+    subnet is not adopted while subnet.env's lease still exists and carries our IP; the
+    planted one is logged and left alone (so is its VTEP MAC, which must not become ours)."""
+    caplog.set_level(logging.INFO, MGR_LOG)
+    ours = f"{prefix}/subnets/10.57.8.0-24"
+    planted = f"{prefix}/subnets/10.57.3.0-24"  # sorts first: upstream's order would take it
+    etcd.etcdctl("put", f"--lease={grant(etcd)}", ours,
+                 vxlan_attrs("10.0.0.11", "0a:00:00:00:00:11").to_json())
+    etcd.etcdctl("put", f"--lease={grant(etcd)}", planted,
+                 vxlan_attrs("10.0.0.11", "0a:00:00:00:00:66").to_json())
+    mgr = EtcdSubnetManager(client, prefix=prefix, previous_subnet=IPv4Network("10.57.8.0/24"))
+    nc = await configured(etcd, prefix, mgr, Network="10.57.0.0/16")
+    attrs = vxlan_attrs("10.0.0.11", "0a:00:00:00:00:11")
+    assert (await mgr.stored_state(attrs)).backend_data == \
+        '{"VNI":1,"VtepMAC":"0a:00:00:00:00:11"}'
+    lease = await mgr.acquire_lease(nc, attrs)
+    assert lease.subnet == IPv4Network("10.57.8.0/24")
+    assert stored(etcd, planted) is not None  # not ours to delete
+    assert any("Lease 10.57.3.0-24 carries our public IP (10.0.0.11) but is not the one "
+               "subnet.env records (10.57.8.0-24)" in r.getMessage() for r in caplog.records)
+    # Without subnet.env's lease (it expired), upstream's order applies again.
+    etcd.etcdctl("del", ours)
+    again = EtcdSubnetManager(client, prefix=prefix,
+                              previous_subnet=IPv4Network("10.57.8.0/24"))
+    lease = await again.acquire_lease(nc, attrs)
+    assert lease.subnet == IPv4Network("10.57.3.0/24")
+
+
 async def test_our_lease_that_no_longer_fits_is_deleted(etcd: EtcdServer, client: EtcdClient,
                                                         prefix: str) -> None:
     # 10.54.0.0/24 is below the default SubnetMin (the first subnet is skipped).
