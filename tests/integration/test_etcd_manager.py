@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pyflannel.config.netconf import NetConf
+from pyflannel.config.netconf import NetConf, NetConfError
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.subnet.etcd import (
@@ -123,6 +123,27 @@ async def test_config_is_parsed_and_defaults_filled(etcd: EtcdServer, client: Et
     nc = await configured(etcd, prefix, mgr, Network="10.50.0.0/16")
     assert (nc.subnet_len, nc.subnet_min, nc.subnet_max) == (
         24, IPv4Address("10.50.1.0"), IPv4Address("10.50.255.0"))
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("garbage", "invalid JSON: Expecting value: line 1 column 1 (char 0) (expected a JSON "
+     'object such as {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})'),
+    ("[" * 1500 + "]" * 1500, "nested too deeply: 1500 levels of arrays/objects "
+     "(the limit is 16)"),
+    ('{"Network": "10.50.0.0"}', 'Network: invalid IPv4 CIDR format: "10.50.0.0"'),
+    ('{"Network": "10.50.0.0/16", "SubnetLen": 31}', "SubnetLen: SubnetLen must be less "
+     "than /31"),
+])
+async def test_bad_config_names_the_etcd_key(etcd: EtcdServer, client: EtcdClient, prefix: str,
+                                             value: str, reason: str) -> None:
+    # The cases: a garbage config was reported as "net-conf.json: invalid JSON" and
+    # a nested one stopped the daemon with RecursionError.
+    etcd.etcdctl("put", f"{prefix}/config", value)
+    mgr = EtcdSubnetManager(client, prefix=prefix)
+    with pytest.raises(NetConfError) as err:
+        await mgr.network_config()
+    assert str(err.value).startswith(f"network config at etcd key {prefix}/config: {reason}")
+    assert "\n" not in str(err.value)
 
 
 # -- acquiring ---------------------------------------------------------------------------

@@ -254,6 +254,14 @@ def test_missing_keys(box: Sandbox, text: str, missing: str) -> None:
     ("FLANNEL_NETWORK=10.1.0.0/16,bad", "invalid CIDR address: bad"),
     ("FLANNEL_IPV6_SUBNET=2001:db8::1/129", "invalid CIDR address"),
     ("FLANNEL_MTU", "no '='"),
+    ("FLANNEL_MTU=0", 'FLANNEL_MTU: expected an MTU in 68..65535, got "0"'),
+    ("FLANNEL_MTU=65536", 'FLANNEL_MTU: expected an MTU in 68..65535, got "65536"'),
+    ("FLANNEL_MTU=" + "9" * 5000, "FLANNEL_MTU: expected an MTU in 68..65535, got \"999"),
+    ("FLANNEL_IPMASQ=True", 'FLANNEL_IPMASQ: expected true or false, got "True"'),
+    ("FLANNEL_IPMASQ=\x1b[31m", 'FLANNEL_IPMASQ: expected true or false, got "\\x1b[31m"'),
+    ("FLANNEL_SUBNET=x", "FLANNEL_SUBNET: invalid CIDR address: x (expected a CIDR such as "
+     "10.244.1.1/24)"),
+    ("FLANNEL_NETWORK=10.0.0.0/" + "1" * 5000, "invalid CIDR address: 10.0.0.0/111"),
 ])
 def test_bad_values(box: Sandbox, line: str, complaint: str) -> None:
     box.subnet_env.write_text(SAMPLE_ENV + line + "\n")
@@ -261,14 +269,25 @@ def test_bad_values(box: Sandbox, line: str, complaint: str) -> None:
     assert code == 7 and complaint in msg and str(box.subnet_env) in msg
 
 
+def test_subnet_env_size_limit(box: Sandbox) -> None:
+    box.subnet_env.write_text(SAMPLE_ENV + "#" * (64 * 1024))
+    code, msg = error_of(box.run("ADD", box.config()))
+    assert code == 7
+    assert f"{box.subnet_env}: 65537 bytes is more than the limit of 65536" in msg
+    # a long comma list is still linear (a set, not a list, deduplicates)
+    many = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(4000))
+    env = plugin.parse_subnet_env(SAMPLE_ENV + f"FLANNEL_NETWORK={many}\n", "f")
+    assert len(env.networks) == 4000
+
+
 def test_parse_rules_match_upstream() -> None:
     env = plugin.parse_subnet_env(
         "# comment\nOTHER=1\nFLANNEL_NETWORK=10.0.0.0/8\r\nFLANNEL_SUBNET=10.1.2.3/24\n"
-        "FLANNEL_MTU=1400\nFLANNEL_MTU=1300\nFLANNEL_IPMASQ=True\n", "f")
+        "FLANNEL_MTU=1400\nFLANNEL_MTU=1300\nFLANNEL_IPMASQ=false\n", "f")
     assert env.networks == ["10.0.0.0/8"]  # CRLF tolerated like bufio.Scanner
     assert env.subnet == "10.1.2.0/24"
     assert env.mtu == 1300  # the last occurrence wins
-    assert env.ipmasq is False  # only the exact string "true" is true
+    assert env.ipmasq is False
 
 
 # ----------------------------------------------------------------- DEL and CHECK
@@ -359,6 +378,50 @@ def test_undecodable_config(box: Sandbox) -> None:
     code, msg = error_of(box.run("ADD", b'{"cniVersion": "0.3.1", '))
     assert code == 6 and msg.startswith("failed to load netconf")
     assert error_of(box.run("ADD", box.config(name=5)))[0] == 6
+
+
+@pytest.mark.parametrize(("stdin", "message"), [
+    (b"[" * 100_000, "failed to load netconf from stdin: arrays/objects nest deeper than the "
+     "limit of 64 levels"),
+    (b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", "nest deeper than the limit of 64 levels"),
+    (b" " * (1 << 20) + b"{}", "failed to load netconf from stdin: 1048577 bytes is more than "
+     "the limit of 1048576"),
+    (b'{"cniVersion": "0.3.1", "x": 1e999}', "number 1e999 is out of range for a float64"),
+    (b'{"x": ' + b"1" * 500 + b"}", "is out of range for a float64"),
+    (b'{"x": NaN}', "invalid JSON value NaN"),
+])
+def test_bounded_stdin(box: Sandbox, stdin: bytes, message: str) -> None:
+    result = box.run("ADD", stdin)
+    code, msg = error_of(result)
+    assert code == 6 and message in msg
+    assert "Traceback" not in result.stderr
+
+
+def test_deep_but_allowed_runtime_config_is_passed_through(box: Sandbox) -> None:
+    nested: object = 1
+    for _ in range(60):  # 62 levels in the stdin config, 61 in the delegate's
+        nested = [nested]
+    sent = delegate_of(box, SAMPLE_ENV, runtimeConfig={"x": nested})
+    assert sent["runtimeConfig"] == {"x": nested}
+
+
+def test_paths_with_nul_and_long_container_ids_are_refused(box: Sandbox) -> None:
+    code, msg = error_of(box.run("ADD", box.config(subnetFile="/run/x\0y")))
+    assert code == 7 and "'subnetFile' must be a path without NUL characters" in msg
+    code, msg = error_of(box.run("DEL", box.config(dataDir="\0")))
+    assert code == 7 and "'dataDir' must be a path without NUL" in msg
+    assert error_of(box.run("ADD", box.config(), container_id="a" * 251)) == (
+        4, "containerID is longer than 250 characters")
+
+
+def test_oversized_saved_config_is_kept_on_del(box: Sandbox) -> None:
+    box.data_dir.mkdir()
+    box.saved().write_bytes(b" " * (1 << 20) + b'{"type":"bridge"}')
+    result = box.run("DEL", box.config())
+    assert (result.status, result.stdout) == (0, "")
+    assert "1048593 bytes is more than the limit" not in result.stderr  # read is bounded
+    assert "more than the limit of 1048576" in result.stderr
+    assert box.saved().exists() and not (box.fake / "DEL.json").exists()
 
 
 def test_status(box: Sandbox) -> None:

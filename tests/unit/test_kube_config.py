@@ -78,3 +78,18 @@ def test_netconf_read_once_with_clear_errors(tmp_path: Path) -> None:
     good.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
     nc = read_netconf(str(good))
     assert str(nc.network) == "10.244.0.0/16" and nc.backend_type == "host-gw"
+
+
+def test_netconf_file_nested_oversized_or_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "net-conf.json"
+    for content, reason in ((b"[" * 1500 + b"]" * 1500, "nested too deeply: 1500 levels"),
+                            (b" " * 70_000 + b"{}", "too large: 70002 bytes"),
+                            (b'{"Network": "10.244.0.0/16\xff"}', "Network: invalid IPv4 CIDR")):
+        path.write_bytes(content)
+        with pytest.raises(KubeError) as err:
+            read_netconf(str(path))
+        assert str(err.value).startswith(f"error parsing subnet config {path}: ")
+        assert reason in str(err.value)
+    # invalid UTF-8 inside a string is replaced, as Go does, not an exception
+    path.write_bytes(b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "x": "\xff"}}')
+    assert read_netconf(str(path)).backend["x"] == "\ufffd"

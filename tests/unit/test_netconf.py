@@ -25,6 +25,10 @@ MANIFEST_DEFAULT = ('{\n  "Network": "10.244.0.0/16",\n  "EnableNFTables": false
                     '  "Backend": {\n    "Type": "vxlan"\n  }\n}\n')
 
 
+EXAMPLE = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
+HINT = f" (expected a JSON object such as {EXAMPLE})"
+
+
 def conf(**fields: Any) -> NetConf:
     return parse_netconf(json.dumps(fields))
 
@@ -137,12 +141,13 @@ def test_config_error_hierarchy() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "net-conf.json: invalid JSON: Expecting value: line 1 column 1 (char 0)"),
+        ("", "net-conf.json: invalid JSON: Expecting value: line 1 column 1 (char 0)" + HINT),
         ('{"Network": "10.0.0.0/8",}', "net-conf.json: invalid JSON: Expecting property name "
-         "enclosed in double quotes: line 1 column 26 (char 25)"),
-        ('{"SubnetLen": NaN}', "net-conf.json: invalid JSON: NaN is not valid JSON"),
-        ('["Network"]', "net-conf.json: expected a JSON object, got array"),
-        ("null", "net-conf.json: expected a JSON object, got null"),
+         "enclosed in double quotes: line 1 column 26 (char 25)" + HINT),
+        ('{"SubnetLen": NaN}', "net-conf.json: invalid JSON: NaN is not valid JSON "
+         "(Go refuses NaN and infinities)" + HINT),
+        ('["Network"]', f"net-conf.json: expected a JSON object such as {EXAMPLE}, got array"),
+        ("null", f"net-conf.json: expected a JSON object such as {EXAMPLE}, got null"),
         ('{"Network": 10}', "Network: expected a string with an IPv4 CIDR, got number 10"),
         ('{"Network": "10.0.0.0"}', 'Network: invalid IPv4 CIDR format: "10.0.0.0" '
          "(expected e.g. 10.244.0.0/16)"),
@@ -193,6 +198,41 @@ def test_config_error_hierarchy() -> None:
 )
 def test_decode_errors(text: str, message: str) -> None:
     assert error_of(text) == message
+
+
+def test_source_names_where_the_config_came_from() -> None:
+    where = "network config at etcd key /coreos.com/network/config"
+    for text, reason in (("garbage", "invalid JSON: Expecting value"),
+                         ('{"Network": 10}', "Network: expected a string with an IPv4 CIDR"),
+                         ("[]", "expected a JSON object such as")):
+        with pytest.raises(NetConfError) as err:
+            parse_netconf(text, source=where)
+        assert str(err.value).startswith(f"{where}: {reason}")
+    with pytest.raises(NetConfError) as err:
+        check_network_config(conf(Network="10.0.0.0/8", SubnetLen=31), source=where)
+    assert str(err.value) == f"{where}: SubnetLen: SubnetLen must be less than /31 (got 31)"
+    # a hostile source cannot break the line
+    with pytest.raises(NetConfError) as err:
+        parse_netconf("[]", source="key /a\nb")
+    assert "\n" not in str(err.value) and str(err.value).startswith("key /a\\nb: ")
+
+
+def test_size_and_depth_limits() -> None:
+    nested = '{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan", "x": ' + "[" * 14
+    assert parse_netconf(nested + "]" * 14 + "}}").backend_type == "vxlan"  # 16 levels
+    assert error_of(nested + "[]" + "]" * 14 + "}}") == (
+        "net-conf.json: nested too deeply: 17 levels of arrays/objects (the limit is 16)")
+    # the issue's case: this raised RecursionError
+    assert "nested too deeply" in error_of("[" * 1500 + "]" * 1500)
+    padded = '{"Network": "10.0.0.0/8"}'.ljust(64 * 1024)
+    assert parse_netconf(padded).network == IPv4Network("10.0.0.0/8")
+    assert error_of(padded + " ") == (
+        "net-conf.json: too large: 65537 bytes (the limit is 65536)")
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    message = error_of(json.dumps({"Network": "x" * 10_000}))
+    assert len(message) < 200 and message.endswith('..." (expected e.g. 10.244.0.0/16)')
 
 
 def test_backend_null_is_not_treated_as_absent() -> None:

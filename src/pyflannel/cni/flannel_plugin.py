@@ -21,7 +21,11 @@ Upstream-compatible behaviour (flannel-io/cni-plugin), with these improvements:
 - CHECK really checks (saved config == config built now; then the delegate's CHECK);
 - the saved config is written atomically (temp file, fsync, rename);
 - a missing subnet.env is reported as "try again later" (code 11) with what to do;
-- STATUS (CNI 1.1) reports whether subnet.env is usable.
+- STATUS (CNI 1.1) reports whether subnet.env is usable;
+- every input is bounded (stdin and the saved config 1 MiB and 64 levels of nesting,
+  subnet.env 64 KiB) and every failure is a CNI error object, never a traceback;
+- subnet.env values that upstream would misread are refused: FLANNEL_IPMASQ must be
+  `true` or `false` (upstream reads anything else as false), FLANNEL_MTU in 68..65535.
 '''
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ ERR_PLUGIN_NOT_AVAILABLE = 50
 ERR_INTERNAL = 999
 ERR_CONFIG_CHANGED = 100
 
+# Bounds on what is read from outside. A CNI config (with a prevResult) is a few KB and
+# nests about 5 levels; subnet.env is about 150 bytes. The depth limit also keeps our
+# own recursive encoder (go_json) far below Python's recursion limit.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
+MAX_SUBNET_ENV_BYTES = 64 * 1024
+MAX_CONTAINER_ID = 250  # a file name in dataDir, and ".<id>.tmp" must fit NAME_MAX
+
 JsonObject = dict[str, object]
 
 
@@ -75,11 +87,20 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"invalid JSON value {name}")
 
 
+def _go_float_value(text: str) -> float:
+    value = float(text)
+    if value - value != 0:  # inf; Go's decoder refuses numbers beyond float64
+        raise ValueError(f"number {text[:40]} is out of range for a float64")
+    return value
+
+
 def _go_int(text: str) -> int | float:
     # Go decodes every JSON number into a float64; only integers that a float64
     # holds exactly may stay Python ints, or re-encoding would differ from Go.
+    if len(text) > 400:  # beyond any float64 (and int() refuses 4300+ digits)
+        raise ValueError(f"number {text[:40]}... is out of range for a float64")
     value = int(text)
-    return value if -(2**53) <= value <= 2**53 else float(text)
+    return value if -(2**53) <= value <= 2**53 else _go_float_value(text)
 
 
 class _ScannerContext:
@@ -88,7 +109,7 @@ class _ScannerContext:
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
+    parse_float = staticmethod(_go_float_value)
     parse_int = staticmethod(_go_int)
     parse_constant = staticmethod(_reject_constant)
     memo: dict[str, str] = {}
@@ -99,10 +120,46 @@ _scan_once: Callable[[str, int], tuple[object, int]] | None = None
 _JSON_SPACE = " \t\n\r"
 
 
-def load_json(data: bytes | str) -> object:
-    """Decode one JSON document like Go's json.Unmarshal would (strict, no NaN)."""
+def json_too_deep(text: str, limit: int) -> bool:
+    """Whether arrays/objects in `text` nest deeper than `limit`, found without recursion
+    (the C scanner recurses per level and would raise RecursionError). Brackets inside
+    strings do not count. For text that is not JSON the answer still covers every
+    level the scanner would enter before it stops at the first syntax error."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # the usual case: too few brackets to nest that deep
+    depth = 0
+    in_string = False
+    # Splitting at quotes keeps the per-character loop to the text outside strings.
+    for segment in text.split('"'):
+        if in_string:
+            # An odd number of trailing backslashes escapes the quote that ends it.
+            if (len(segment) - len(segment.rstrip("\\"))) % 2 == 0:
+                in_string = False
+            continue
+        in_string = True
+        if "[" not in segment and "{" not in segment:
+            depth -= segment.count("]") + segment.count("}")
+            continue
+        for ch in segment:
+            if ch == "[" or ch == "{":
+                depth += 1
+                if depth > limit:
+                    return True
+            elif ch == "]" or ch == "}":
+                depth -= 1
+    return False
+
+
+def load_json(data: bytes | str, max_bytes: int = MAX_CONFIG_BYTES,
+              max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Decode one JSON document like Go's json.Unmarshal would (strict, no NaN, numbers
+    within float64), refusing more than `max_bytes` or `max_depth` levels: ValueError."""
     global _scan_once
+    if len(data) > max_bytes:  # checked on bytes before decoding; str only in tests
+        raise ValueError(f"{len(data)} bytes is more than the limit of {max_bytes}")
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    if json_too_deep(text, max_depth):
+        raise ValueError(f"arrays/objects nest deeper than the limit of {max_depth} levels")
     if _scan_once is None:
         try:
             from _json import make_scanner
@@ -114,6 +171,8 @@ def load_json(data: bytes | str) -> object:
         value, end = _scan_once(text, start)
     except StopIteration as stop:
         raise ValueError(f"invalid JSON at offset {stop.value}") from None
+    except RecursionError:  # cannot happen below the depth limit; never let it escape
+        raise ValueError("arrays/objects nest too deeply") from None
     except SystemError:
         # _json reports most syntax errors as json.decoder.JSONDecodeError, but finds that
         # class only if json.decoder is loaded already. Load it (on this error path only)
@@ -249,11 +308,11 @@ def parse_cidr(text: str) -> tuple[bytes, int]:
     """net.ParseCIDR's address and prefix length, or ValueError like Go's."""
     address, slash, length = text.partition("/")
     raw = parse_ip(address) if slash else None
-    if raw is None or not (length.isascii() and length.isdigit()):
-        raise ValueError(f"invalid CIDR address: {text}")
+    if raw is None or not (length.isascii() and length.isdigit()) or len(length) > 3:
+        raise ValueError(f"invalid CIDR address: {shown(text)}")
     prefix = int(length)
     if prefix > 8 * len(raw):
-        raise ValueError(f"invalid CIDR address: {text}")
+        raise ValueError(f"invalid CIDR address: {shown(text)}")
     return raw, prefix
 
 
@@ -328,29 +387,52 @@ class SubnetEnv:
         return names
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """A value from outside as it appears in a message: control characters escaped (the
+    message stays one line) and cut to `limit` characters."""
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in cut)
+    return cut + ("..." if len(text) > limit else "")
+
+
 def _network_list(key: str, value: str) -> list[str]:
     """A comma list of CIDRs, normalised and deduplicated in order (as upstream)."""
-    seen: list[tuple[bytes, int]] = []
+    seen: set[tuple[bytes, int]] = set()
     networks: list[str] = []
     for item in value.split(","):
         text, net, prefix = _checked_network(key, item)
         if (net, prefix) not in seen:
-            seen.append((net, prefix))
+            seen.add((net, prefix))
             networks.append(text)
     return networks
+
+
+_EXAMPLES = {"FLANNEL_NETWORK": "10.244.0.0/16", "FLANNEL_SUBNET": "10.244.1.1/24",
+             "FLANNEL_IPV6_NETWORK": "2001:cafe:42::/56",
+             "FLANNEL_IPV6_SUBNET": "2001:cafe:42:1::1/64"}
 
 
 def _checked_network(key: str, value: str) -> tuple[str, bytes, int]:
     try:
         return network_of(value)
     except ValueError as exc:
-        raise ValueError(f"{key}: {exc}") from None
+        many = ", or a comma list of them" if key.endswith("_NETWORK") else ""
+        raise ValueError(f"{key}: {exc} (expected a CIDR such as {_EXAMPLES[key]}{many})"
+                         ) from None
 
 
-def parse_subnet_env(text: str, path: str) -> SubnetEnv:
+def parse_subnet_env(data: str | bytes, path: str) -> SubnetEnv:
     """Parse subnet.env the way the upstream plugin does: one KEY=VALUE per line,
     split at the first '=', values taken verbatim, unknown keys ignored, the last
-    occurrence of a key wins. ValueError names the file and the problem."""
+    occurrence of a key wins. Stricter than upstream where a value would otherwise be
+    misread: FLANNEL_IPMASQ must be true or false, FLANNEL_MTU an MTU (68..65535).
+    ValueError names the file, the key and what is expected, in one line."""
+    path = shown(path, 200)
+    if len(data) > MAX_SUBNET_ENV_BYTES:  # bytes as read; str only from tests
+        raise ValueError(f"{path}: {len(data)} bytes is more than the limit of "
+                         f"{MAX_SUBNET_ENV_BYTES} (flanneld writes about 150)")
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     env = SubnetEnv()
     for line in text.split("\n"):
         line = line.removesuffix("\r")
@@ -371,11 +453,19 @@ def parse_subnet_env(text: str, path: str) -> SubnetEnv:
             elif key == "FLANNEL_IPV6_SUBNET":
                 env.ipv6_subnet = _checked_network(key, value)[0]
             elif key == "FLANNEL_MTU":
-                # strconv.ParseUint(v, 10, 32): ASCII digits only, at most 2^32-1.
-                if not (value.isascii() and value.isdigit()) or int(value) >= 2**32:
-                    raise ValueError(f"FLANNEL_MTU: {value!r} is not an unsigned 32-bit integer")
+                # Upstream's strconv.ParseUint(v, 10, 32) takes ASCII digits only; an MTU
+                # outside what Linux allows would only fail later in the delegate.
+                if not (value.isascii() and value.isdigit() and len(value) <= 5
+                        and 68 <= int(value) <= 65535):
+                    raise ValueError(f"FLANNEL_MTU: expected an MTU in 68..65535, "
+                                     f'got "{shown(value)}"')
                 env.mtu = int(value)
             else:
+                # Upstream reads anything but "true" as false, which would silently turn
+                # masquerading on in the delegate; flanneld writes Go's %t.
+                if value not in ("true", "false"):
+                    raise ValueError(f"FLANNEL_IPMASQ: expected true or false, "
+                                     f'got "{shown(value)}"')
                 env.ipmasq = value == "true"
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
@@ -387,8 +477,10 @@ def parse_subnet_env(text: str, path: str) -> SubnetEnv:
 
 def load_subnet_env(path: str) -> SubnetEnv:
     try:
-        with open(path, encoding="utf-8", errors="replace") as env_file:
-            text = env_file.read()
+        # Bytes, split at "\n" only (as Go's bufio.Scanner); at most one byte over the
+        # limit is read, so a huge file costs nothing.
+        with open(path, "rb") as env_file:
+            data = env_file.read(MAX_SUBNET_ENV_BYTES + 1)
     except FileNotFoundError:
         raise CniError(
             ERR_TRY_AGAIN_LATER,
@@ -403,7 +495,7 @@ def load_subnet_env(path: str) -> SubnetEnv:
             "Check the flannel pod log for this node.",
         ) from None
     try:
-        return parse_subnet_env(text, path)
+        return parse_subnet_env(data, path)
     except ValueError as exc:
         raise CniError(
             ERR_INVALID_CONFIG,
@@ -430,6 +522,10 @@ class NetConf:
         if not self.subnet_file or not self.data_dir:
             # An empty dataDir would make the saved config land in the working directory.
             raise CniError(ERR_INVALID_CONFIG, "subnetFile and dataDir must not be empty")
+        for key, path in (("subnetFile", self.subnet_file), ("dataDir", self.data_dir)):
+            if "\0" in path:  # no file name can hold one; open() would raise ValueError
+                raise CniError(ERR_INVALID_CONFIG, f"failed to load netconf: {key!r} must be "
+                               f"a path without NUL characters, got \"{shown(path)}\"")
 
 
 def _optional_str(raw: JsonObject, key: str, default: str) -> str:
@@ -452,7 +548,7 @@ def load_netconf(stdin: bytes) -> NetConf:
     try:
         raw = load_json(stdin)
     except ValueError as exc:
-        raise CniError(ERR_DECODING, f"failed to load netconf: {exc}") from None
+        raise CniError(ERR_DECODING, f"failed to load netconf from stdin: {exc}") from None
     if not isinstance(raw, dict):
         raise CniError(ERR_DECODING, "failed to load netconf: the config is not a JSON object")
     return NetConf(raw)
@@ -596,7 +692,8 @@ def save_config(data_dir: str, container_id: str, content: bytes) -> None:
 def read_saved_config(data_dir: str, container_id: str) -> bytes | None:
     try:
         with open(saved_config_path(data_dir, container_id), "rb") as saved:
-            return saved.read()
+            # One byte over the limit is enough for load_json to refuse it.
+            return saved.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -835,14 +932,18 @@ def validate_environment(call: Invocation) -> None:
         cid = call.container_id
         # The ID becomes a file name in dataDir: this rule (libcni's) keeps it inside.
         if not (cid[0].isascii() and cid[0].isalnum()) or not _ID_CHARS.issuperset(cid):
-            raise CniError(ERR_INVALID_ENV, "invalid characters in containerID", cid)
+            raise CniError(ERR_INVALID_ENV, "invalid characters in containerID", shown(cid))
+        if len(cid) > MAX_CONTAINER_ID:
+            raise CniError(ERR_INVALID_ENV, f"containerID is longer than {MAX_CONTAINER_ID} "
+                           "characters", shown(cid))
     if "CNI_IFNAME" in _REQUIRED_ENV[call.command]:
         name = call.ifname
         if len(name) > 15:
-            raise CniError(ERR_INVALID_ENV, "interface name is too long", name)
+            raise CniError(ERR_INVALID_ENV, "interface name is too long", shown(name))
         if name in (".", "..") or any(ch in "/:" or ch.isspace() for ch in name):
             raise CniError(ERR_INVALID_ENV,
-                           "interface name contains / or : or whitespace characters", name)
+                           "interface name contains / or : or whitespace characters",
+                           shown(name))
 
 
 def check_version(command: str, netconf: NetConf) -> None:
@@ -859,31 +960,41 @@ def check_version(command: str, netconf: NetConf) -> None:
 def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
     """Execute one invocation; return (exit status, stdout bytes)."""
     call = Invocation(environ, stdin)
-    if call.command == "VERSION":
-        return 0, version_info(stdin)
     if not call.command:
         sys.stderr.write(f"CNI Plugin flannel version v{PLUGIN_VERSION} (pyflannel)\n"
                          f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
         return 0, b""
     version = ""
     try:
+        if call.command == "VERSION":
+            return 0, version_info(stdin)
         if call.command not in _COMMANDS:
-            raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {call.command}")
+            raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {shown(call.command)}")
         validate_environment(call)
         netconf = load_netconf(stdin)
         version = netconf.cni_version
         check_version(call.command, netconf)
         return 0, _COMMANDS[call.command](call, netconf)
     except CniError as exc:
-        error = GoStruct(cniVersion=version if version in SUPPORTED_VERSIONS else LATEST_VERSION,
-                         code=exc.code, msg=exc.msg)
-        if exc.details:
-            error["details"] = exc.details
-        return 1, go_json(error).encode("utf-8")
+        return 1, error_result(version, exc)
+    except Exception as exc:  # a bug of ours: still a CNI error, never a traceback
+        return 1, error_result(version, CniError(
+            ERR_INTERNAL, f"internal error in the flannel plugin: {type(exc).__name__}: "
+                          f"{shown(str(exc), 200)}"))
+
+
+def error_result(version: str, exc: CniError) -> bytes:
+    """The CNI error object (SPEC.md "Error"), in the config's version when we know it."""
+    error = GoStruct(cniVersion=version if version in SUPPORTED_VERSIONS else LATEST_VERSION,
+                     code=exc.code, msg=exc.msg)
+    if exc.details:
+        error["details"] = exc.details
+    return go_json(error).encode("utf-8")
 
 
 def main() -> int:
-    status, output = run(os.environ, sys.stdin.buffer.read())
+    # One byte over the limit is enough to refuse the config; never read more.
+    status, output = run(os.environ, sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1))
     if output:
         sys.stdout.buffer.write(output)
         sys.stdout.buffer.flush()

@@ -32,8 +32,16 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any
 
 from pyflannel.config.flags import ConfigError
+from pyflannel.jsonlimits import JsonLimitError, loads_bounded, one_line
 
 DEFAULT_BACKEND_TYPE = "vxlan"
+
+# A real net-conf.json is a few hundred bytes nesting two objects (the config and its
+# Backend). The limits leave room for any backend's options while keeping a hostile
+# value in etcd or the ConfigMap from costing memory or recursion.
+MAX_BYTES = 64 * 1024
+MAX_DEPTH = 16
+_EXAMPLE = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
 
 _UINT64_MAX = (1 << 64) - 1
 _INT64_MIN = -(1 << 63)
@@ -135,10 +143,6 @@ def go_fold(name: str) -> str:
     return "".join(out)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 class _Pairs(dict[str, Any]):
     """A decoded JSON object that also remembers its key/value pairs in file order."""
 
@@ -151,14 +155,13 @@ def _object_hook(pairs: list[tuple[str, Any]]) -> _Pairs:
     return obj
 
 
-def _decode_json(text: str | bytes) -> Any:
-    if isinstance(text, bytes):
-        # Go replaces invalid UTF-8 with U+FFFD instead of failing.
-        text = text.decode("utf-8", errors="replace")
+def _decode_json(text: str | bytes, name: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise NetConfError(f"net-conf.json: invalid JSON: {exc}") from None
+        return loads_bounded(text, what=name, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH,
+                             object_pairs_hook=_object_hook)
+    except JsonLimitError as exc:
+        hint = f" (expected a JSON object such as {_EXAMPLE})" if "invalid JSON" in str(exc) else ""
+        raise NetConfError(f"{exc}{hint}") from None
 
 
 def _match_fields(obj: _Pairs, names: tuple[str, ...]) -> dict[str, Any]:
@@ -172,13 +175,20 @@ def _match_fields(obj: _Pairs, names: tuple[str, ...]) -> dict[str, Any]:
     return matched
 
 
+def _quote(text: str, limit: int = 80) -> str:
+    """`text` as a JSON string for a message, cut to `limit` characters."""
+    if len(text) <= limit:
+        return json.dumps(text)
+    return json.dumps(text[:limit])[:-1] + '..."'
+
+
 def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean " + ("true" if value else "false")
     if isinstance(value, int | float):
-        return f"number {value!r}"
+        return f"number {_quote(repr(value))[1:-1]}"
     if isinstance(value, str):
-        return f"string {json.dumps(value)}"
+        return f"string {_quote(value)}"
     if isinstance(value, list):
         return "array"
     if isinstance(value, dict):
@@ -226,7 +236,7 @@ def _parse_cidr(field: str, value: Any, version: int) -> IPv4Network | IPv6Netwo
             raise ValueError(text)
     except ValueError:
         example = "10.244.0.0/16" if version == 4 else "2001:cafe:42::/56"
-        raise NetConfError(f"{field}: invalid IPv{version} CIDR format: {json.dumps(text)} "
+        raise NetConfError(f"{field}: invalid IPv{version} CIDR format: {_quote(text)} "
                            f"(expected e.g. {example})") from None
     return ip_network((addr, int(bits)), strict=False)
 
@@ -241,7 +251,7 @@ def _parse_ip4(field: str, value: Any) -> IPv4Address:
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None and "%" not in text:
         addr = addr.ipv4_mapped
     if not isinstance(addr, IPv4Address):
-        raise NetConfError(f"{field}: invalid IP address format: {json.dumps(text)} "
+        raise NetConfError(f"{field}: invalid IP address format: {_quote(text)} "
                            "(expected an IPv4 address such as 10.10.0.0)")
     return addr
 
@@ -253,7 +263,7 @@ def _parse_ip6(field: str, value: Any) -> IPv6Address:
     except ValueError:
         addr = None
     if not isinstance(addr, IPv6Address) or "%" in text:
-        raise NetConfError(f"{field}: invalid IPv6 address format: {json.dumps(text)} "
+        raise NetConfError(f"{field}: invalid IPv6 address format: {_quote(text)} "
                            "(expected an IPv6 address such as 2001:cafe:42:1::)")
     return addr
 
@@ -279,13 +289,27 @@ def _parse_backend(value: Any) -> tuple[str, dict[str, Any]]:
     return backend_type.lower(), dict(value)
 
 
-def parse_netconf(text: str | bytes) -> NetConf:
+def parse_netconf(text: str | bytes, *, source: str | None = None) -> NetConf:
     """Decode net-conf.json (Go-compatible, see the module docstring). No range checks here:
-    kube mode uses the file as is, etcd mode runs `check_network_config` afterwards."""
-    obj = _decode_json(text)
-    if not isinstance(obj, dict):
-        raise NetConfError(f"net-conf.json: expected a JSON object, got {_json_kind(obj)}")
-    assert isinstance(obj, _Pairs)
+    kube mode uses the file as is, etcd mode runs `check_network_config` afterwards.
+
+    `source` says where the text came from (e.g. "network config at etcd key
+    /coreos.com/network/config"); when given, every error starts with it. Without it,
+    document errors start with "net-conf.json" and field errors with the field name."""
+    name = source or "net-conf.json"
+    obj = _decode_json(text, name)
+    if not isinstance(obj, _Pairs):  # every JSON object decodes to one
+        raise NetConfError(f"{one_line(name)}: expected a JSON object such as {_EXAMPLE}, "
+                           f"got {_json_kind(obj)}")
+    try:
+        return _decode_config(obj)
+    except NetConfError as exc:
+        if source is None:
+            raise
+        raise NetConfError(f"{one_line(source)}: {exc}") from None
+
+
+def _decode_config(obj: _Pairs) -> NetConf:
     # null keeps the default, as Go's decoder does for plain fields; Backend is raw JSON
     # in Go, so a null there is "present" (and not an object).
     raw = {k: v for k, v in _match_fields(obj, _CONFIG_FIELDS).items()
@@ -385,9 +409,19 @@ def _check_family(
     return subnet_len, low, high
 
 
-def check_network_config(nc: NetConf) -> NetConf:
+def check_network_config(nc: NetConf, *, source: str | None = None) -> NetConf:
     """Upstream's `CheckNetworkConfig` (etcd mode only): validate and fill in the defaults
-    for SubnetLen/SubnetMin/SubnetMax (and the IPv6 trio) of every enabled family."""
+    for SubnetLen/SubnetMin/SubnetMax (and the IPv6 trio) of every enabled family.
+    `source` as for `parse_netconf`: when given, errors start with it."""
+    try:
+        return _check_network_config(nc)
+    except NetConfError as exc:
+        if source is None:
+            raise
+        raise NetConfError(f"{one_line(source)}: {exc}") from None
+
+
+def _check_network_config(nc: NetConf) -> NetConf:
     update: dict[str, Any] = {}
     if nc.enable_ipv4:
         # Go cannot tell an explicit 0.0.0.0 from "unset" (IP4 is a uint32).

@@ -95,7 +95,8 @@ class EtcdSubnetManager:
         if kv is None:
             raise EtcdError(f"flannel config not found in etcd store at {self.config_key}. "
                             "Did you create your config using etcdv3 API?")
-        return check_network_config(parse_netconf(kv.value))
+        where = f"network config at etcd key {self.config_key}"
+        return check_network_config(parse_netconf(kv.value, source=where), source=where)
 
     # -- reading leases ----------------------------------------------------------------
     def _suffix(self, key: str) -> str | None:

@@ -76,7 +76,7 @@ def _transient(e: KubeApiError) -> bool:
 def read_netconf(path: str) -> NetConf:
     """net-conf.json, read once at start-up as upstream does (the ConfigMap mount)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes()  # decoded as Go does: invalid UTF-8 is not an error
     except OSError as e:
         raise KubeError(f"failed to read net conf {path}: {e.strerror or e}") from None
     try:
