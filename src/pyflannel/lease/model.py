@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from pyflannel.jsonlimits import JsonLimitError, loads_bounded
+
 UNSET_IPV4 = IPv4Address("0.0.0.0")
+# Upstream's leases are 100-300 bytes with BackendData two levels deep; the limits leave
+# room for any backend while a hostile value cannot cost more than a bounded parse.
+MAX_LEASE_BYTES = 64 * 1024
+MAX_LEASE_DEPTH = 16
 
 class LeaseFormatError(ValueError):
     """A key or value in the store that is not a flannel lease."""
@@ -64,9 +70,10 @@ class LeaseAttrs:
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
         try:
-            obj = json.loads(text)
-        except ValueError as e:
-            raise LeaseFormatError(f"lease value is not JSON: {e}") from None
+            obj = loads_bounded(text, what="lease value", max_bytes=MAX_LEASE_BYTES,
+                                max_depth=MAX_LEASE_DEPTH)
+        except JsonLimitError as e:
+            raise LeaseFormatError(str(e)) from None
         if not isinstance(obj, dict):
             raise LeaseFormatError("lease value is not a JSON object")
         # Go's encoding/json matches keys case-insensitively; Go itself writes them in

@@ -4,14 +4,22 @@ never builds model objects for thousands of nodes."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
-from pyflannel.lease.model import UNSET_IPV4, Lease, LeaseAttrs, compact_json, parse_ipv4
+from pyflannel.jsonlimits import JsonLimitError, loads_bounded
+from pyflannel.lease.model import (
+    MAX_LEASE_BYTES,
+    MAX_LEASE_DEPTH,
+    UNSET_IPV4,
+    Lease,
+    LeaseAttrs,
+    compact_json,
+    parse_ipv4,
+)
 from pyflannel.subnet.kube.annotations import Annotations
 
 # Written into a Node's annotations for backend data that is absent: upstream's host-gw
@@ -69,9 +77,10 @@ def _backend_data(text: str | None, what: str) -> str:
     if not text:
         return ""
     try:
-        return compact_json(json.loads(text))
-    except ValueError:
-        raise NodeLeaseError(f"{what} is not JSON: {text[:80]!r}") from None
+        return compact_json(loads_bounded(text, what=f"annotation {what}",
+                                          max_bytes=MAX_LEASE_BYTES, max_depth=MAX_LEASE_DEPTH))
+    except JsonLimitError as e:
+        raise NodeLeaseError(str(e)) from None
 
 
 def node_lease(node: Mapping[str, Any], ann: Annotations, *, ipv4: bool = True,
