@@ -124,7 +124,8 @@ def test_drift_is_repaired_by_the_event_path(cluster: Cluster) -> None:
                                   interval=0.01, what=f"the deleted {what} restored")
         print(f"{what} restored after {took * 1000:.0f} ms")
     log = node.log()
-    assert "Neighbour" in log and "FDB entry" in log and "was deleted by someone else" in log
+    for what in ("neighbour", "FDB entry", "route to"):
+        assert f"Drift: {what} " in log and "was deleted by someone else; repairing" in log
 
 
 def test_deleted_device_is_recreated_and_every_peer_replayed(cluster: Cluster) -> None:

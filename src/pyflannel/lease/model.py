@@ -180,12 +180,12 @@ MAX_KEY_LEN = 100  # the longest canonical key, v4 + v6, is 62 characters
 
 
 def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
-    """Inverse of subnet_key for a full store key or its last component, anchored: the key
-    must be exactly what subnet_key (upstream's MakeSubnetKey) writes for the subnets it
-    names, so no prefix, suffix, leading zero, host bit, upper-case hex or uncompressed
-    IPv6 form is accepted. Otherwise two keys could name one subnet, and the second one
-    could take the first one's route (or remove it when deleted)."""
-    last = key.rsplit("/", 1)[-1]
+    """Inverse of subnet_key for the part of a store key after `<prefix>/subnets/`,
+    anchored: it must be exactly what subnet_key (upstream's MakeSubnetKey) writes for the
+    subnets it names, so no path, prefix, suffix, leading zero, host bit, upper-case hex or
+    uncompressed IPv6 form is accepted. Otherwise two keys could name one subnet, and the
+    second one could take the first one's route (or remove it when deleted)."""
+    last = key
     if len(last) > MAX_KEY_LEN:
         raise LeaseFormatError(f"not a subnet key: {key[:MAX_KEY_LEN]!r}... (too long)")
     v4_text, amp, v6_text = last.partition("&")

@@ -100,11 +100,8 @@ class EtcdSubnetManager:
 
     # -- reading leases ----------------------------------------------------------------
     def _suffix(self, key: str) -> str | None:
-        """The subnet part of a key directly under <prefix>/subnets/, else None."""
-        if not key.startswith(self.subnets_prefix):
-            return None
-        rest = key[len(self.subnets_prefix):]
-        return rest if rest and "/" not in rest else None
+        """The part of a key under <prefix>/subnets/ (to be parsed), else None."""
+        return key[len(self.subnets_prefix):] if key.startswith(self.subnets_prefix) else None
 
     def _parse(self, kv: KeyValue) -> Lease | None:
         """The lease in `kv`, or None (logged once per key revision) for anything else."""
