@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from typing import Any
@@ -207,3 +208,28 @@ def test_vxlan_in_kube_mode_mac_in_annotation_and_kept_across_restart() -> None:
         p1, p2 = cl.add_pod(n1), cl.add_pod(n2)
         assert cl.whoami(p1.ns, p2.ip) == str(p1.ip)
         no_tracebacks(cl)
+
+
+def test_a_younger_node_with_an_overlapping_podcidr_never_takes_a_route(
+        cluster: Cluster) -> None:
+    """Issue #9 in kube mode: a Node created later claiming node2's podCIDR (or a wider one
+    containing it) with flannel's annotations and another public IP is refused on every
+    node; deleting it changes nothing."""
+    cl, ks = cluster, store(cluster)
+    cl.wait_until(cl.converged, timeout=TIMEOUT, what="routes on every node")
+    before = {n.index: cl.flannel_routes(n) for n in cl.nodes.values()}
+    victim = str(cl.subnet_of(cl.nodes[2]))
+    for name, cidr in (("rogue-same", victim), ("rogue-wide", "10.244.0.0/20")):
+        rogue = kubelet_node(name, "192.168.77.66", cidr)
+        rogue["metadata"]["annotations"] = {
+            f"{P}kube-subnet-manager": "true", f"{P}backend-type": "host-gw",
+            f"{P}backend-data": "null", f"{P}public-ip": "192.168.77.66"}
+        ks.admin.create(rogue)
+        cl.wait_until(lambda nm=name: all(f"Refusing lease {nm}" in n.log()
+                                          for n in cl.nodes.values()),
+                      timeout=TIMEOUT, what=f"{name} to be refused everywhere")
+        assert {n.index: cl.flannel_routes(n) for n in cl.nodes.values()} == before
+        ks.admin.delete(f"/api/v1/nodes/{name}")
+    time.sleep(1.0)  # the deletions reach every daemon within milliseconds
+    assert {n.index: cl.flannel_routes(n) for n in cl.nodes.values()} == before
+    no_tracebacks(cl)
