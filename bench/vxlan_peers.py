@@ -28,13 +28,14 @@ import tempfile
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from pyflannel.backend.base import DesiredTable, StoredNodeState
+from pyflannel.backend.base import DesiredTable
 from pyflannel.backend.vxlan import VxlanBackend, backend_data
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.netlink import RtNetlink
-from pyflannel.reconcile.kernel import DesiredState, KernelReconciler
+from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.reconcile.engine import KernelReconciler
+from pyflannel.reconcile.plan import DesiredState
 from pyflannel_lab.netns import NetNamespace
 
 PHASES = ("program (empty)", "program (existing)", "delete")
@@ -107,10 +108,12 @@ async def run_size(n: int, reps: int) -> dict[str, dict[str, list[float]]]:
         nc = NetConf(network=IPv4Network("10.0.0.0/8"), subnet_len=24,
                      subnet_min=IPv4Address("10.0.1.0"), subnet_max=IPv4Address("10.255.255.0"),
                      backend={"Type": "vxlan"}, backend_type="vxlan")
-        be = VxlanBackend(netns=ns.name)
-        await be.register(ext, nc, StoredNodeState())
+        be = VxlanBackend()
+        links = PyrouteLinkPort(ns.name)
+        await be.register(ext, nc, StoredNodeState(), links)
         await be.configure(Lease(IPv4Network("10.0.1.0/24"), LeaseAttrs()))
-        nl = RtNetlink.open(ns.name)
+        await links.aclose()
+        port = NetlinkRoutePort.open(ns.name, events=False)
         with tempfile.TemporaryDirectory() as d:
             files = batch_files(leases, d)
             for rep in range(reps):
@@ -124,7 +127,7 @@ async def run_size(n: int, reps: int) -> dict[str, dict[str, list[float]]]:
                         t["delete"].append(run_batches(ns, files["delete"]))
                         assert counts(ns) == (0, 0, 0), counts(ns)
                         continue
-                    rec = KernelReconciler(nl, be.scope(),
+                    rec = KernelReconciler(port, be.scope(),
                                            nexthops=tool == "ours (nexthop objects)")
 
                     async def sync(with_peers: bool, rec: KernelReconciler = rec) -> float:
@@ -142,8 +145,7 @@ async def run_size(n: int, reps: int) -> dict[str, dict[str, list[float]]]:
                     t["program (existing)"].append(await sync(True))
                     t["delete"].append(await sync(False))
                     assert counts(ns) == (0, 0, 0), counts(ns)
-        nl.close()
-        be.close()
+        port.close()
     finally:
         ns.delete()
     return times

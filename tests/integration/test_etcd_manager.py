@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pyflannel.config.netconf import NetConf, NetConfError
+from pyflannel.config.netconf import NetConf
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
-from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.subnet.base import LeaseSetup
 from pyflannel.subnet.etcd import (
     EtcdClient,
     EtcdError,
@@ -83,7 +84,7 @@ def put_config(etcd: EtcdServer, prefix: str, conf: dict[str, Any]) -> None:
 async def configured(etcd: EtcdServer, prefix: str, mgr: EtcdSubnetManager,
                      **conf: Any) -> NetConf:
     put_config(etcd, prefix, {"Backend": {"Type": "vxlan"}, **conf})
-    return await mgr.network_config()
+    return (await mgr.node_config()).netconf
 
 
 def stored(etcd: EtcdServer, key: str) -> tuple[str, int] | None:
@@ -114,7 +115,7 @@ def grant(etcd: EtcdServer, ttl: int = 600) -> str:
 async def test_missing_config_gives_upstream_hint(client: EtcdClient, prefix: str) -> None:
     mgr = EtcdSubnetManager(client, prefix=prefix)
     with pytest.raises(EtcdError, match="Did you create your config using etcdv3 API"):
-        await mgr.network_config()
+        await mgr.node_config()
 
 
 async def test_config_is_parsed_and_defaults_filled(etcd: EtcdServer, client: EtcdClient,
@@ -140,8 +141,8 @@ async def test_bad_config_names_the_etcd_key(etcd: EtcdServer, client: EtcdClien
     # a nested one stopped the daemon with RecursionError.
     etcd.etcdctl("put", f"{prefix}/config", value)
     mgr = EtcdSubnetManager(client, prefix=prefix)
-    with pytest.raises(NetConfError) as err:
-        await mgr.network_config()
+    with pytest.raises(EtcdError) as err:
+        await mgr.node_config()
     assert str(err.value).startswith(f"network config at etcd key {prefix}/config: {reason}")
     assert "\n" not in str(err.value)
 
@@ -213,10 +214,20 @@ async def test_reuses_lease_of_our_public_ip(etcd: EtcdServer, client: EtcdClien
     nc = await configured(etcd, prefix, mgr, Network="10.53.0.0/16")
     attrs = vxlan_attrs("10.0.0.7", "0a:00:00:00:00:07")  # new VTEP MAC after a reboot
     # What the store remembers of us (before we overwrite it), and nothing for strangers.
-    remembered = await mgr.stored_state(attrs)
-    assert remembered.backend_data == '{"VNI":1,"VtepMAC":"0a:00:00:00:00:99"}'
-    assert (await mgr.stored_state(vxlan_attrs("10.0.0.70"))).backend_data == ""
-    lease = await mgr.acquire_lease(nc, attrs)
+    seen: list[StoredNodeState] = []
+
+    def recording(publish: LeaseAttrs) -> LeaseSetup:
+        async def setup(remembered: StoredNodeState) -> LeaseAttrs:
+            seen.append(remembered)
+            return publish
+        return setup
+
+    stranger = vxlan_attrs("10.0.0.70")
+    await EtcdSubnetManager(client, prefix=prefix).acquire_lease(nc, stranger,
+                                                                 recording(stranger))
+    assert seen.pop().backend_data == ""
+    lease = await mgr.acquire_lease(nc, attrs, recording(attrs))
+    assert seen == [StoredNodeState('{"VNI":1,"VtepMAC":"0a:00:00:00:00:99"}')]
     assert lease.subnet == IPv4Network("10.53.7.0/24")
     value, lease_id = stored(etcd, f"{prefix}/subnets/10.53.7.0-24") or ("", 0)
     assert value == attrs.to_json()
@@ -241,9 +252,14 @@ async def test_subnet_env_lease_wins_over_a_planted_lease_with_our_ip(
     mgr = EtcdSubnetManager(client, prefix=prefix, previous_subnet=IPv4Network("10.57.8.0/24"))
     nc = await configured(etcd, prefix, mgr, Network="10.57.0.0/16")
     attrs = vxlan_attrs("10.0.0.11", "0a:00:00:00:00:11")
-    assert (await mgr.stored_state(attrs)).backend_data == \
-        '{"VNI":1,"VtepMAC":"0a:00:00:00:00:11"}'
-    lease = await mgr.acquire_lease(nc, attrs)
+    seen: list[StoredNodeState] = []
+
+    async def setup(remembered: StoredNodeState) -> LeaseAttrs:
+        seen.append(remembered)
+        return attrs
+
+    lease = await mgr.acquire_lease(nc, attrs, setup)
+    assert seen == [StoredNodeState('{"VNI":1,"VtepMAC":"0a:00:00:00:00:11"}')]
     assert lease.subnet == IPv4Network("10.57.8.0/24")
     assert stored(etcd, planted) is not None  # not ours to delete
     assert any("Lease 10.57.3.0-24 carries our public IP (10.0.0.11) but is not the one "
@@ -705,7 +721,7 @@ async def test_username_password_auth(prefix: str) -> None:
         c = EtcdClient([etcd.client_url], username="root", password="rootpw")
         mgr = EtcdSubnetManager(c, prefix=prefix)
         try:
-            nc = await mgr.network_config()
+            nc = (await mgr.node_config()).netconf
             lease = await mgr.acquire_lease(nc, vxlan_attrs("10.0.11.1"))
             # An expired/invalid token is replaced once, transparently.
             c._token = "invalid.1"

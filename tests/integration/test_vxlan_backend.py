@@ -15,13 +15,16 @@ from typing import Any
 
 import pytest
 
-from pyflannel.backend.base import DesiredTable, StoredNodeState
-from pyflannel.backend.vxlan import RouteLookup, VxlanBackend, backend_data
+from pyflannel.backend.vxlan import VxlanBackend, backend_data
 from pyflannel.config.netconf import NetConf
+from pyflannel.dataplane import NodeDataplane
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.netlink import LinkEvent, RtMonitor, RtNetlink
-from pyflannel.reconcile.kernel import KernelReconciler
+from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
+from pyflannel.lease.events import LeaseChanges, LeaseSnapshot
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.lease.table import LeasePolicy
+from pyflannel.netlink import LinkEvent, RtEvent
+from pyflannel.reconcile.engine import KernelReconciler
 from pyflannel_lab.netns import NetNamespace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
@@ -55,6 +58,19 @@ def peer(n: int, mac: str, public: str | None = None) -> Lease:
                             backend_type="vxlan", backend_data=backend_data(1, mac)))
 
 
+async def registered(node: NetNamespace, nc: NetConf, stored: StoredNodeState,
+                     ext: ExternalInterface | None = None) -> VxlanBackend:
+    """A backend registered in `node` through a link port of its own (closed at once:
+    the port reopens its handle on the next use)."""
+    be = VxlanBackend()
+    links = PyrouteLinkPort(node.name)
+    try:
+        await be.register(ext or ext_of(node), nc, stored, links)
+    finally:
+        await links.aclose()
+    return be
+
+
 @pytest.fixture
 def node(netns_factory: Callable[[str], NetNamespace]) -> NetNamespace:
     ns = netns_factory("pfvx")
@@ -68,10 +84,10 @@ def node(netns_factory: Callable[[str], NetNamespace]) -> NetNamespace:
 
 async def test_device_is_upstreams_and_local_is_the_interface_address(
         node: NetNamespace) -> None:
-    be = VxlanBackend(netns=node.name)
+    be = VxlanBackend()
     # --public-ip differs (a NAT in front of us): the tunnel's source stays the interface's
     setup = await be.register(ext_of(node, public="203.0.113.7"), netconf(Port=4789, GBP=True),
-                              StoredNodeState())
+                              StoredNodeState(), PyrouteLinkPort(node.name))
     d = details(node, "flannel.1")
     info = d["linkinfo"]["info_data"]
     assert d["linkinfo"]["info_kind"] == "vxlan"
@@ -83,31 +99,32 @@ async def test_device_is_upstreams_and_local_is_the_interface_address(
     await be.configure(Lease(OWN, LeaseAttrs()))
     addrs = node.ip("-4", "addr", "show", "dev", "flannel.1").stdout
     assert "inet 10.244.1.0/32" in addrs and ",UP" in node.ip("link", "show", "flannel.1").stdout
-    be.close()
 
 
 async def test_configured_mtu_and_vni(node: NetNamespace) -> None:
     node.ip("link", "set", "eth0", "mtu", "9001")  # jumbo frames (AWS), MTU given explicitly
-    be = VxlanBackend(netns=node.name)
-    setup = await be.register(ext_of(node), netconf(VNI=42, MTU=9000), StoredNodeState())
+    be = VxlanBackend()
+    setup = await be.register(ext_of(node), netconf(VNI=42, MTU=9000), StoredNodeState(),
+                              PyrouteLinkPort(node.name))
     assert setup.mtu == 8950 and details(node, "flannel.42")["mtu"] == 8950
     assert json.loads(setup.backend_data)["VNI"] == 42
 
 
 async def test_vtep_mac_comes_from_the_stored_lease_then_the_device(node: NetNamespace) -> None:
     stored = StoredNodeState(backend_data=backend_data(1, "0e:aa:bb:cc:dd:01"))
-    setup = await VxlanBackend(netns=node.name).register(ext_of(node), netconf(), stored)
+    be = VxlanBackend()
+    setup = await be.register(ext_of(node), netconf(), stored, PyrouteLinkPort(node.name))
     assert details(node, "flannel.1")["address"] == "0e:aa:bb:cc:dd:01"
     assert json.loads(setup.backend_data)["VtepMAC"] == "0e:aa:bb:cc:dd:01"
     index = details(node, "flannel.1")["ifindex"]
     # restart without stored data (store wiped): the compatible device and its MAC are kept
-    setup = await VxlanBackend(netns=node.name).register(ext_of(node), netconf(),
-                                                         StoredNodeState())
+    setup = await VxlanBackend().register(ext_of(node), netconf(), StoredNodeState(),
+                                          PyrouteLinkPort(node.name))
     assert json.loads(setup.backend_data)["VtepMAC"] == "0e:aa:bb:cc:dd:01"
     assert details(node, "flannel.1")["ifindex"] == index
     # the store remembers another MAC (peers hold it): the device takes it, not recreated
     stored2 = StoredNodeState(backend_data=backend_data(1, "0e:aa:bb:cc:dd:02"))
-    await VxlanBackend(netns=node.name).register(ext_of(node), netconf(), stored2)
+    await registered(node, netconf(), stored2)
     assert details(node, "flannel.1")["address"] == "0e:aa:bb:cc:dd:02"
     assert details(node, "flannel.1")["ifindex"] == index
 
@@ -117,7 +134,7 @@ async def test_incompatible_device_is_recreated(node: NetNamespace,
     node.ip("link", "add", "flannel.1", "type", "vxlan", "id", "7", "dev", "eth0",
             "dstport", "8472")
     old = details(node, "flannel.1")["ifindex"]
-    await VxlanBackend(netns=node.name).register(ext_of(node), netconf(), StoredNodeState())
+    await registered(node, netconf(), StoredNodeState())
     d = details(node, "flannel.1")
     assert d["ifindex"] != old and d["linkinfo"]["info_data"]["id"] == 1
     assert "already exists with incompatible configuration: vni 7 != 1; recreating device" \
@@ -125,13 +142,12 @@ async def test_incompatible_device_is_recreated(node: NetNamespace,
     # a non-vxlan device of that name too
     node.ip("link", "del", "flannel.1")
     node.ip("link", "add", "flannel.1", "type", "veth", "peer", "name", "fl1peer")
-    await VxlanBackend(netns=node.name).register(ext_of(node), netconf(), StoredNodeState())
+    await registered(node, netconf(), StoredNodeState())
     assert details(node, "flannel.1")["linkinfo"]["info_kind"] == "vxlan"
 
 
 async def test_configure_removes_a_previous_leases_address(node: NetNamespace) -> None:
-    be = VxlanBackend(netns=node.name)
-    await be.register(ext_of(node), netconf(), StoredNodeState())
+    be = await registered(node, netconf(), StoredNodeState())
     node.ip("addr", "add", "10.244.77.0/32", "dev", "flannel.1")
     node.ip("addr", "add", "172.16.0.1/32", "dev", "flannel.1")  # not in Network: kept
     await be.configure(Lease(OWN, LeaseAttrs()))
@@ -140,45 +156,46 @@ async def test_configure_removes_a_previous_leases_address(node: NetNamespace) -
 
 
 class Harness:
-    """The daemon's kernel loop in miniature: reconciler + monitor + link events."""
+    """The daemon's kernel loop in miniature: dataplane + engine on the netlink ports."""
 
     def __init__(self, ns: NetNamespace, be: VxlanBackend, leases: list[Lease]) -> None:
         self.ns, self.be, self.leases = ns, be, leases
-        self.nl = RtNetlink.open(ns.name)
-        self.monitor = RtMonitor.open(ns.name, routes=True, neighbours=True, links=True,
-                                      nexthops=True)
-        self.rec = KernelReconciler(self.nl, be.scope(), resync_interval=3600)
-        self.desired = DesiredTable()
-        self.rebuild()
+        self.port = NetlinkRoutePort.open(ns.name)
+        self.dp = NodeDataplane(be, LeasePolicy(network=NETWORK), "10.244.1.0-24", self.port)
+        self.rec = KernelReconciler(self.port, self.dp.scope, resync_interval=3600)
+        self.rec.on_links = self.on_links
 
-    def rebuild(self) -> None:
-        for lease in self.leases:
-            self.desired.put(lease.key, self.be.peer_state(lease))
-        self.rec.set_scope(self.be.scope())
-        self.rec.set_desired(self.desired.state)
+    async def start(self) -> None:
+        await self.dp.apply(LeaseSnapshot(tuple(self.leases)))
+        self.rec.set_desired(self.dp.desired)
 
-    async def watch(self) -> None:
-        async for batch in self.monitor.events():
-            for ev in batch:
-                if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent) \
-                        and await self.be.on_link_event(ev.kind, ev.obj):
-                    self.rebuild()
-            self.rec.on_events(batch)
+    async def remove(self, lease: Lease) -> None:
+        await self.dp.apply(LeaseChanges(removed=(lease.ident,)))
+        self.rec.set_desired(self.dp.desired)
+
+    async def on_links(self, batch: list[RtEvent]) -> None:
+        changed = False
+        for ev in batch:
+            if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent):
+                changed = await self.be.on_link_event(ev.kind, ev.obj) or changed
+        if changed:
+            await self.dp.rebuild()
+            self.rec.set_scope(self.dp.scope)
+            self.rec.set_desired(self.dp.desired)
 
 
 @contextlib.asynccontextmanager
 async def running(ns: NetNamespace, be: VxlanBackend,
                   leases: list[Lease]) -> AsyncIterator[Harness]:
     h = Harness(ns, be, leases)
-    tasks = [asyncio.create_task(h.rec.run()), asyncio.create_task(h.watch())]
+    await h.start()
+    task = asyncio.create_task(h.rec.run())
     try:
         yield h
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        h.monitor.close()
-        h.nl.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        h.port.close()
 
 
 async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
@@ -210,8 +227,8 @@ MACS = {n: f"0e:00:00:00:00:{n:02x}" for n in (2, 3, 4)}
 
 async def test_peers_programmed_drift_repaired_and_stale_entries_removed(
         node: NetNamespace) -> None:
-    be = VxlanBackend(netns=node.name)
-    await be.register(ext_of(node), netconf(), StoredNodeState())
+    be = VxlanBackend()
+    await be.register(ext_of(node), netconf(), StoredNodeState(), PyrouteLinkPort(node.name))
     await be.configure(Lease(OWN, LeaseAttrs()))
     # a peer that left while we were down
     node.ip("neigh", "add", "10.244.9.0", "lladdr", "0e:00:00:00:00:09", "dev", "flannel.1",
@@ -240,17 +257,15 @@ async def test_peers_programmed_drift_repaired_and_stale_entries_removed(
         await wait_for(lambda: programmed(node, 2, MACS[2]), "the neighbour corrected", 5)
         assert h.rec.stats.drift_repairs >= 4
         # a peer leaves: all three objects go
-        h.desired.remove(leases[0].key)
-        h.rec.set_desired(h.desired.state)
+        await h.remove(leases[0])
         await wait_for(lambda: "10.244.2.0" not in "".join(kernel_view(node)), "removal")
         assert MACS[2] not in kernel_view(node)[1]
-    be.close()
 
 
 async def test_deleted_device_is_recreated_and_every_peer_replayed(node: NetNamespace) -> None:
     stored = StoredNodeState(backend_data=backend_data(1, "0e:aa:bb:cc:dd:01"))
-    be = VxlanBackend(netns=node.name)
-    await be.register(ext_of(node), netconf(), stored)
+    be = VxlanBackend()
+    await be.register(ext_of(node), netconf(), stored, PyrouteLinkPort(node.name))
     await be.configure(Lease(OWN, LeaseAttrs()))
     leases = [peer(n, mac) for n, mac in MACS.items()]
     async with running(node, be, leases):
@@ -262,16 +277,12 @@ async def test_deleted_device_is_recreated_and_every_peer_replayed(node: NetName
         d = details(node, "flannel.1")
         assert d["ifindex"] != old and d["address"] == "0e:aa:bb:cc:dd:01"
         assert "10.244.1.0/32" in node.ip("addr", "show", "dev", "flannel.1").stdout
-    be.close()
 
 
 async def test_direct_routing_for_peers_on_our_segment_only(node: NetNamespace) -> None:
-    lookup = RouteLookup(node.name)
-    assert lookup.is_direct(IPv4Address("192.168.90.2"))  # connected: one route, no gateway
-    assert not lookup.is_direct(IPv4Address("10.77.0.5"))  # via the default gateway
-    lookup.close()
-    be = VxlanBackend(netns=node.name)
-    await be.register(ext_of(node), netconf(DirectRouting=True), StoredNodeState())
+    be = VxlanBackend()
+    await be.register(ext_of(node), netconf(DirectRouting=True), StoredNodeState(),
+                      PyrouteLinkPort(node.name))
     await be.configure(Lease(OWN, LeaseAttrs()))
     near, far = peer(2, MACS[2]), peer(3, MACS[3], public="10.77.0.5")
     async with running(node, be, [near, far]):
@@ -286,4 +297,3 @@ async def test_direct_routing_for_peers_on_our_segment_only(node: NetNamespace) 
         # the direct peer needs no neighbour/FDB entry on flannel.1
         assert "10.244.2.0" not in neigh and MACS[2] not in fdb
         assert f"{MACS[3]} dst 10.77.0.5 self permanent" in fdb
-    be.close()

@@ -11,7 +11,7 @@ from pyflannel.backend.base import DesiredTable
 from pyflannel.backend.hostgw import host_gw_peer_state
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Op, Route
-from pyflannel.reconcile.kernel import (
+from pyflannel.reconcile.plan import (
     NHID_BASE,
     DesiredState,
     KernelScope,

@@ -22,7 +22,7 @@ from pyflannel.backend.vxlan import (
 )
 from pyflannel.lease.model import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
 from pyflannel.netlink import FdbEntry, Neighbour, Route
-from pyflannel.reconcile.kernel import KernelScope, Observed, plan
+from pyflannel.reconcile.plan import KernelScope, Observed, plan
 
 
 def test_device_names_are_upstreams() -> None:

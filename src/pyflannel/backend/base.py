@@ -1,21 +1,24 @@
 """The seam between the daemon and a backend.
 
 A backend turns one peer lease into the kernel objects that reach it (`peer_state`, a
-pure function), owns a part of the kernel (`scope`), and may need devices before and
-after the lease is acquired (`register`, `configure`). Everything else (diffing,
-applying, drift repair) is the KernelReconciler's job, the same for every backend.
+pure function of the lease and facts handed in), owns a part of the kernel (`scope`), and
+may need devices before and after the lease is acquired (`register`, `configure`, through
+the LinkPort). Everything else (diffing, applying, drift repair) is the engine's job, the
+same for every backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lease.model import Lease
+from pyflannel.kernel.ports import Addr, LinkPort
+from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
-from pyflannel.reconcile.kernel import DesiredState, KernelScope
+from pyflannel.reconcile.plan import DesiredState, KernelScope
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -40,15 +43,6 @@ class BackendSetup:
     backend_v6_data: str = ""
 
 
-@dataclass(frozen=True)
-class StoredNodeState:
-    """What the store remembers about this node from before (VTEP MACs, so peers' neighbour
-    entries stay valid across restarts)."""
-
-    backend_data: str = ""
-    backend_v6_data: str = ""
-
-
 class BackendError(Exception):
     """A backend cannot start; the message is one line that says what to do."""
 
@@ -56,14 +50,24 @@ class BackendError(Exception):
 class Backend(Protocol):
     backend_type: str
 
-    async def register(self, ext: ExternalInterface, nc: NetConf,
-                       stored: StoredNodeState) -> BackendSetup: ...
+    @property
+    def direct_routing(self) -> bool:
+        """Whether peer_state needs to know which peers' public IPs are on our segment
+        (the engine looks them up, asynchronously, and hands them in)."""
+        ...
+
+    async def register(self, ext: ExternalInterface, nc: NetConf, stored: StoredNodeState,
+                       links: LinkPort, *, create: bool = True) -> BackendSetup:
+        """Set up (create=False: only find) the backend's devices through `links`."""
+        ...
 
     async def configure(self, lease: Lease) -> None: ...
 
     def scope(self) -> KernelScope: ...
 
-    def peer_state(self, lease: Lease) -> PeerState: ...
+    def peer_state(self, lease: Lease, direct: Container[Addr] = ()) -> PeerState:
+        """Pure: what `lease` needs in our kernel, given the facts handed in."""
+        ...
 
     async def on_link_event(self, kind: str, link: LinkEvent) -> bool:
         """A link appeared or vanished; True when scope() or peer states changed."""

@@ -6,14 +6,16 @@ pure function of the lease; the KernelReconciler makes the kernel match it.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from ipaddress import IPv4Network, IPv6Network
 
-from pyflannel.backend.base import BackendError, BackendSetup, PeerState, StoredNodeState
+from pyflannel.backend.base import BackendError, BackendSetup, PeerState
 from pyflannel.config.netconf import NetConf
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lease.model import Lease
+from pyflannel.kernel.ports import Addr, LinkPort
+from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import LinkEvent, Route
-from pyflannel.reconcile.kernel import KernelScope
+from pyflannel.reconcile.plan import KernelScope
 
 BACKEND_TYPE = "host-gw"
 
@@ -39,6 +41,7 @@ def host_gw_peer_state(lease: Lease, oif: int, *, ipv4: bool = True,
 
 class HostGwBackend:
     backend_type = BACKEND_TYPE
+    direct_routing = False
 
     def __init__(self) -> None:
         self._ext: ExternalInterface | None = None
@@ -46,8 +49,8 @@ class HostGwBackend:
         self._ipv4 = True
         self._ipv6 = False
 
-    async def register(self, ext: ExternalInterface, nc: NetConf,
-                       stored: StoredNodeState) -> BackendSetup:
+    async def register(self, ext: ExternalInterface, nc: NetConf, stored: StoredNodeState,
+                       links: LinkPort, *, create: bool = True) -> BackendSetup:
         check_host_gw(ext)
         self._ext = ext
         self._ipv4, self._ipv6 = nc.enable_ipv4, nc.enable_ipv6
@@ -62,7 +65,7 @@ class HostGwBackend:
         assert self._ext is not None
         return KernelScope(route_oifs=frozenset({self._ext.index}), networks=self._networks)
 
-    def peer_state(self, lease: Lease) -> PeerState:
+    def peer_state(self, lease: Lease, direct: Container[Addr] = ()) -> PeerState:
         assert self._ext is not None
         return host_gw_peer_state(lease, self._ext.index, ipv4=self._ipv4, ipv6=self._ipv6)
 

@@ -31,47 +31,28 @@ replayed (on_link_event returns True and the daemon rebuilds all peer states, §
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
-import os
 import re
 import secrets
-import socket
+from collections.abc import Container
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import TYPE_CHECKING, Any
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
-from pyflannel.backend.base import BackendError, BackendSetup, PeerState, StoredNodeState
+from pyflannel.backend.base import BackendError, BackendSetup, PeerState
 from pyflannel.config.netconf import NetConf, VxlanOptions, vxlan_options
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.lease.model import Lease, compact_json
-from pyflannel.netlink import RTN_UNICAST, FdbEntry, LinkEvent, Neighbour, Route
-from pyflannel.netlink.codec import (
-    NLMSG_ERROR,
-    RTM_NEWROUTE,
-    decode_error,
-    decode_route,
-    encode_get_route,
-    iter_messages,
-)
-from pyflannel.netlink.rtnl import _inside_netns
-from pyflannel.reconcile.kernel import KernelScope
-
-if TYPE_CHECKING:
-    from pyroute2 import AsyncIPRoute
+from pyflannel.kernel.ports import DeviceSpec, ExistingDevice, LinkPort
+from pyflannel.lease.model import Lease, StoredNodeState, compact_json
+from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
+from pyflannel.reconcile.plan import KernelScope
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPE = "vxlan"
 ENCAP_OVERHEAD = 50  # inner Ethernet 14 + outer IPv4 20 + UDP 8 + VXLAN 8
 ENCAP_OVERHEAD_V6 = 70  # the outer IPv6 header is 40 bytes
-IFA_F_NODAD = 0x02
-IFA_F_NOPREFIXROUTE = 0x200
-_VXLAN_ATTRS = ("IFLA_VXLAN_ID", "IFLA_VXLAN_LINK", "IFLA_VXLAN_LOCAL", "IFLA_VXLAN_LOCAL6",
-                "IFLA_VXLAN_PORT", "IFLA_VXLAN_GBP", "IFLA_VXLAN_LEARNING", "IFLA_VXLAN_GROUP",
-                "IFLA_VXLAN_GROUP6", "IFLA_VXLAN_L2MISS")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 Addr = IPv4Address | IPv6Address
@@ -133,38 +114,6 @@ def vtep_claims(lease: Lease) -> tuple[str, ...]:
                  if mac is not None)
 
 
-@dataclass(frozen=True)
-class DeviceSpec:
-    """What a flannel vxlan device must look like."""
-
-    name: str
-    vni: int
-    link: int  # the external interface's ifindex
-    local: Addr
-    port: int  # 0: kernel default (8472)
-    gbp: bool
-    learning: bool
-    mtu: int
-
-
-@dataclass(frozen=True)
-class ExistingDevice:
-    """The parts of an existing device the compatibility check looks at."""
-
-    index: int
-    kind: str | None
-    vni: int | None = None
-    link: int | None = None
-    local: Addr | None = None
-    port: int | None = None
-    gbp: bool = False
-    learning: bool = False
-    group: str | None = None
-    l2miss: bool = False
-    mac: str | None = None
-    mtu: int = 0
-
-
 def incompatibility(want: DeviceSpec, have: ExistingDevice) -> str | None:
     """Why `have` cannot be reused for `want` (upstream's vxlanLinksIncompat, plus the
     learning flag), or None. Unset values on either side are not compared, as upstream."""
@@ -189,143 +138,6 @@ def incompatibility(want: DeviceSpec, have: ExistingDevice) -> str | None:
     return None
 
 
-class VxlanDevices:
-    """Device management through pyroute2's AsyncIPRoute, imported here only: host-gw
-    start-up does not pay for it, and device changes are rare (start-up, recreation)."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-
-    def _ipr(self) -> AsyncIPRoute:
-        from pyroute2 import AsyncIPRoute
-
-        return AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
-
-    async def existing(self, name: str) -> ExistingDevice | None:
-        async with self._ipr() as ipr:
-            if not await ipr.link_lookup(ifname=name):
-                return None
-            msg = (await ipr.link("get", ifname=name))[0]
-        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-        d: dict[str, Any] = {}
-        if kind == "vxlan" and data is not None:
-            d = {k: data.get(k) for k in _VXLAN_ATTRS}
-        local = d.get("IFLA_VXLAN_LOCAL") or d.get("IFLA_VXLAN_LOCAL6")
-        group = d.get("IFLA_VXLAN_GROUP") or d.get("IFLA_VXLAN_GROUP6")
-        return ExistingDevice(
-            index=int(msg["index"]), kind=kind, vni=d.get("IFLA_VXLAN_ID"),
-            link=d.get("IFLA_VXLAN_LINK"), local=ip_address(local) if local else None,
-            port=d.get("IFLA_VXLAN_PORT"), gbp=bool(d.get("IFLA_VXLAN_GBP")),
-            learning=bool(d.get("IFLA_VXLAN_LEARNING")),
-            group=str(group) if group and not ip_address(group).is_unspecified else None,
-            l2miss=bool(d.get("IFLA_VXLAN_L2MISS")),
-            mac=msg.get("IFLA_ADDRESS"), mtu=int(msg.get("IFLA_MTU") or 0))
-
-    async def create(self, spec: DeviceSpec, mac: str) -> int:
-        kw: dict[str, Any] = {
-            "ifname": spec.name, "kind": "vxlan", "vxlan_id": spec.vni,
-            "vxlan_link": spec.link, "vxlan_learning": int(spec.learning),
-            "address": mac, "mtu": spec.mtu}
-        kw["vxlan_local6" if spec.local.version == 6 else "vxlan_local"] = str(spec.local)
-        if spec.port:
-            kw["vxlan_port"] = spec.port
-        if spec.gbp:
-            kw["vxlan_gbp"] = True
-        async with self._ipr() as ipr:
-            await ipr.link("add", **kw)
-            return int((await ipr.link_lookup(ifname=spec.name))[0])
-
-    async def delete(self, index: int) -> None:
-        async with self._ipr() as ipr:
-            await ipr.link("del", index=index)
-
-    async def set_link(self, index: int, **kw: Any) -> None:
-        async with self._ipr() as ipr:
-            await ipr.link("set", index=index, **kw)
-
-    async def set_address(self, index: int, addr: Addr, network: Net | None) -> None:
-        """`addr` as /32 (/128) on the device; other addresses inside `network` go (a
-        previous lease's), as upstream's EnsureV4AddressOnLink. The IPv6 one is
-        `noprefixroute`: the kernel's /128 route would sit inside the cluster network on our
-        device, where the reconciler owns every route."""
-        plen = addr.max_prefixlen
-        v6 = addr.version == 6
-        flags = IFA_F_NODAD | IFA_F_NOPREFIXROUTE if v6 else 0
-        async with self._ipr() as ipr:
-            have = False
-            family = socket.AF_INET6 if v6 else socket.AF_INET
-            current = [a async for a in await ipr.addr("dump", family=family)
-                       if a["index"] == index]
-            for a in current:
-                ip = ip_address(a.get("IFA_ADDRESS"))
-                alen = int(a["prefixlen"])
-                if ip == addr and alen == plen and (a.get("IFA_FLAGS") or 0) & flags == flags:
-                    have = True
-                elif ip == addr or (network is not None and ip in network):
-                    await ipr.addr("del", index=index, address=str(ip), prefixlen=alen)
-            if not have:
-                extra: dict[str, Any] = {"IFA_FLAGS": flags} if v6 else {}
-                await ipr.addr("add", index=index, address=str(addr), prefixlen=plen, **extra)
-
-    def disable_accept_ra(self, name: str) -> None:
-        # /proc/sys/net is per namespace: only meaningful when we run inside it.
-        if self.netns is None:
-            with contextlib.suppress(OSError), \
-                    open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as f:
-                f.write("0")
-
-
-class RouteLookup:
-    """`ip route get` on a blocking netlink socket, so peer_state can stay synchronous
-    (one ~20 µs round trip per peer with DirectRouting; answers are cached per address)."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        with _inside_netns(netns):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                       socket.NETLINK_ROUTE)
-        self._sock.bind((0, 0))
-        self._seq = 0
-        self._cache: dict[Addr, bool] = {}
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-    def get(self, dst: Addr) -> Route | None:
-        self._seq += 1
-        seq = self._seq
-        self._sock.send(encode_get_route(dst, seq))
-        while True:
-            buf = self._sock.recv(65536)
-            for mtype, flags, mseq, start, stop in iter_messages(buf):
-                if mseq != seq:
-                    continue
-                if mtype == RTM_NEWROUTE:
-                    return decode_route(buf, start, stop)
-                if mtype == NLMSG_ERROR:
-                    err, _msg = decode_error(buf, start, stop, flags)
-                    if err in (errno.ENETUNREACH, errno.EHOSTUNREACH, 0):
-                        return None
-                    raise OSError(err, os.strerror(err))
-
-    def is_direct(self, dst: Addr) -> bool:
-        """Upstream's rule: the kernel's answer is one unicast route without a gateway (the
-        peer is on a connected subnet)."""
-        hit = self._cache.get(dst)
-        if hit is None:
-            try:
-                r = self.get(dst)
-            except OSError as e:
-                log.warning("Route lookup for %s failed (%s); using vxlan for it", dst, e)
-                return False
-            hit = r is not None and r.gateway is None and r.type == RTN_UNICAST
-            self._cache[dst] = hit
-        return hit
-
-
 @dataclass
 class _Family:
     """One address family's device and what it was built from."""
@@ -341,16 +153,23 @@ class _Family:
 class VxlanBackend:
     backend_type = BACKEND_TYPE
 
-    def __init__(self, netns: str | None = None) -> None:
-        """`netns`: manage another namespace (tests); the daemon runs inside its own."""
-        self._netns = netns
-        self._devices = VxlanDevices(netns)
+    def __init__(self) -> None:
+        self._links: LinkPort | None = None
         self._ext: ExternalInterface | None = None
         self._opts = VxlanOptions()
         self._v4: _Family | None = None
         self._v6: _Family | None = None
-        self._lookup: RouteLookup | None = None
         self._warned: set[str] = set()
+
+    @property
+    def direct_routing(self) -> bool:
+        """Whether peer_state needs to know which peers are on our segment."""
+        return self._opts.direct_routing
+
+    @property
+    def _devices(self) -> LinkPort:
+        assert self._links is not None, "register() first"
+        return self._links
 
     @property
     def families(self) -> tuple[_Family, ...]:
@@ -358,32 +177,41 @@ class VxlanBackend:
 
     # -- start-up -----------------------------------------------------------------------
 
-    async def register(self, ext: ExternalInterface, nc: NetConf,
-                       stored: StoredNodeState) -> BackendSetup:
-        self._ext = ext
+    async def register(self, ext: ExternalInterface, nc: NetConf, stored: StoredNodeState,
+                       links: LinkPort, *, create: bool = True) -> BackendSetup:
+        """Find or create our devices. create=False (`pyflannel status --check`) only
+        attaches to existing ones: a missing device leaves the family's index 0, so its
+        peers show as missing entries."""
+        self._ext, self._links = ext, links
         try:
             self._opts = opts = vxlan_options(nc)
         except ValueError as e:
             raise BackendError(str(e)) from None
         outer = opts.mtu or ext.mtu
-        if nc.enable_ipv4:
-            if ext.iface_addr is None:
-                raise BackendError(f"vxlan over IPv4 needs an IPv4 address on {ext.name}")
-            self._v4 = _Family(False, DeviceSpec(
-                device_name(opts.vni), opts.vni, ext.index, ext.iface_addr, opts.port, opts.gbp,
-                opts.learning, outer - ENCAP_OVERHEAD), vtep_mac_of(stored.backend_data) or "",
-                network=nc.network)
-            await self._ensure_device(self._v4)
-        if nc.enable_ipv6:
-            if ext.iface_addr6 is None:
-                raise BackendError(f"vxlan over IPv6 needs an IPv6 address on {ext.name}")
-            self._v6 = _Family(True, DeviceSpec(
-                device_name(opts.vni, ipv6=True), opts.vni, ext.index, ext.iface_addr6,
-                opts.port, opts.gbp, opts.learning, outer - ENCAP_OVERHEAD_V6),
-                vtep_mac_of(stored.backend_v6_data) or "", network=nc.ipv6_network)
-            await self._ensure_device(self._v6)
-        if opts.direct_routing:
-            self._lookup = RouteLookup(self._netns)
+        for ipv6, enabled, addr, data, network in (
+                (False, nc.enable_ipv4, ext.iface_addr, stored.backend_data, nc.network),
+                (True, nc.enable_ipv6, ext.iface_addr6, stored.backend_v6_data,
+                 nc.ipv6_network)):
+            if not enabled:
+                continue
+            if addr is None:
+                raise BackendError(f"vxlan over IPv{6 if ipv6 else 4} needs an "
+                                   f"IPv{6 if ipv6 else 4} address on {ext.name}")
+            fam = _Family(ipv6, DeviceSpec(
+                device_name(opts.vni, ipv6=ipv6), opts.vni, ext.index, addr, opts.port,
+                opts.gbp, opts.learning,
+                outer - (ENCAP_OVERHEAD_V6 if ipv6 else ENCAP_OVERHEAD)),
+                vtep_mac_of(data) or "", network=network)
+            if ipv6:
+                self._v6 = fam
+            else:
+                self._v4 = fam
+            if create:
+                await self._ensure_device(fam)
+            else:
+                have = await self._find(fam.spec.name)
+                if have is not None:
+                    fam.index, fam.mac = have.index, (have.mac or "").lower()
         # Pods get upstream's FLANNEL_MTU (outer − 50) whenever IPv4 is on; IPv6 traffic
         # through the smaller v6 device is then sized by path-MTU discovery.
         mtu = outer - (ENCAP_OVERHEAD if nc.enable_ipv4 else ENCAP_OVERHEAD_V6)
@@ -392,51 +220,27 @@ class VxlanBackend:
             backend_data=backend_data(opts.vni, self._v4.mac) if self._v4 else "",
             backend_v6_data=backend_data(opts.vni, self._v6.mac) if self._v6 else "")
 
-    async def inspect(self, ext: ExternalInterface, nc: NetConf) -> None:
-        """Read-only attach for `pyflannel status --check`: find our existing devices,
-        create nothing. A missing device leaves the family's index 0, so its peers show
-        as missing entries."""
-        self._ext = ext
-        self._opts = opts = vxlan_options(nc)
-        fams = []
-        if nc.enable_ipv4:
-            assert ext.iface_addr is not None
-            self._v4 = _Family(False, DeviceSpec(device_name(opts.vni), opts.vni, ext.index,
-                                                 ext.iface_addr, opts.port, opts.gbp,
-                                                 opts.learning, 0), "", network=nc.network)
-            fams.append(self._v4)
-        if nc.enable_ipv6:
-            assert ext.iface_addr6 is not None
-            self._v6 = _Family(True, DeviceSpec(device_name(opts.vni, ipv6=True), opts.vni,
-                                                ext.index, ext.iface_addr6, opts.port,
-                                                opts.gbp, opts.learning, 0), "",
-                               network=nc.ipv6_network)
-            fams.append(self._v6)
-        for fam in fams:
-            have = await self._devices.existing(fam.spec.name)
-            if have is not None:
-                fam.index, fam.mac = have.index, (have.mac or "").lower()
-        if opts.direct_routing:
-            self._lookup = RouteLookup(self._netns)
+    async def _find(self, name: str) -> ExistingDevice | None:
+        try:
+            return await self._devices.find(name)
+        except OSError as e:
+            raise BackendError(f"failed to look up device {name}: {e}") from None
 
     async def _ensure_device(self, fam: _Family) -> None:
         """Create the device, or reuse a compatible one (keeping its MAC unless the store
         remembers another), or recreate an incompatible one."""
         spec = fam.spec
         try:
-            have = await self._devices.existing(spec.name)
+            have = await self._devices.find(spec.name)
             if have is not None:
                 why = incompatibility(spec, have)
                 if why is None:
                     fam.index = have.index
                     fam.mac = fam.mac or valid_vtep_mac(have.mac) or random_vtep_mac()
-                    changes: dict[str, Any] = {}
-                    if (have.mac or "").lower() != fam.mac:
-                        changes["address"] = fam.mac
-                    if have.mtu != spec.mtu:
-                        changes["mtu"] = spec.mtu
-                    if changes:
-                        await self._devices.set_link(have.index, **changes)
+                    await self._devices.set_up(
+                        have.index,
+                        mac=fam.mac if (have.mac or "").lower() != fam.mac else None,
+                        mtu=spec.mtu if have.mtu != spec.mtu else None)
                     log.info("Using existing device %s (index %d, MAC %s)", spec.name,
                              have.index, fam.mac)
                     return
@@ -444,11 +248,9 @@ class VxlanBackend:
                             "recreating device", spec.name, why)
                 await self._devices.delete(have.index)
             fam.mac = fam.mac or random_vtep_mac()
-            fam.index = await self._devices.create(spec, fam.mac)
+            fam.index = await self._devices.ensure(spec, fam.mac)
         except OSError as e:
             raise BackendError(f"failed to set up device {spec.name}: {e}") from None
-        if fam.ipv6:
-            self._devices.disable_accept_ra(spec.name)
         log.info("Created device %s (index %d, VNI %d, local %s, MAC %s, MTU %d)", spec.name,
                  fam.index, spec.vni, spec.local, fam.mac, spec.mtu)
 
@@ -463,9 +265,9 @@ class VxlanBackend:
     async def _configure_device(self, fam: _Family) -> None:
         assert fam.subnet is not None
         try:
-            await self._devices.set_address(fam.index, fam.subnet.network_address, fam.network)
-            await self._devices.set_link(fam.index, state="up")
-            have = await self._devices.existing(fam.spec.name)
+            await self._devices.set_up(fam.index,
+                                       address=(fam.subnet.network_address, fam.network))
+            have = await self._devices.find(fam.spec.name)
         except OSError as e:
             raise BackendError(f"failed to configure {fam.spec.name}: {e}") from None
         # A MAC policy (systemd MACAddressPolicy=random) may have replaced ours (#1795).
@@ -484,7 +286,9 @@ class VxlanBackend:
         return KernelScope(route_oifs=devs | {self._ext.index}, networks=networks,
                            neighbour_ifindexes=devs)
 
-    def peer_state(self, lease: Lease) -> PeerState:
+    def peer_state(self, lease: Lease, direct: Container[Addr] = ()) -> PeerState:
+        """Pure: `direct` holds the public IPs the engine found on our segment (asked
+        only with DirectRouting)."""
         assert self._ext is not None
         routes: list[Route] = []
         neighbours: list[Neighbour] = []
@@ -494,7 +298,7 @@ class VxlanBackend:
             public: Addr | None = lease.attrs.public_ipv6 if fam.ipv6 else lease.attrs.public_ip
             if subnet is None or public is None:
                 continue
-            if self._lookup is not None and self._lookup.is_direct(public):
+            if self._opts.direct_routing and public in direct:
                 routes.append(Route(dst=subnet, gateway=public, oif=self._ext.index))
                 continue
             data = lease.attrs.backend_v6_data if fam.ipv6 else lease.attrs.backend_data
@@ -542,7 +346,3 @@ class VxlanBackend:
         await self._ensure_device(fam)
         if fam.subnet is not None:
             await self._configure_device(fam)
-
-    def close(self) -> None:
-        if self._lookup is not None:
-            self._lookup.close()

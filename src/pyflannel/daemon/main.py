@@ -3,9 +3,10 @@
 Start-up follows upstream's main.go order (reference §0): flags, subnet manager,
 signal handlers, health server, network config, interface, backend + lease, traffic
 rules, subnet.env, then the long-running loops. Data flows one way:
-store updates -> LeaseTable -> desired routes -> RouteReconciler -> kernel.
-Shutdown removes nothing: routes, rules, lease and subnet.env stay, so a restart
-does not interrupt pod traffic.
+store updates -> NodeDataplane (LeaseTable -> desired state) -> engine -> RoutePort.
+Everything outside Python (kernel ports, interface lookup, firewall, store) comes from a
+Platform, so unit tests run the whole loop on fakes. Shutdown removes nothing: routes,
+rules, lease and subnet.env stay, so a restart does not interrupt pod traffic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -23,25 +23,20 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from pyflannel import __version__
-from pyflannel.backend.base import Backend, BackendError, DesiredTable
-from pyflannel.backend.hostgw import HostGwBackend
-from pyflannel.backend.vxlan import VxlanBackend
+from pyflannel.backend.base import Backend, BackendError, BackendSetup
+from pyflannel.backend.registry import BACKENDS
 from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
 from pyflannel.daemon.logging_setup import setup_logging
 from pyflannel.daemon.metrics import DaemonMetrics
-from pyflannel.daemon.node_config import lease_policy, traffic_config
-from pyflannel.daemon.stores import StoreError, describe, make_subnet_manager
-from pyflannel.iface.select import ExternalInterface, InterfaceError, find_external_interface
-from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.lease.table import LeaseTable
-from pyflannel.netlink import RTN_BLACKHOLE, LinkEvent, Op, Route, RtMonitor, RtNetlink
-from pyflannel.reconcile.kernel import KernelReconciler, ReconcileStats
-from pyflannel.subnet.base import SubnetManager
-from pyflannel.subnet.etcd.client import EtcdError
-from pyflannel.subnet.etcd.manager import LeaseRevoked
-from pyflannel.subnet.kube.errors import KubeError
+from pyflannel.dataplane import NodeDataplane, lease_policy, traffic_config
+from pyflannel.iface.select import ExternalInterface, InterfaceError
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.netlink import LinkEvent, RtEvent
+from pyflannel.platform import Platform
+from pyflannel.reconcile.engine import KernelReconciler, ReconcileStats, RuleSync
+from pyflannel.subnet.base import LeaseRevoked, StoreError, SubnetManager
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
     read_subnet_env,
@@ -49,7 +44,7 @@ from pyflannel.subnet.subnetenv import (
     subnet_env_for,
     write_subnet_env,
 )
-from pyflannel.traffic import TrafficConfig, check_br_netfilter, make_traffic_rules
+from pyflannel.traffic import TrafficConfig
 
 log = logging.getLogger("main")
 
@@ -57,16 +52,15 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 # /readyz turns 503 when the lease watch has been failing for longer than this: peers that
 # join or change meanwhile are not programmed. Short outages (a store restart) stay ready.
 WATCH_DOWN_READY_LIMIT = 30.0
-BACKENDS: dict[str, type[Backend]] = {"host-gw": HostGwBackend, "vxlan": VxlanBackend}
-
 
 class StartupError(Exception):
     """A fatal start-up problem; the message is one line that says what to do."""
 
 
 class Daemon:
-    def __init__(self, flags: Flags) -> None:
+    def __init__(self, flags: Flags, platform: Platform | None = None) -> None:
         self.flags = flags
+        self.platform = platform or Platform.real()
         self.metrics = DaemonMetrics()
         self.ready = False
         self._subnet_env_problem = ""  # why subnet.env is not what we wrote, "" when it is
@@ -76,29 +70,36 @@ class Daemon:
 
     # -- start-up steps -----------------------------------------------------------------
 
-    async def _network_config(self, mgr: SubnetManager) -> NetConf:
+    async def _node_config(self, mgr: SubnetManager) -> tuple[NetConf, IPv4Address | None,
+                                                              IPv6Address | None]:
         while True:
             try:
-                return await mgr.network_config()
-            except (EtcdError, ConfigError) as e:
+                cfg = await mgr.node_config()
+                return cfg.netconf, cfg.public_ip, cfg.public_ipv6
+            except StoreError as e:
+                if not e.retryable:
+                    raise
                 log.error("Couldn't fetch network config: %s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 1)
             if self._stop.is_set():
                 raise asyncio.CancelledError
 
-    async def _external_interface(self, nc: NetConf, mgr: SubnetManager) -> ExternalInterface:
+    async def _external_interface(self, nc: NetConf, stored4: IPv4Address | None,
+                                  stored6: IPv6Address | None) -> ExternalInterface:
         f = self.flags
         if not (f.iface or f.iface_regex or f.iface_can_reach):
             log.info("Determining IP address of default interface")
         public_ip = IPv4Address(f.public_ip) if f.public_ip else None
         public_ipv6 = IPv6Address(f.public_ipv6) if f.public_ipv6 else None
-        # The store may override them (kube: the node-public-ip annotations).
-        stored4, stored6 = await mgr.public_ip_override()
-        ext = await find_external_interface(
-            ifaces=f.iface, iface_regexes=f.iface_regex, can_reach=f.iface_can_reach,
-            public_ip=stored4 or public_ip, public_ipv6=stored6 or public_ipv6,
-            ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
+        try:
+            # The store may override the flags (kube: the node-public-ip annotations).
+            ext = await self.platform.find_interface(
+                ifaces=f.iface, iface_regexes=f.iface_regex, can_reach=f.iface_can_reach,
+                public_ip=stored4 or public_ip, public_ipv6=stored6 or public_ipv6,
+                ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
+        except InterfaceError as e:
+            raise StartupError(str(e)) from None
         log.info("Using interface with name %s and address %s", ext.name,
                  ext.iface_addr or ext.iface_addr6)
         if ext.ext_addr == ext.iface_addr and ext.ext_addr6 == ext.iface_addr6:
@@ -117,11 +118,10 @@ class Daemon:
         subnet_file = Path(f.subnet_file)
         old_env = read_subnet_env(subnet_file)
         try:
-            mgr = self._mgr = make_subnet_manager(f, old_env)
+            mgr = self._mgr = self.platform.make_store(f, old_env)
         except StoreError as e:
             log.error("%s", e)
             return EXIT_ERROR
-        log.info("Created subnet manager: %s", describe(f))
         http: HealthServer | None = None
         if f.healthz_port > 0:
             http = HealthServer(f.healthz_ip, f.healthz_port, ready=self.unready_reason,
@@ -132,18 +132,22 @@ class Daemon:
         except asyncio.CancelledError:
             log.info("Exiting cleanly...")
             return EXIT_OK
-        except (StartupError, KubeError) as e:
+        except (StartupError, StoreError) as e:
             log.error("%s", e)
             return EXIT_ERROR
         finally:
             if http is not None:
                 await http.close()
             await mgr.aclose()
+            await self.platform.links.aclose()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     async def _run(self, mgr: SubnetManager, subnet_file: Path,
                    old_env: SubnetEnv | None) -> int:
         f = self.flags
-        nc = await self._network_config(mgr)
+        nc, stored4, stored6 = await self._node_config(mgr)
+        log.info("Created subnet manager: %s", mgr.description)
         log.info("Found network config - Backend type: %s", nc.backend_type)
         if not (nc.enable_ipv4 or nc.enable_ipv6):
             raise StartupError("none defined stack: enable EnableIPv4 and/or EnableIPv6 in "
@@ -155,28 +159,31 @@ class Daemon:
                 f"pyflannel supports {', '.join(BACKENDS)})")
         backend: Backend = backend_cls()
         if not nc.enable_nftables:
-            problem = check_br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
+            problem = self.platform.br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
             if problem:
                 raise StartupError(f"Failed to check br_netfilter: {problem}")
-        try:
-            ext = await self._external_interface(nc, mgr)
-        except InterfaceError as e:
-            raise StartupError(str(e)) from None
+        ext = await self._external_interface(nc, stored4, stored6)
         attrs = LeaseAttrs(public_ip=ext.ext_addr or IPv4Address("0.0.0.0"),
                            public_ipv6=ext.ext_addr6 if nc.enable_ipv6 else None,
                            backend_type=backend.backend_type)
+        setups: list[BackendSetup] = []
+
+        async def setup(stored: StoredNodeState) -> LeaseAttrs:
+            try:
+                s = await backend.register(ext, nc, stored, self.platform.links)
+            except BackendError as e:
+                raise StartupError(f"Error registering network: {e}") from None
+            setups.append(s)
+            return LeaseAttrs(public_ip=attrs.public_ip, public_ipv6=attrs.public_ipv6,
+                              backend_type=s.backend_type, backend_data=s.backend_data,
+                              backend_v6_data=s.backend_v6_data)
+
         try:
-            setup = await backend.register(ext, nc, await mgr.stored_state(attrs))
-        except BackendError as e:
-            raise StartupError(f"Error registering network: {e}") from None
-        attrs = LeaseAttrs(public_ip=attrs.public_ip, public_ipv6=attrs.public_ipv6,
-                           backend_type=setup.backend_type, backend_data=setup.backend_data,
-                           backend_v6_data=setup.backend_v6_data)
-        try:
-            lease = await mgr.acquire_lease(nc, attrs)
-        except (EtcdError, KubeError) as e:
+            lease = await mgr.acquire_lease(nc, attrs, setup)
+        except StoreError as e:
             raise StartupError(f"Error registering network: failed to acquire lease: {e}") \
                 from None
+        backend_setup = setups[0]
         if lease.expiration:
             self.metrics.lease_expiration.set(lease.expiration)
         try:
@@ -184,56 +191,51 @@ class Daemon:
         except BackendError as e:
             raise StartupError(f"Error registering network: {e}") from None
 
-        await self._setup_traffic(nc, lease, old_env)
+        rules_sync = await self._setup_traffic(nc, lease, old_env)
         env = subnet_env_for(nc.network if nc.enable_ipv4 else None,
                              lease.subnet if nc.enable_ipv4 else None,
                              nc.ipv6_network if nc.enable_ipv6 else None,
                              lease.ipv6_subnet if nc.enable_ipv6 else None,
-                             setup.mtu, f.ip_masq)
+                             backend_setup.mtu, f.ip_masq)
         self._sync_subnet_env(subnet_file, env)
         self.ready = True
         log.info("flannel is ready")
 
-        policy = lease_policy(nc, store=mgr.name, backend_type=setup.backend_type,
+        policy = lease_policy(nc, store=mgr.name, backend_type=backend_setup.backend_type,
                               own_subnet=lease.subnet, own_ipv6_subnet=lease.ipv6_subnet,
                               own_public_ip=attrs.public_ip, own_public_ipv6=attrs.public_ipv6,
                               segments=ext.segments)
-        nl = RtNetlink.open()
-        # Opened before the first dump, so no change can slip between dump and watch.
-        monitor = RtMonitor.open(routes=True, neighbours=True, links=True, nexthops=True)
-        reconciler = KernelReconciler(nl, backend.scope())
-        reconciler.on_pass = self._record_pass
-        table = LeaseTable(lease.ident, policy)
+        port = self.platform.open_routes()
+        blackhole = tuple(s for s in (lease.subnet, lease.ipv6_subnet) if s is not None) \
+            if f.ip_blackhole_route else ()
+        dataplane = NodeDataplane(backend, policy, lease.ident, port, blackhole=blackhole)
+        engine = KernelReconciler(port, dataplane.scope, nexthops=self.platform.nexthops,
+                                  rules=rules_sync)
+        engine.on_pass = self._record_pass
+        engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
-                desired = DesiredTable()
-                tg.create_task(self._watch_leases(mgr, table, reconciler, backend, desired))
-                tg.create_task(reconciler.run())
-                tg.create_task(self._resync_traffic_loop())
+                tg.create_task(self._watch_leases(mgr, dataplane, engine))
+                tg.create_task(engine.run())
                 tg.create_task(self._keep_subnet_env(subnet_file, env))
-                if f.ip_blackhole_route:
-                    tg.create_task(self._blackhole_loop(nl, lease))
-                tg.create_task(self._watch_kernel(monitor, reconciler, backend, table,
-                                                  desired))
-                tg.create_task(self._keep_lease(mgr, lease))
+                tg.create_task(mgr.keep_lease(lease))
                 tg.create_task(self._stop_waiter())
         except* LeaseRevoked:
             rc = EXIT_ERROR
         except* _Stopping:
             log.info("Exiting cleanly...")
         finally:
-            monitor.close()
-            nl.close()
+            port.close()
         return rc
 
     async def _setup_traffic(self, nc: NetConf, lease: Lease,
-                             old_env: SubnetEnv | None) -> None:
+                             old_env: SubnetEnv | None) -> RuleSync:
         f = self.flags
         # The other mode's leftovers go first (upstream PR #2239 does this at start-up).
-        await make_traffic_rules(not nc.enable_nftables).cleanup()
-        rules = make_traffic_rules(nc.enable_nftables)
+        await self.platform.make_rules(not nc.enable_nftables).cleanup()
+        rules = self.platform.make_rules(nc.enable_nftables)
         cfg = traffic_config(f, nc, lease.subnet, lease.ipv6_subnet)
         # Rules computed from the previous subnet.env are removed if they differ (a new
         # lease or network after a long downtime).
@@ -249,7 +251,8 @@ class Daemon:
             await rules.ensure(cfg, previous=previous)
         except Exception as e:  # a masq setup failure is fatal upstream too
             raise StartupError(f"Failed to set up {rules.mode} rules: {e}") from None
-        self._traffic = (rules, cfg)
+        repaired = self.metrics.drift_repairs.labels(kind="rule")
+        return RuleSync(rules, cfg, f.iptables_resync, on_repair=repaired.inc)
 
     def unready_reason(self) -> str:
         """/readyz: "" when ready, else why not (the probe's body says it)."""
@@ -286,10 +289,10 @@ class Daemon:
             self._subnet_env_problem = f"cannot write {path}: {e.strerror or e}"
 
     async def _keep_subnet_env(self, path: Path, env: SubnetEnv) -> None:
+        want = render_subnet_env(env)
         while True:
             await asyncio.sleep(self.flags.iptables_resync)
             # A small file: read and compared off the loop, so a slow disk never stalls it.
-            want = render_subnet_env(env)
             have = await asyncio.to_thread(_read_or_none, path)
             if have != want or self._subnet_env_problem:
                 await asyncio.to_thread(self._sync_subnet_env, path, env)
@@ -298,25 +301,34 @@ class Daemon:
         await self._stop.wait()
         raise _Stopping
 
-    async def _watch_leases(self, mgr: SubnetManager, table: LeaseTable,
-                            reconciler: KernelReconciler, backend: Backend,
-                            desired: DesiredTable) -> None:
+    async def _watch_leases(self, mgr: SubnetManager, dataplane: NodeDataplane,
+                            engine: KernelReconciler) -> None:
+        log.info("Watching for new subnet leases")
         async for update in mgr.updates():
-            delta = table.apply(update)
+            delta = await dataplane.apply(update)
             for _lease, reason in delta.refused:
                 self.metrics.refused_leases.labels(reason=reason.kind).inc()
-            for old in delta.removed:
-                desired.remove(old.ident)
-            for new in delta.added:
-                desired.put(new.ident, backend.peer_state(new))
-            self.metrics.leases.set(len(table.peers))
-            self.metrics.observe_reconnects(getattr(mgr, "watch_reconnects", 0))
-            if delta.changed or not reconciler.stats.runs:
-                reconciler.set_desired(desired.state)
+            self.metrics.leases.set(len(dataplane.table.peers))
+            self.metrics.observe_reconnects(mgr.watch_reconnects)
+            if delta.changed or not engine.stats.runs:
+                engine.set_desired(dataplane.desired)
+
+    async def _on_links(self, batch: list[RtEvent], backend: Backend,
+                        dataplane: NodeDataplane, engine: KernelReconciler) -> None:
+        changed = False
+        for ev in batch:
+            if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent):
+                changed = await backend.on_link_event(ev.kind, ev.obj) or changed
+        if changed:
+            # A device was recreated: new ifindex, so every peer state is rebuilt.
+            await dataplane.rebuild()
+            engine.set_scope(dataplane.scope)
+            engine.set_desired(dataplane.desired)
 
     def _record_pass(self, s: ReconcileStats) -> None:
         m = self.metrics
-        m.observe_reconnects(getattr(self._mgr, "watch_reconnects", 0))
+        if self._mgr is not None:
+            m.observe_reconnects(self._mgr.watch_reconnects)
         m.routes.set(s.routes)
         m.neighbours.set(s.neighbours)
         m.fdb_entries.set(s.fdb)
@@ -326,55 +338,6 @@ class Daemon:
         if s.drift_repairs > self._drift_seen:
             m.drift_repairs.labels(kind="kernel").inc(s.drift_repairs - self._drift_seen)
             self._drift_seen = s.drift_repairs
-
-    async def _blackhole_loop(self, nl: RtNetlink, lease: Lease) -> None:
-        """--ip-blackhole-route: `blackhole <own subnet>`, so traffic to pods that do not
-        exist is dropped here instead of following the default route (setups without a
-        bridge, e.g. Canal). As upstream, checked every --iptables-resync seconds from the
-        first interval on, and added only when missing."""
-        wanted = [Route(dst=s, gateway=None, oif=None, type=RTN_BLACKHOLE)
-                  for s in (lease.subnet, lease.ipv6_subnet) if s is not None]
-        while True:
-            await asyncio.sleep(self.flags.iptables_resync)
-            for route in wanted:
-                fam = socket.AF_INET if route.dst.version == 4 else socket.AF_INET6
-                present = False
-                async for r in nl.dump_routes(fam, table=route.table):
-                    present = present or (r.dst == route.dst and r.type == RTN_BLACKHOLE)
-                if not present:
-                    res = (await nl.apply([Op("replace", route)]))[0]
-                    if res.errno:
-                        log.error("Failed to add blackhole route %s: %s", route.dst,
-                                  os.strerror(res.errno))
-                    else:
-                        log.info("Added blackhole route %s", route.dst)
-
-    async def _resync_traffic_loop(self) -> None:
-        rules, cfg = self._traffic
-        while True:
-            await asyncio.sleep(self.flags.iptables_resync)
-            try:
-                if await rules.ensure(cfg):  # the rules module logs what it repaired
-                    self.metrics.drift_repairs.labels(kind="rule").inc()
-            except Exception as e:
-                log.error("Failed to ensure %s rules: %s", rules.mode, e)
-
-    async def _watch_kernel(self, monitor: RtMonitor, reconciler: KernelReconciler,
-                            backend: Backend, table: LeaseTable,
-                            desired: DesiredTable) -> None:
-        async for batch in monitor.events():
-            for ev in batch:
-                if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent) \
-                        and await backend.on_link_event(ev.kind, ev.obj):
-                    # A device was recreated: new ifindex, so every peer state is rebuilt.
-                    for key, lease in table.peers.items():
-                        desired.put(key, backend.peer_state(lease))
-                    reconciler.set_scope(backend.scope())
-                    reconciler.set_desired(desired.state)
-            reconciler.on_events(batch)
-
-    async def _keep_lease(self, mgr: SubnetManager, lease: Lease) -> None:
-        await mgr.keep_lease(lease)
 
 
 def _read_or_none(path: Path) -> bytes | None:

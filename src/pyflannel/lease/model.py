@@ -125,6 +125,15 @@ def compact_json(value: Any) -> str:
     return _compact(value)
 
 
+@dataclass(frozen=True)
+class StoredNodeState:
+    """What the store remembers about this node from before (VTEP MACs, so peers' neighbour
+    entries stay valid across restarts)."""
+
+    backend_data: str = ""
+    backend_v6_data: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """One node's lease. `expiration` is a Unix time, or None when unknown (peers'

@@ -14,22 +14,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyflannel.backend.base import DesiredTable, StoredNodeState
+from pyflannel.backend.base import BackendError
+from pyflannel.backend.registry import BACKENDS
 from pyflannel.config.flags import ConfigError, Flags, parse_flags
 from pyflannel.config.netconf import NetConf
-from pyflannel.daemon.node_config import lease_policy, traffic_config
-from pyflannel.daemon.stores import StoreError, make_subnet_manager
-from pyflannel.iface.select import InterfaceError, find_external_interface
+from pyflannel.dataplane import NodeDataplane, lease_policy, traffic_config
+from pyflannel.iface.select import InterfaceError
+from pyflannel.kernel.netlink_ports import NetlinkRoutePort
 from pyflannel.lease.events import LeaseSnapshot
-from pyflannel.lease.model import Lease, subnet_key
-from pyflannel.lease.table import LeaseTable
-from pyflannel.netlink import Route, RtNetlink
-from pyflannel.reconcile.kernel import KernelReconciler, plan
+from pyflannel.lease.model import Lease, StoredNodeState, subnet_key
+from pyflannel.netlink import Route
+from pyflannel.platform import Platform
+from pyflannel.reconcile.plan import plan
 from pyflannel.status.report import describe_plan, lease_rows, table
 from pyflannel.status.svg import GraphEdge, GraphNode, render_svg
-from pyflannel.subnet.base import SubnetManager
+from pyflannel.subnet.base import StoreError, SubnetManager
+from pyflannel.subnet.etcd.manager import EtcdSubnetManager
+from pyflannel.subnet.select import make_subnet_manager
 from pyflannel.subnet.subnetenv import SubnetEnv, read_subnet_env
-from pyflannel.traffic import make_traffic_rules
 
 OK, PROBLEMS, FAILED = 0, 1, 2
 USAGE = ("usage: pyflannel status [--check] [--svg FILE] [flanneld flags...]\n"
@@ -76,21 +78,17 @@ async def first_snapshot(mgr: SubnetManager, timeout: float = 15) -> LeaseSnapsh
 
 async def expirations(mgr: SubnetManager, leases: Sequence[Lease]) -> dict[str, int] | None:
     """Remaining seconds of every etcd lease (one call each: fine for a status command)."""
-    client = getattr(mgr, "client", None)
-    if mgr.name != "etcd" or client is None:
-        return None
-    out: dict[str, int] = {}
-    for le in leases:
-        if not le.reservation and le.origin.isdigit():
-            out[le.key] = await client.time_to_live(int(le.origin))
-    return out
+    if not isinstance(mgr, EtcdSubnetManager):
+        return None  # kube leases do not expire
+    return await mgr.lease_ttls([le for le in leases if not le.reservation])
 
 
 async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
-                     env: SubnetEnv | None, store: str) -> tuple[list[str], list[GraphEdge]]:
-    """Problems on this node, and its routes as graph edges."""
-    from pyflannel.daemon.main import BACKENDS
-
+                     env: SubnetEnv | None, store: str,
+                     platform: Platform | None = None) -> tuple[list[str], list[GraphEdge]]:
+    """Problems on this node, and its routes as graph edges. The same data plane as the
+    daemon's, on the platform's ports (this machine by default)."""
+    platform = platform or Platform.real()
     if env is None or (env.subnet is None and env.ipv6_subnet is None):
         return [f"no lease on this node: {flags.subnet_file} is missing or empty (flanneld has "
                 "not started here, or uses another --subnet-file)"], []
@@ -107,43 +105,49 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
         return problems + [f"unknown backend type {nc.backend_type}"], []
     backend = backend_cls()
     try:
-        ext = await find_external_interface(
+        ext = await platform.find_interface(
             ifaces=flags.iface, iface_regexes=flags.iface_regex, can_reach=flags.iface_can_reach,
             ipv4=nc.enable_ipv4, ipv6=nc.enable_ipv6)
     except InterfaceError as e:
         return problems + [str(e)], []
-    inspect = getattr(backend, "inspect", None)
-    if inspect is not None:
-        await inspect(ext, nc)  # read-only attach to existing devices
-    elif nc.backend_type == "host-gw":
-        await backend.register(ext, nc, StoredNodeState())  # host-gw creates nothing
-    else:
-        return problems + [f"status --check does not know the {nc.backend_type} backend"], []
+    links = platform.links
+    try:
+        # Read-only: finds the backend's devices, creates nothing.
+        await backend.register(ext, nc, StoredNodeState(), links, create=False)
+    except BackendError as e:
+        return problems + [str(e)], []
+    finally:
+        await links.aclose()
     policy = lease_policy(nc, store=store, backend_type=backend.backend_type, own_subnet=own4,
                           own_ipv6_subnet=own6, own_public_ip=ext.ext_addr,
                           own_public_ipv6=ext.ext_addr6, segments=ext.segments)
-    # kube mode names leases by Node: ours is the one whose subnets subnet.env records.
-    lt = LeaseTable(own.ident if own is not None else own_key, policy)
-    delta = lt.apply(LeaseSnapshot(tuple(leases)))
-    for lease, reason in delta.refused:
-        problems.append(f"refused lease {lease.ident}: {reason.message}")
-    desired = DesiredTable()
-    for key, lease in lt.peers.items():
-        desired.put(key, backend.peer_state(lease))
-    with RtNetlink.open() as nl:
-        rec = KernelReconciler(nl, backend.scope())
-        observed = await rec.observe()
-        ops = plan(desired.state, observed, backend.scope(), nexthops=rec.nexthops)
-        names = {link.index: link.name async for link in nl.dump_links()}
+    port = platform.open_routes()
+    try:
+        # kube mode names leases by Node: ours is the one whose subnets subnet.env records.
+        blackhole = tuple(n for n in (own4, own6) if n is not None) \
+            if flags.ip_blackhole_route else ()
+        dp = NodeDataplane(backend, policy, own.ident if own is not None else own_key, port,
+                           blackhole=blackhole)
+        delta = await dp.apply(LeaseSnapshot(tuple(leases)))
+        for lease, reason in delta.refused:
+            problems.append(f"refused lease {lease.ident}: {reason.message}")
+        observed = await port.dump(dp.scope, nexthops=True)
+        ops = plan(dp.desired, observed, dp.scope,
+                   nexthops=bool(observed.nexthops) or not observed.routes)
+        names = {ext.index: ext.name}
+        if isinstance(port, NetlinkRoutePort):  # the devices' names, for the messages
+            names.update({link.index: link.name async for link in port.nl.dump_links()})
+    finally:
+        port.close()
     problems += describe_plan(ops, observed, names)
-    rules = make_traffic_rules(nc.enable_nftables)
+    rules = platform.make_rules(nc.enable_nftables)
     problems += [f"{rules.mode} rules: {d}"
                  for d in await rules.drift(traffic_config(flags, nc, own4, own6))]
     missing = {str(o.obj.dst) for o in ops if o.action == "replace" and isinstance(o.obj, Route)}
     me = str(ext.ext_addr or ext.ext_addr6)
     edges = [GraphEdge(me, str(le.attrs.public_ip),
                        "missing" if str(le.subnet) in missing else "ok",
-                       f"via {le.attrs.public_ip}") for le in lt.peers.values()]
+                       f"via {le.attrs.public_ip}") for le in dp.table.peers.values()]
     return problems, edges
 
 
@@ -153,7 +157,7 @@ async def status(argv: Sequence[str]) -> int:
     env = read_subnet_env(Path(flags.subnet_file))
     mgr = make_subnet_manager(flags, env)
     try:
-        nc = await mgr.network_config()
+        nc = (await mgr.node_config()).netconf
         snap = await first_snapshot(mgr)
         ttls = await expirations(mgr, snap.leases)
         print(f"{len(snap.leases)} leases in the {mgr.name} store; network {nc.network or '-'}"

@@ -1,5 +1,6 @@
 """flannel's etcd subnet manager: an etcd v3 JSON-gateway client and the lease logic."""
 
+from pyflannel.subnet.base import LeaseRevoked
 from pyflannel.subnet.etcd.client import (
     EtcdClient,
     EtcdCompacted,
@@ -7,7 +8,7 @@ from pyflannel.subnet.etcd.client import (
     KeyValue,
     WatchEvent,
 )
-from pyflannel.subnet.etcd.manager import EtcdSubnetManager, LeaseRevoked
+from pyflannel.subnet.etcd.manager import EtcdSubnetManager
 
 __all__ = [
     "EtcdClient",

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import httpx
 
+from pyflannel.subnet.base import StoreError
+
 log = logging.getLogger(__name__)
 
 # gRPC status codes etcd puts in gateway errors.
@@ -34,8 +36,10 @@ for _name, _value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT
         _KEEPALIVE_OPTIONS.append((socket.IPPROTO_TCP, getattr(socket, _name), _value))
 
 
-class EtcdError(Exception):
+class EtcdError(StoreError):
     """A failed etcd request; the message says what to check."""
+
+    retryable = True
 
 
 class EtcdCompacted(EtcdError):

@@ -15,11 +15,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TYPE_CHECKING, NoReturn
+from ipaddress import IPv4Network, IPv6Network
+from typing import NoReturn
 
+from pyflannel.config.flags import ConfigError
 from pyflannel.config.netconf import NetConf, check_network_config, parse_netconf
 from pyflannel.lease.allocate import allocate_subnet, fits
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
@@ -28,23 +29,18 @@ from pyflannel.lease.model import (
     Lease,
     LeaseAttrs,
     LeaseFormatError,
+    StoredNodeState,
     parse_subnet_key,
     subnet_key,
 )
 from pyflannel.subnet.backoff import ReconnectBackoff
+from pyflannel.subnet.base import LeaseRevoked, LeaseSetup, NodeConfig
 from pyflannel.subnet.etcd.client import EtcdClient, EtcdCompacted, EtcdError, KeyValue
-
-if TYPE_CHECKING:
-    from pyflannel.backend.base import StoredNodeState
 
 log = logging.getLogger(__name__)
 
 SUBNET_TTL = 24 * 3600  # upstream subnetTTL
 RACE_RETRIES = 10  # upstream raceRetries
-
-
-class LeaseRevoked(Exception):
-    """Our own lease key vanished (deleted, or its etcd lease expired)."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +86,20 @@ class EtcdSubnetManager:
                                               recovered="connected to etcd again")
 
     # -- config ----------------------------------------------------------------------
-    async def network_config(self) -> NetConf:
+    async def node_config(self) -> NodeConfig:
+        """The network config from etcd; etcd keeps no per-node settings (the flags decide
+        the public IPs). A missing or invalid config is an EtcdError: upstream waits for
+        an operator to write a good one, and so do we."""
         kv = await self.client.get(self.config_key)
         if kv is None:
             raise EtcdError(f"flannel config not found in etcd store at {self.config_key}. "
                             "Did you create your config using etcdv3 API?")
         where = f"network config at etcd key {self.config_key}"
-        return check_network_config(parse_netconf(kv.value, source=where), source=where)
+        try:
+            nc = check_network_config(parse_netconf(kv.value, source=where), source=where)
+        except ConfigError as e:
+            raise EtcdError(str(e)) from None
+        return NodeConfig(nc)
 
     # -- reading leases ----------------------------------------------------------------
     def _suffix(self, key: str) -> str | None:
@@ -128,13 +131,10 @@ class EtcdSubnetManager:
                 out.append(_StoredLease(lease, kv))
         return out, rev
 
-    async def stored_state(self, attrs: LeaseAttrs) -> StoredNodeState:
-        """The backend data of the lease that holds our public IP, if any (keeps our VTEP
-        MAC stable across restarts, so peers' neighbour entries stay valid)."""
-        from pyflannel.backend.base import StoredNodeState  # the daemon's seam type
-
-        stored, _ = await self._read_leases()
-        mine = [s for s in stored if self._same_node(s.lease, attrs)]
+    def _remembered(self, mine: list[_StoredLease]) -> StoredNodeState:
+        """The backend data of our previous lease (keeps our VTEP MAC stable across
+        restarts, so peers' neighbour entries stay valid): the one subnet.env records,
+        else any lease with our public IP (upstream's order)."""
         recorded = next((s for s in mine if s.lease.subnet == self.previous_subnet
                          and s.lease.ipv6_subnet == self.previous_ipv6_subnet), None)
         for s in [recorded] if recorded is not None else mine:
@@ -278,16 +278,19 @@ class EtcdSubnetManager:
                     f"IPv6SubnetMax {nc.ipv6_subnet_max}")
         return v4, v6
 
-    async def public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
-        """etcd keeps no per-node settings: the flags decide."""
-        return None, None
-
-    async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs) -> Lease:
-        """Reuse our lease (by public IP), else our previous subnet, else a random free one."""
+    async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs,
+                            setup: LeaseSetup | None = None) -> Lease:
+        """Reuse our lease (subnet.env's, else by public IP), else our previous subnet, else a
+        random free one. `setup` runs once, on the first read, with what the store
+        remembers of us, and gives the attributes we publish."""
+        ready: LeaseAttrs | None = None
         for attempt in range(1, RACE_RETRIES + 1):
             stored, rev = await self._read_leases()
 
             mine = [s for s in stored if self._same_node(s.lease, attrs)]
+            if ready is None:
+                ready = attrs if setup is None else await setup(self._remembered(mine))
+            attrs = ready
             recorded = self._recorded_lease(netconf, mine)
             if recorded is not None:
                 for s in mine:
@@ -508,6 +511,19 @@ class EtcdSubnetManager:
     @property
     def watch_down_since(self) -> float | None:
         return self.watch_backoff.failing_since
+
+    @property
+    def description(self) -> str:
+        return f"Etcd Local Manager with Previous Subnet: {self.previous_subnet or '0.0.0.0/0'}"
+
+    async def lease_ttls(self, leases: Sequence[Lease]) -> dict[str, int]:
+        """Remaining seconds of each lease's etcd lease (-1: none or expired), one call
+        each: for `pyflannel status`, never the daemon."""
+        out: dict[str, int] = {}
+        for le in leases:
+            if le.origin and le.origin != "0":
+                out[le.key] = await self.client.time_to_live(int(le.origin))
+        return out
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -3,12 +3,14 @@ catch them without loading the Kubernetes client in etcd mode."""
 
 from __future__ import annotations
 
+from pyflannel.subnet.base import StoreError
+
 # Upstream's ClusterRole "flannel" (Documentation/kube-flannel.yml), quoted in the
 # permission error so an operator sees at once what the role must contain.
 UPSTREAM_CLUSTER_ROLE = ("pods: get; nodes: get, list, watch; nodes/status: patch")
 
 
-class KubeError(Exception):
+class KubeError(StoreError):
     """The kube subnet manager cannot go on; the message is one line that says what to do."""
 
 

@@ -19,15 +19,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pyflannel.config.flags import ConfigError
 from pyflannel.config.netconf import NetConf, parse_netconf
 from pyflannel.lease.events import LeaseUpdate
-from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.subnet.etcd.manager import LeaseRevoked
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.subnet.base import LeaseRevoked, LeaseSetup, NodeConfig
 from pyflannel.subnet.kube.annotations import Annotations
 from pyflannel.subnet.kube.api import KubeApi, load_config
 from pyflannel.subnet.kube.errors import KubeApiError, KubeError
@@ -42,9 +41,6 @@ from pyflannel.subnet.kube.nodes import (
     pod_cidrs,
 )
 from pyflannel.subnet.kube.watch import NodeFollower
-
-if TYPE_CHECKING:
-    from pyflannel.backend.base import StoredNodeState
 
 log = logging.getLogger(__name__)
 
@@ -181,24 +177,25 @@ class KubeSubnetManager:
                           ipv6=self.netconf.enable_ipv6)
 
     # -- SubnetManager -----------------------------------------------------------------
-    async def network_config(self) -> NetConf:
-        return self.netconf
+    @property
+    def description(self) -> str:
+        node = self._node_name or "/".join(self._node)
+        return f"Kubernetes Subnet Manager - {node}"
 
-    async def public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+    async def node_config(self) -> NodeConfig:
+        """net-conf.json (read at start-up, as upstream) and the node-public-ip annotations."""
         v4, v6 = node_public_ip_override(await self._get_node(), self.annotations)
         if v4 or v6:
             log.info("Node annotations %s / %s override the public IP: %s %s",
                      self.annotations.node_public_ip, self.annotations.node_public_ipv6,
                      v4 or "-", v6 or "-")
-        return v4, v6
+        return NodeConfig(self.netconf, v4, v6)
 
-    async def stored_state(self, attrs: LeaseAttrs) -> StoredNodeState:
+    def _remembered(self, node: dict[str, Any], backend_type: str) -> StoredNodeState:
         """Our previous backend data, from our node's annotations (keeps a VTEP MAC)."""
-        from pyflannel.backend.base import StoredNodeState  # the daemon's seam type
-
-        a = node_annotations(await self._get_node())
+        a = node_annotations(node)
         ann = self.annotations
-        if a.get(ann.backend_type) != attrs.backend_type:
+        if a.get(ann.backend_type) != backend_type:
             return StoredNodeState()
         data = {k: v for k, v in ((ann.backend_data, a.get(ann.backend_data)),
                                   (ann.backend_v6_data, a.get(ann.backend_v6_data)))
@@ -221,8 +218,11 @@ class KubeSubnetManager:
             await asyncio.sleep(PODCIDR_POLL)
             node = await self._get_node(fresh=True)
 
-    async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs) -> Lease:
+    async def acquire_lease(self, netconf: NetConf, attrs: LeaseAttrs,
+                            setup: LeaseSetup | None = None) -> Lease:
         name = await self.node_name()
+        if setup is not None:
+            attrs = await setup(self._remembered(await self._get_node(), attrs.backend_type))
         try:
             node = await self._node_with_podcidr()
             cidrs = pod_cidrs(node)
@@ -279,6 +279,10 @@ class KubeSubnetManager:
     @property
     def watch_down_since(self) -> float | None:
         return self.follower.backoff.failing_since
+
+    @property
+    def watch_reconnects(self) -> int:
+        return self.follower.reconnects
 
     def _on_own_node(self, typ: str, node: dict[str, Any] | None) -> None:
         self._own_latest = node

@@ -54,6 +54,7 @@ class NodeFollower:
         self.leases: dict[str, Lease] = {}
         self.resource_version: str | None = None
         self.relists = 0
+        self.reconnects = 0
         self._rng = rng or random.Random()
         self._bad: dict[str, str] = {}  # node -> last problem logged
         self.backoff = ReconnectBackoff("Node watch", log, level=logging.ERROR)
@@ -136,6 +137,7 @@ class NodeFollower:
         """A snapshot, then changes; again a snapshot after a 410. Never ends, never
         gives up (errors are logged once and retried with backoff)."""
         backoff = self.backoff
+        watched = False
         while True:
             try:
                 if self.resource_version is None:
@@ -145,6 +147,9 @@ class NodeFollower:
                              len(snapshot.leases), self.resource_version)
                     yield snapshot
                 assert self.resource_version is not None
+                if watched:
+                    self.reconnects += 1
+                watched = True
                 timeout = WATCH_TIMEOUT_MIN + self._rng.randrange(WATCH_TIMEOUT_MIN)
                 started, events = time.monotonic(), 0
                 async with contextlib.aclosing(self.api.watch_nodes(

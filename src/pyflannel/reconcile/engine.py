@@ -1,22 +1,10 @@
-"""KernelReconciler: keeps the kernel's routes, neighbours and FDB entries equal to the
-desired ones computed from the leases.
+"""The running half of reconciliation: KernelReconciler keeps the kernel's routes,
+nexthops, neighbours and FDB entries equal to the desired ones, through a RoutePort.
 
-The diff (`plan`) is a pure function. The reconciler runs it after every lease change,
-after a netlink event that contradicts the desired state (someone deleted or altered one
-of our objects: repaired within milliseconds), and periodically as a safety net.
-
-Ownership. We own the routes in our table, on our interfaces, whose destination lies in
-the cluster network(s); the permanent neighbours and the FDB entries on our own devices
-(the vxlan device); and the nexthop objects in our id range on our interfaces. Owned
-objects that no lease wants are removed: that also clears what nodes that left while the
-daemon was down left behind (upstream #2554).
-
-Nexthop objects. With one gateway per route the kernel's fib_info lookup makes classic
-route creation quadratic (10k peers take ~2.5 s, 50k ~200 s). When the kernel supports
-nexthop objects, each distinct (gateway, device) becomes one nexthop and the route points
-at it by id (`10.244.2.0/24 nhid 253886465 via 192.168.1.12 dev eth0`): creation is linear.
-Backends still describe classic routes; the id mapping is ours alone. Set
-PYFLANNEL_NEXTHOP_OBJECTS=off for exactly upstream's route form.
+It runs `plan` (reconcile/plan.py, pure) after every change of the desired state, after a
+netlink event that contradicts it (someone deleted or altered one of our objects: drift,
+repaired within milliseconds), and periodically as a safety net. The traffic rules ride on
+the same driver (`RuleSync`): ensured at start and every --iptables-resync seconds.
 """
 
 from __future__ import annotations
@@ -26,15 +14,12 @@ import contextlib
 import errno
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TypeVar
 
+from pyflannel.kernel.ports import RoutePort
 from pyflannel.netlink import (
-    NUD_PERMANENT,
     RTN_UNICAST,
     FdbEntry,
     Neighbour,
@@ -43,8 +28,20 @@ from pyflannel.netlink import (
     OpResult,
     Route,
     RtEvent,
-    RtNetlink,
 )
+from pyflannel.reconcile.plan import (
+    IPV6_DEFAULT_METRIC,
+    NHID_BASE,
+    NHID_SPAN,
+    DesiredState,
+    KernelScope,
+    Observed,
+    fdb_key,
+    neighbour_key,
+    plan,
+    same_neighbour,
+)
+from pyflannel.traffic import TrafficConfig, TrafficRules
 
 log = logging.getLogger(__name__)
 
@@ -54,177 +51,20 @@ DRIFT_LOG_LIMIT = 10  # drift events logged one by one per netlink batch
 # milliseconds; the window only bounds what a lost notification leaves behind).
 ECHO_WINDOW = 2.0
 ECHO_MAX = 200_000
-IPV6_DEFAULT_METRIC = 1024  # the kernel's metric for an IPv6 route added with none
-NHID_BASE = 0x0F1A0000  # our nexthop ids: NHID_BASE .. NHID_BASE + NHID_SPAN - 1
-NHID_SPAN = 1 << 20
 UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
 GONE = (errno.ESRCH, errno.ENOENT)
 
-Gateway = IPv4Address | IPv6Address
-K = TypeVar("K")
-T = TypeVar("T", Neighbour, FdbEntry)
-NhKey = tuple[Gateway | None, int | None, bool]
-
-
-@dataclass(frozen=True)
-class KernelScope:
-    """What this reconciler owns in the kernel."""
-
-    route_oifs: frozenset[int]
-    networks: tuple[IPv4Network | IPv6Network, ...]
-    neighbour_ifindexes: frozenset[int] = frozenset()
-    table: int = 254
-
-    def owns_route(self, r: Route) -> bool:
-        return (
-            r.table == self.table
-            and r.type == RTN_UNICAST
-            and r.oif in self.route_oifs
-            and any(r.dst.version == n.version and r.dst.subnet_of(n)  # type: ignore[arg-type]
-                    for n in self.networks)
-        )
-
-    def owns_nexthop(self, nh: Nexthop) -> bool:
-        return NHID_BASE <= nh.id < NHID_BASE + NHID_SPAN and nh.oif in self.route_oifs
-
-    def owns_neighbour(self, n: Neighbour) -> bool:
-        return n.ifindex in self.neighbour_ifindexes and bool(n.state & NUD_PERMANENT)
-
-    def owns_fdb(self, f: FdbEntry) -> bool:
-        return f.ifindex in self.neighbour_ifindexes
-
-    @property
-    def families(self) -> tuple[int, ...]:
-        fams = {socket.AF_INET if n.version == 4 else socket.AF_INET6 for n in self.networks}
-        return tuple(sorted(fams))
+LinkHook = Callable[[list[RtEvent]], Awaitable[None]]
 
 
 @dataclass
-class DesiredState:
-    """Everything the backend wants, keyed for cheap diffs. Routes are in classic form
-    (gateway + oif); nexthop objects are derived from them here."""
+class RuleSync:
+    """The traffic rules, ensured by the engine every `interval` seconds."""
 
-    routes: dict[str, Route] = field(default_factory=dict)
-    neighbours: dict[tuple[int, str], Neighbour] = field(default_factory=dict)
-    fdb: dict[tuple[int, str], FdbEntry] = field(default_factory=dict)
-
-
-@dataclass
-class Observed:
-    routes: list[Route] = field(default_factory=list)
-    nexthops: list[Nexthop] = field(default_factory=list)
-    neighbours: list[Neighbour] = field(default_factory=list)
-    fdb: list[FdbEntry] = field(default_factory=list)
-
-
-def neighbour_key(n: Neighbour) -> tuple[int, str]:
-    return (n.ifindex, str(n.ip))
-
-
-def fdb_key(f: FdbEntry) -> tuple[int, str]:
-    return (f.ifindex, f.lladdr.lower())
-
-
-def nh_key(r: Route | Nexthop) -> NhKey:
-    return (r.gateway, r.oif, r.onlink)
-
-
-def same_route(want: Route, have: Route) -> bool:
-    """upstream's routeEqual (dst, gateway, oif) plus the onlink flag; with nexthop objects
-    the route is right when it points at the right nexthop (which is diffed itself)."""
-    if want.nhid is not None:
-        return want.dst == have.dst and want.nhid == have.nhid
-    return (want.dst == have.dst and want.gateway == have.gateway and want.oif == have.oif
-            and want.onlink == have.onlink and have.nhid is None)
-
-
-def same_neighbour(a: Neighbour, b: Neighbour) -> bool:
-    return a.lladdr.lower() == b.lladdr.lower() and bool(b.state & NUD_PERMANENT)
-
-
-def _diff_keyed(desired: Mapping[K, T], observed: Iterable[T], owns: Callable[[T], bool],
-                key: Callable[[T], K], same: Callable[[T, T], bool]) -> tuple[list[Op], list[Op]]:
-    """(replaces, deletes) for objects identified by a key (neighbours, FDB entries)."""
-    adds: list[Op] = []
-    dels: list[Op] = []
-    seen: set[K] = set()
-    for have in observed:
-        if not owns(have):
-            continue
-        k = key(have)
-        want = desired.get(k)
-        if want is None:
-            dels.append(Op("delete", have))
-        else:
-            seen.add(k)
-            if not same(want, have):
-                adds.append(Op("replace", want))
-    adds.extend(Op("replace", w) for k, w in desired.items() if k not in seen)
-    return adds, dels
-
-
-def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
-         nexthops: bool) -> list[Op]:
-    """The ops that turn `observed` into `desired`, in a safe order: nexthops, neighbours
-    and FDB entries before the routes that use them (the kernel never has to resolve a
-    gateway), deletions of routes before the objects they used."""
-    nh_adds: list[Op] = []
-    nh_dels: list[Op] = []
-    want_routes = desired.routes
-    if nexthops:
-        owned_nh = [nh for nh in observed.nexthops if scope.owns_nexthop(nh)]
-        by_key: dict[NhKey, int] = {}
-        used_ids = {nh.id for nh in owned_nh}
-        for nh in owned_nh:
-            by_key.setdefault(nh_key(nh), nh.id)
-        next_id = NHID_BASE
-        want_routes = {}
-        needed: set[int] = set()
-        for key, r in desired.routes.items():
-            k = nh_key(r)
-            nhid = by_key.get(k)
-            if nhid is None:
-                while next_id in used_ids:
-                    next_id += 1
-                if next_id >= NHID_BASE + NHID_SPAN:
-                    raise RuntimeError("out of nexthop ids")
-                nhid = next_id
-                used_ids.add(nhid)
-                by_key[k] = nhid
-                nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
-                                                     r.onlink)))
-            needed.add(nhid)
-            want_routes[key] = Route(dst=r.dst, gateway=r.gateway, oif=r.oif, table=r.table,
-                                     protocol=r.protocol, onlink=r.onlink, scope=r.scope,
-                                     type=r.type, nhid=nhid)
-        nh_dels = [Op("delete", nh) for nh in owned_nh if nh.id not in needed]
-        owned_ids = {nh.id for nh in owned_nh}
-    else:
-        owned_ids = set()
-
-    route_adds: list[Op] = []
-    route_dels: list[Op] = []
-    seen: set[str] = set()
-    for r in observed.routes:
-        if not (scope.owns_route(r) or (r.nhid is not None and r.nhid in owned_ids)):
-            continue
-        key = str(r.dst)
-        want = want_routes.get(key)
-        if want is None or key in seen:
-            # no lease wants it, or a second route for the prefix (another metric)
-            route_dels.append(Op("delete", r))
-            continue
-        seen.add(key)
-        if not same_route(want, r):
-            route_adds.append(Op("replace", want))
-    route_adds.extend(Op("replace", w) for k, w in want_routes.items() if k not in seen)
-
-    neigh_adds, neigh_dels = _diff_keyed(desired.neighbours, observed.neighbours,
-                                         scope.owns_neighbour, neighbour_key, same_neighbour)
-    fdb_adds, fdb_dels = _diff_keyed(desired.fdb, observed.fdb, scope.owns_fdb, fdb_key,
-                                     lambda want, have: want.dst == have.dst)
-    return (nh_adds + neigh_adds + fdb_adds + route_adds + route_dels + nh_dels + neigh_dels
-            + fdb_dels)
+    rules: TrafficRules
+    cfg: TrafficConfig
+    interval: float
+    on_repair: Callable[[], None] | None = None
 
 
 def _signature(deleted: bool, obj: object) -> tuple[object, ...]:
@@ -274,18 +114,19 @@ def _describe(op: Op) -> str:
 
 
 class KernelReconciler:
-    """Drives `plan` against a live RtNetlink socket."""
+    """Drives `plan` against a RoutePort. `nexthops`: use nexthop objects (the daemon reads
+    PYFLANNEL_NEXTHOP_OBJECTS once); a kernel without them falls back by itself."""
 
-    def __init__(self, nl: RtNetlink, scope: KernelScope, *, resync_interval: float = 10.0,
-                 debounce: float = 0.02, nexthops: bool | None = None) -> None:
-        self.nl = nl
+    def __init__(self, port: RoutePort, scope: KernelScope, *, resync_interval: float = 10.0,
+                 debounce: float = 0.02, nexthops: bool = True,
+                 rules: RuleSync | None = None) -> None:
+        self.port = port
         self.scope = scope
         self.resync_interval = resync_interval
         self.debounce = debounce
-        if nexthops is None:
-            nexthops = os.environ.get("PYFLANNEL_NEXTHOP_OBJECTS", "auto").lower() not in (
-                "off", "false", "0", "no")
         self.nexthops = nexthops
+        self.rules = rules
+        self.on_links: LinkHook | None = None
         self.stats = ReconcileStats()
         self.on_pass: Callable[[ReconcileStats], None] | None = None
         self._desired = DesiredState()
@@ -392,6 +233,8 @@ class KernelReconciler:
                 or have.onlink != want.onlink
                 or have.priority != (0 if have.dst.version == 4 else IPV6_DEFAULT_METRIC)):
             return False
+        if want.type != RTN_UNICAST:
+            return have.nhid is None  # blackhole routes never use nexthop objects
         if self.nexthops:
             return have.nhid is not None and NHID_BASE <= have.nhid < NHID_BASE + NHID_SPAN
         return have.nhid is None
@@ -399,6 +242,30 @@ class KernelReconciler:
     # -- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The passes, the kernel's notifications and the rule resync, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_events())
+            if self.rules is not None:
+                tg.create_task(self._resync_rules(self.rules))
+            await self._passes()
+
+    async def _watch_events(self) -> None:
+        async for batch in self.port.events():
+            if self.on_links is not None and any(
+                    ev.kind in ("link_new", "link_del") for ev in batch):
+                await self.on_links(batch)
+            self.on_events(batch)
+
+    async def _resync_rules(self, rs: RuleSync) -> None:
+        while True:
+            await asyncio.sleep(rs.interval)
+            try:
+                if await rs.rules.ensure(rs.cfg) and rs.on_repair is not None:
+                    rs.on_repair()  # the rules module logs what it repaired
+            except Exception as e:  # a failed restore is retried at the next interval
+                log.error("Failed to ensure %s rules: %s", rs.rules.mode, e)
+
+    async def _passes(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):  # a timeout means: periodic safety-net pass
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.resync_interval)
@@ -418,34 +285,15 @@ class KernelReconciler:
                 self._dirty.set()
 
     async def observe(self) -> Observed:
-        """Our objects in the kernel. Dumps are streamed and filtered as they arrive, so
-        only owned objects are kept in memory."""
-        obs = Observed()
-        s = self.scope
-        for fam in s.families:
-            async for r in self.nl.dump_routes(fam, table=s.table):
-                if s.owns_route(r) or r.nhid is not None:
-                    obs.routes.append(r)
-        if self.nexthops:
-            for oif in s.route_oifs:
-                async for nh in self.nl.dump_nexthops(oif=oif):
-                    if s.owns_nexthop(nh):
-                        obs.nexthops.append(nh)
-        for ifindex in s.neighbour_ifindexes:
-            for fam in s.families:
-                async for n in self.nl.dump_neighbours(fam, ifindex=ifindex):
-                    if s.owns_neighbour(n):
-                        obs.neighbours.append(n)
-            async for f in self.nl.dump_fdb(ifindex=ifindex):
-                obs.fdb.append(f)
-        return obs
+        """Our objects in the kernel (streamed and filtered by the port)."""
+        return await self.port.dump(self.scope, nexthops=self.nexthops)
 
     async def reconcile_once(self, *, drift: bool = False) -> int:
         """One full pass; returns the number of changes applied."""
         start = time.monotonic()
         desired = self._desired
         ops = plan(desired, await self.observe(), self.scope, nexthops=self.nexthops)
-        results = await self.nl.apply(ops) if ops else []
+        results = await self.port.apply(ops) if ops else []
         self._expect_echoes(results)
         if self.nexthops and self._nexthops_unsupported(results):
             log.warning("This kernel does not support nexthop objects; using classic routes")

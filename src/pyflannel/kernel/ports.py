@@ -1,0 +1,97 @@
+"""The kernel ports: the only way the engine and the backends reach the kernel.
+
+Two small Protocols, in the style of httpx's transports, so the whole daemon loop runs on
+an in-memory kernel in unit tests (tests/fakes/kernel.py) and on netlink in production
+(kernel/netlink_ports.py):
+
+- RoutePort: routes, nexthops, neighbours and FDB entries: the owned objects (dump), a
+  batch of changes (apply), the notifications (events), `ip route get` (lookup), close.
+- LinkPort: devices, a cold path (start-up, recreation): find, ensure (create), set up
+  (address, MAC, MTU, up), delete, close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Protocol
+
+from pyflannel.netlink import Op, OpResult, Route, RtEvent
+from pyflannel.reconcile.plan import KernelScope, Observed
+
+Addr = IPv4Address | IPv6Address
+Net = IPv4Network | IPv6Network
+
+
+class RoutePort(Protocol):
+    async def dump(self, scope: KernelScope, *, nexthops: bool) -> Observed:
+        """The objects `scope` owns (routes also when they use a nexthop object), streamed
+        and filtered, so memory holds only what is ours."""
+        ...
+
+    async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
+        """Every op, in order, one result each (errno 0 for success)."""
+        ...
+
+    def events(self) -> AsyncIterator[list[RtEvent]]:
+        """Batches of notifications; [RtEvent("overflow", None)] when some were lost."""
+        ...
+
+    async def lookup(self, dst: Addr) -> Route | None:
+        """The route the kernel would use for `dst`; None when unreachable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What a flannel vxlan device must look like."""
+
+    name: str
+    vni: int
+    link: int  # the external interface's ifindex
+    local: Addr
+    port: int  # 0: kernel default (8472)
+    gbp: bool
+    learning: bool
+    mtu: int
+
+
+@dataclass(frozen=True)
+class ExistingDevice:
+    """The parts of an existing device the compatibility check looks at."""
+
+    index: int
+    kind: str | None
+    vni: int | None = None
+    link: int | None = None
+    local: Addr | None = None
+    port: int | None = None
+    gbp: bool = False
+    learning: bool = False
+    group: str | None = None
+    l2miss: bool = False
+    mac: str | None = None
+    mtu: int = 0
+
+
+class LinkPort(Protocol):
+    async def find(self, name: str) -> ExistingDevice | None: ...
+
+    async def ensure(self, spec: DeviceSpec, mac: str) -> int:
+        """Create the vxlan device `spec` with `mac`; its ifindex. The caller has removed
+        an incompatible device of that name first."""
+        ...
+
+    async def set_up(self, index: int, *, mac: str | None = None, mtu: int | None = None,
+                     address: tuple[Addr, Net | None] | None = None) -> None:
+        """Set what is given: the MAC, the MTU, the single address (as /32 or /128; other
+        addresses inside the network go), then bring the device up when an address is
+        given."""
+        ...
+
+    async def delete(self, index: int) -> None: ...
+
+    async def aclose(self) -> None: ...
