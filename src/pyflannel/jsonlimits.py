@@ -69,9 +69,8 @@ def json_depth(text: str) -> int:
     """Maximum nesting of arrays/objects in `text` (0 for a scalar), counted without
     recursion and ignoring brackets inside strings. For text that is not JSON the
     count is still an upper bound of what `json.loads` would descend before failing."""
-    opening = text.count("[") + text.count("{")
-    if opening <= 1:
-        return opening
+    if "[" not in text and "{" not in text:
+        return 0
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     if not brackets:
         return 0

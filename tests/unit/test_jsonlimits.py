@@ -69,6 +69,7 @@ def test_brackets_inside_strings_do_not_count() -> None:
     assert load('["[[[[[[[[", "{{{{\\"[[[["]', max_depth=1) == ["[[[[[[[[", '{{{{"[[[[']
     assert json_depth('"[[[[\\\\"') == 0
     assert json_depth('"\\"[[[[["') == 0
+    assert json_depth('"["') == 0 and json_depth('["{"]') == 1  # found by hypothesis
 
 
 def test_go_number_rules() -> None:

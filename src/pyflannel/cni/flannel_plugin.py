@@ -643,16 +643,19 @@ def build_delegate(netconf: NetConf, env: SubnetEnv) -> JsonObject:
     return delegate
 
 
+_MAX_DIFFERENCES = 10  # listed in CHECK's message; the rest are counted
+
+
 def describe_differences(saved: object, now: object, path: str = "") -> list[str]:
     """Human-readable differences between two JSON values, one line per leaf."""
     if isinstance(saved, dict) and isinstance(now, dict):
         lines: list[str] = []
         for key in sorted(set(saved) | set(now)):
-            where = f"{path}.{key}" if path else key
+            where = f"{path}.{shown(key, 40)}" if path else shown(key, 40)
             if key not in now:
-                lines.append(f"{where}: saved {go_json(saved[key])}, now absent")
+                lines.append(f"{where}: saved {shown(go_json(saved[key]), 200)}, now absent")
             elif key not in saved:
-                lines.append(f"{where}: not saved, now {go_json(now[key])}")
+                lines.append(f"{where}: not saved, now {shown(go_json(now[key]), 200)}")
             else:
                 lines += describe_differences(saved[key], now[key], where)
         return lines
@@ -660,7 +663,8 @@ def describe_differences(saved: object, now: object, path: str = "") -> list[str
         return []
     if isinstance(saved, int | float) and isinstance(now, int | float) and saved == now:
         return []  # 1450 vs 1450.0: Go does not tell them apart either
-    return [f"{path or '<config>'}: saved {go_json(saved)}, now {go_json(now)}"]
+    return [f"{path or '<config>'}: saved {shown(go_json(saved), 200)}, "
+            f"now {shown(go_json(now), 200)}"]
 
 
 # --------------------------------------------------------------------------- saved configs
@@ -845,8 +849,10 @@ def cmd_check(call: Invocation, netconf: NetConf) -> bytes:
     if differences:
         raise CniError(
             ERR_CONFIG_CHANGED,
-            f"the pod's network config differs from what {netconf.subnet_file} gives now: "
-            + "; ".join(differences)
+            f"the pod's network config differs from what {shown(netconf.subnet_file)} gives "
+            "now: " + "; ".join(differences[:_MAX_DIFFERENCES])
+            + (f"; and {len(differences) - _MAX_DIFFERENCES} more"
+               if len(differences) > _MAX_DIFFERENCES else "")
             + ". The pod was set up by an earlier flanneld configuration; recreate it",
             details=f"saved config: {saved_path}",
         )
