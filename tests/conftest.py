@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -34,3 +35,18 @@ def netns_factory() -> Iterator[Callable[[str], NetNamespace]]:
 @pytest.fixture
 def netns(netns_factory: Callable[[str], NetNamespace]) -> NetNamespace:
     return netns_factory("pft")
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fails a test that leaves asyncio tasks running (kopf's rule): a task nobody awaits
+    hides its exceptions and outlives what it was for."""
+    yield
+    me = asyncio.current_task()
+    for _ in range(3):  # cancellations in progress finish within a few loop turns
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not left:
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"the test left {len(left)} asyncio task(s) running: "
+                + ", ".join(sorted(t.get_name() + " " + repr(t.get_coro())[:80] for t in left)))

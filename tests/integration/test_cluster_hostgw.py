@@ -203,7 +203,8 @@ def test_health_endpoints_and_metrics() -> None:
                               "import urllib.request, urllib.error\n"
                               "try:\n r=urllib.request.urlopen('http://127.0.0.1:18081"
                               + path + "');print(r.status);print(r.read().decode())\n"
-                              "except urllib.error.HTTPError as e:\n print(e.code)",
+                              "except urllib.error.HTTPError as e:\n print(e.code);"
+                              "print(e.read().decode())",
                               check=False).stdout.splitlines()
             return int(out[0]), "\n".join(out[1:])
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pyflannel.kernel.ports import RoutePort
 from pyflannel.netlink import (
+    RTN_BLACKHOLE,
     RTN_UNICAST,
     FdbEntry,
     Neighbour,
@@ -337,7 +338,10 @@ class KernelReconciler:
                     continue  # reported with its route
                 logged += 1
                 if logged <= LOG_EACH_LIMIT or verbose_all:
-                    if isinstance(obj, Route) and op.action == "replace":
+                    if isinstance(obj, Route) and obj.type == RTN_BLACKHOLE:
+                        log.info("%s blackhole route %s",
+                                 "Added" if op.action == "replace" else "Removed", obj.dst)
+                    elif isinstance(obj, Route) and op.action == "replace":
                         log.info("Subnet added: %s via %s", obj.dst, obj.gateway)
                     elif isinstance(obj, Route):
                         log.info("Removed stale route to %s via %s", obj.dst, obj.gateway)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pyflannel.lease.model import Lease
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Op, Route
-from pyflannel.reconcile.kernel import Observed
+from pyflannel.reconcile.plan import Observed
 
 
 @dataclass(frozen=True)
