@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -160,27 +161,33 @@ def verify(archive: Path, pubkey: Path, *, signature: Path | None = None,
         subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
                        capture_output=True)
     if proc.returncode != 0:
-        detail = proc.stderr.strip().removeprefix("FATA[0000] ").strip()
-        if "not trusted" in detail or "No public key" in detail or "public key" in detail \
-                or "Invalid GPG signature" in detail or "unknown key" in detail.lower():
-            why = f"it is not signed by the key in {pubkey} ({fprs[0]})"
-        elif "does not match" in detail and "reference" in detail.lower():
-            why = f"the signature is not for {reference}"
-        elif "digest" in detail.lower():
-            why = "the signature is for another manifest digest"
-        else:
-            why = "the signature does not verify"
-        raise ImageVerificationError(f"{archive} refused: {why}: {detail}")
+        why = _why(proc.stderr, pubkey, fprs[0], reference)
+        raise ImageVerificationError(f"{archive} refused: {why}")
     if digest not in proc.stdout:
         raise ImageVerificationError(f"{archive} refused: skopeo verified "
                                      f"{proc.stdout.strip()!r}, not {digest}")
     return digest
 
 
+def _why(stderr: str, pubkey: Path, fingerprint: str, reference: str) -> str:
+    """One line from skopeo's error: which rule of the policy failed."""
+    found = re.search(r'msg="(.*?)"\s*$', stderr.strip(), re.S)
+    detail = (found.group(1) if found else stderr.strip()).replace('\\"', '"')
+    if "Invalid GPG signature" in detail or "not trusted" in detail or "key" in detail.lower():
+        signer = re.search(r'Fingerprint:"([0-9A-F]+)"', detail)
+        by = f"; it is signed by key {signer.group(1)}" if signer else ""
+        return f"it is not signed by the key in {pubkey} ({fingerprint}){by}"
+    if "does not match" in detail and "eference" in detail:
+        return f"the signature is for another name, not {reference}: {detail}"
+    if "igest" in detail:
+        return f"the signature is for another manifest: {detail}"
+    return f"the signature does not verify: {detail}"
+
+
 def policy_json(pubkey: Path, reference: str) -> dict[str, object]:
     """containers-policy.json(5): accept `reference` only when signed by `pubkey`."""
-    repository = reference.rsplit(":", 1)[0] if "/" in reference.rsplit(":", 1)[-1] \
-        or ":" not in reference else reference.rsplit(":", 1)[0]
+    name, _, tag = reference.rpartition(":")
+    repository = name if name and "/" not in tag else reference  # "host:port/x" has no tag
     requirement = {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(pubkey),
                    "signedIdentity": {"type": "matchRepository"}}
     return {"default": [{"type": "reject"}],
