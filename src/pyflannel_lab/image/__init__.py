@@ -10,6 +10,7 @@ API (also `scripts/image.sh build|sign|verify|lock`):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -92,6 +93,18 @@ def build(out_dir: Path, *, sign_key: str | None = None, gnupghome: Path | None 
     """Build the image archive into `out_dir` (pyflannel-<version>.oci.tar, .spdx.json,
     and .sig when `sign_key`, a gpg fingerprint, is given); return what was made."""
     os.umask(0o022)  # file modes in the layer must not depend on the caller's umask
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # One build at a time per machine: builds share the cached rootfs (the overlay's
+    # lower layer) and the wheel directory.
+    with (cache_root / "build.lock").open("w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        return _build_locked(out_dir, sign_key=sign_key, gnupghome=gnupghome,
+                             reference=reference, repo=repo, cache_root=cache_root,
+                             use_cache=use_cache)
+
+
+def _build_locked(out_dir: Path, *, sign_key: str | None, gnupghome: Path | None,
+                  reference: str, repo: Path, cache_root: Path, use_cache: bool) -> BuiltImage:
     epoch = source_date_epoch(repo)
     commit = _git(repo, "rev-parse", "HEAD")
     lock = repo / LOCK_FILE
@@ -182,8 +195,10 @@ def source_key(repo: Path = REPO_ROOT) -> str:
             digest.update(os.readlink(path).encode() if path.is_symlink()
                           else path.read_bytes())
     suite = rootfs.debian_suite()
-    digest.update(rootfs.cache_key(suite, rootfs.debian_mirrors(suite)).encode())
-    digest.update(str(source_date_epoch(repo)).encode())
+    mirrors = rootfs.debian_mirrors(suite)
+    epoch = source_date_epoch(repo)
+    digest.update(rootfs.cache_key(suite, mirrors, rootfs.debian_epoch(mirrors, epoch)).encode())
+    digest.update(str(epoch).encode())
     return digest.hexdigest()[:20]
 
 

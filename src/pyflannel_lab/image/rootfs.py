@@ -16,6 +16,7 @@ and its layer tar.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -136,8 +137,8 @@ def apt_lists_state(mirrors: tuple[str, ...]) -> list[str]:
     return dates
 
 
-def cache_key(suite: str, mirrors: tuple[str, ...]) -> str:
-    recipe = {"version": RECIPE_VERSION, "suite": suite, "packages": PACKAGES,
+def cache_key(suite: str, mirrors: tuple[str, ...], epoch: int) -> str:
+    recipe = {"version": RECIPE_VERSION, "epoch": epoch, "suite": suite, "packages": PACKAGES,
               "purge": PURGE, "purge_essential": PURGE_ESSENTIAL, "excludes": PATH_EXCLUDES,
               "includes": PATH_INCLUDES, "unused": UNUSED_STDLIB, "apt": apt_lists_state(mirrors)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
@@ -185,12 +186,30 @@ def _strip(tree: Path) -> None:
         shutil.rmtree(cache)  # Debian's: hash-seed dependent; the Python layer compiles
 
 
-def build_rootfs(epoch: int, *, cache_root: Path = CACHE_ROOT, use_cache: bool = True,
-                 log: object = None) -> Rootfs:
-    """The cached rootfs for this recipe and apt state, built first if needed (~40 s)."""
+def debian_epoch(mirrors: tuple[str, ...], fallback: int) -> int:
+    """The newest `Date:` of the host's apt lists for our mirrors, as SOURCE_DATE_EPOCH of
+    the Debian layer: it then depends on the archive's state only, not on our commits, so
+    a new pyflannel commit leaves that 69 MB layer (and its digest) as it was."""
+    dates = [line.rpartition(" @ ")[2] for line in apt_lists_state(mirrors)]
+    stamps = []
+    for date in dates:
+        try:
+            stamps.append(int(email.utils.parsedate_to_datetime(date).timestamp()))
+        except (TypeError, ValueError):
+            continue
+    return max(stamps) if stamps else fallback
+
+
+def build_rootfs(fallback_epoch: int, *, cache_root: Path = CACHE_ROOT,
+                 use_cache: bool = True) -> Rootfs:
+    """The cached rootfs for this recipe and apt state, built first if needed (~75 s).
+    Its SOURCE_DATE_EPOCH is debian_epoch(), or `fallback_epoch` without apt lists."""
     suite = debian_suite()
     mirrors = debian_mirrors(suite)
-    key = cache_key(suite, mirrors)
+    # The tree itself depends on the epoch (files mmdebstrap and dpkg generate), so the
+    # epoch is part of the key.
+    epoch = debian_epoch(mirrors, fallback_epoch)
+    key = cache_key(suite, mirrors, epoch)
     entry = cache_root / f"rootfs-{key}"
     meta_path = entry / "rootfs.json"
     if use_cache and meta_path.is_file():
@@ -198,11 +217,6 @@ def build_rootfs(epoch: int, *, cache_root: Path = CACHE_ROOT, use_cache: bool =
         layer = Blob(entry / "layer.tar", meta["layer_digest"], meta["layer_size"])
         if meta.get("epoch") == epoch and layer.path.is_file():
             return Rootfs(entry / "tree", layer, meta["packages"], mirrors, suite)
-        if layer.path.is_file():  # same tree, other SOURCE_DATE_EPOCH: only re-tar
-            blob = write_layer(entry / "tree", entry / "layer.tar", epoch)
-            meta.update(epoch=epoch, layer_digest=blob.digest, layer_size=blob.size)
-            meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            return Rootfs(entry / "tree", blob, meta["packages"], mirrors, suite)
     for tool in ("mmdebstrap", "unshare"):
         if shutil.which(tool) is None:
             raise RootfsError(f"{tool} is not installed (scripts/setup.sh installs it)")
