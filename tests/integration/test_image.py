@@ -201,6 +201,11 @@ def test_runs_under_ctr(built: image.BuiltImage, keys: dict[str, Key], tmp_path:
         version = containerd.run(name, "flanneld", "--version")
         assert version.returncode == 0, version.stderr
         assert (version.stdout + version.stderr).strip() == image.VERSION
+        # The tools flanneld runs are there and load (iptables is Debian's nft backend).
+        for argv, expect in ((["iptables", "--version"], "nf_tables"),
+                             (["nft", "--version"], "nftables"), (["ip", "-V"], "iproute2")):
+            tool = containerd.run(name, *argv)
+            assert tool.returncode == 0 and expect in tool.stdout, (argv, tool.stderr)
         cni_bin = tmp_path / "opt-cni-bin"
         cni_bin.mkdir()
         installed = containerd.run(
