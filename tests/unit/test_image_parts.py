@@ -145,3 +145,14 @@ def test_elf_interpreter_is_rewritten_in_place(tmp_path: Path) -> None:
     (tmp_path / "text").write_text("hello")
     with pytest.raises(InstallError, match="not a 64-bit little-endian ELF"):
         read_elf_interpreter(tmp_path / "text")
+
+
+def test_install_cni_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pyflannel.cli import main
+
+    assert main(["install-cni", "--dest", str(tmp_path / "a"), "--runtime",
+                 str(tmp_path / "none")]) == 1
+    assert "not the pyflannel image: pass --python" in capsys.readouterr().err
+    assert main(["install-cni", "--dest", str(tmp_path / "b"), "--python",
+                 "/usr/bin/python3"]) == 0
+    assert (tmp_path / "b/flannel").read_text().startswith("#!/usr/bin/python3 -IS\n")

@@ -91,9 +91,13 @@ def _pip(python: str, *args: str) -> None:
 
 
 def fetch_wheels(lock: Path, wheel_dir: Path, python: str) -> None:
-    """Download the locked wheels into `wheel_dir` (a no-op when all are there: pip
-    checks the hashes of files it already has)."""
+    """Download the locked wheels into `wheel_dir`, unless a wheel with each locked hash is
+    there already (then the build needs no network; pip checks the hashes again on
+    install)."""
     wheel_dir.mkdir(parents=True, exist_ok=True)
+    have = {sha256_file(p) for p in wheel_dir.glob("*.whl")}
+    if {wheel.sha256 for wheel in read_lock(lock)} <= have:
+        return
     _pip(python, "download", "--no-deps", "--require-hashes", "--index-url", PYPI,
          "-d", str(wheel_dir), *_pip_target_options(), "-r", str(lock))
 
