@@ -1,8 +1,8 @@
 """A private containerd (Debian's) for running the image with `ctr run`.
 
 Its root, state, sockets and runc state are under one temp directory, and it runs in a
-private mount namespace with a tmpfs on /run/containerd, where containerd 1.6 puts shim
-sockets whatever its config says: nothing of it is visible to, or collides with, any
+private mount namespace with a tmpfs on /run (containerd 1.6 puts shim sockets, and ctr
+its fifos, under /run/containerd whatever the config says): nothing of it is visible to, or collides with, any
 other containerd on the machine. The CRI plugin is off (this is for `ctr`). Images go in
 only through import_verified(), which runs trust.verify() first (containerd 1.6 does
 not check signatures on import). Containers run in their own network namespace (no
@@ -48,9 +48,10 @@ class PrivateContainerd(OwnedProcess):
             f'[grpc]\n  address = "{self.socket}"\n'
             f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n')
         log = (self.base / "containerd.log").open("wb")
-        script = ('mount -t tmpfs -o mode=0711 tmpfs /run/containerd && '
-                  'exec containerd --config "$1"')
-        Path("/run/containerd").mkdir(exist_ok=True)  # the mountpoint (Debian's path)
+        # A tmpfs on all of /run (in this namespace only): /run/containerd is then ours
+        # without creating anything on the host's /run.
+        script = ('mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -m 0711 /run/containerd '
+                  '&& exec containerd --config "$1"')
         self._proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
                                        "sh", "-c", script, "sh", str(config)],
                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
