@@ -2,12 +2,12 @@
 
 Its root, state, sockets and runc state are under one temp directory, and it runs in a
 private mount namespace with a tmpfs on /run (containerd 1.6 puts shim sockets, and ctr
-its fifos, under /run/containerd whatever the config says): nothing of it is visible to, or collides with, any
-other containerd on the machine. The CRI plugin is off (this is for `ctr`). Images go in
-only through import_verified(), which runs trust.verify() first (containerd 1.6 does
-not check signatures on import). Containers run in their own network namespace (no
---net-host), so the root namespace is never touched. stop() ends it by PID and removes
-the cgroups its containers' namespace left in every hierarchy.
+its fifos, under /run/containerd whatever the config says): nothing of it is visible
+to, or collides with, any other containerd on the machine. The CRI plugin is off (this
+is for `ctr`). Images go in only through import_verified(), which runs trust.verify()
+first (containerd 1.6 does not check signatures on import). Containers run in their own
+network namespace (no --net-host), so the root namespace is never touched. stop() ends
+it by PID and removes the cgroups its containers' namespace left in every hierarchy.
 """
 
 from __future__ import annotations
