@@ -116,7 +116,15 @@ def test_size_and_content(built: image.BuiltImage) -> None:
                for rel in pylayer.tracked_files(image.REPO_ROOT, "src/pyflannel")}
     assert shipped == tracked
     assert forbidden == []
-    assert all(m.mtime == members["usr"].mtime for m in members.values())
+    # One mtime per layer: the Debian layer's is the apt archive's date, the Python
+    # layer's the commit's (SOURCE_DATE_EPOCH).
+    with tarfile.open(built.archive) as archive:
+        for digest in built.layers:
+            blob = archive.extractfile("blobs/sha256/" + digest.removeprefix("sha256:"))
+            assert blob is not None
+            with tarfile.open(fileobj=blob) as layer:
+                assert len({m.mtime for m in layer.getmembers()}) == 1
+                assert {(m.uname, m.gname) for m in layer.getmembers()} == {("", "")}
     assert not [n for n in names if n.endswith(".pyc") and "__pycache__" not in n]
 
 
@@ -239,3 +247,15 @@ def test_ensure_verified_builds_once_and_refuses_a_tampered_cache(
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(ImageVerificationError, match="refused|does not match"):
         image.ensure_verified(lab_dir)
+
+
+def test_verify_command(keys: dict[str, Key], copy: Path) -> None:
+    script = str(image.REPO_ROOT / "scripts/image.sh")
+    good = subprocess.run(["bash", script, "verify", str(copy), "--key",
+                           str(keys["operator"].pubkey)], capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.startswith(f"verified {copy}: sha256:")
+    bad = subprocess.run(["bash", script, "verify", str(copy), "--key",
+                          str(keys["stranger"].pubkey)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("image: ") and "not signed by the key in" in bad.stderr
+    assert "Traceback" not in bad.stderr
