@@ -259,3 +259,16 @@ def test_verify_command(keys: dict[str, Key], copy: Path) -> None:
     assert bad.returncode == 1
     assert bad.stderr.startswith("image: ") and "not signed by the key in" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_signature_of_another_manifest_is_refused(keys: dict[str, Key], copy: Path,
+                                                    tmp_path: Path) -> None:
+    other = tmp_path / "other-manifest.json"
+    _, manifest, reference = trust.read_archive(copy)
+    other.write_bytes(manifest.replace(b'"schemaVersion":2', b'"schemaVersion":2 '))
+    subprocess.run(["skopeo", "standalone-sign", str(other), reference,
+                    keys["operator"].fingerprint, "-o", str(trust.signature_path(copy))],
+                   env={**os.environ, "GNUPGHOME": str(keys["operator"].home)}, check=True)
+    with pytest.raises(ImageVerificationError, match="refused: the signature is for another"
+                                                     " manifest"):
+        trust.verify(copy, keys["operator"].pubkey)
