@@ -203,7 +203,8 @@ def debian_epoch(mirrors: tuple[str, ...], fallback: int) -> int:
 def build_rootfs(fallback_epoch: int, *, cache_root: Path = CACHE_ROOT,
                  use_cache: bool = True) -> Rootfs:
     """The cached rootfs for this recipe and apt state, built first if needed (~75 s).
-    Its SOURCE_DATE_EPOCH is debian_epoch(), or `fallback_epoch` without apt lists."""
+    Its SOURCE_DATE_EPOCH is debian_epoch(), or `fallback_epoch` without apt lists.
+    The caller holds the machine's build lock (pyflannel_lab.image.build does)."""
     suite = debian_suite()
     mirrors = debian_mirrors(suite)
     # The tree itself depends on the epoch (files mmdebstrap and dpkg generate), so the
@@ -245,6 +246,11 @@ def build_rootfs(fallback_epoch: int, *, cache_root: Path = CACHE_ROOT,
         if entry.exists():
             shutil.rmtree(entry)
         os.rename(work, entry)  # a cache entry appears complete or not at all
+        # Older entries (another apt state or recipe) and leftovers of killed builds:
+        # the caller holds the build lock, so nobody is using them.
+        for stale in [*cache_root.glob("rootfs-*"), *cache_root.glob(".rootfs-*")]:
+            if stale != entry:
+                shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
