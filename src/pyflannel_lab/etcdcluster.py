@@ -15,6 +15,7 @@ import json
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -128,12 +129,21 @@ class EtcdCluster:
             member_id = int(target.status()["header"]["member_id"])
             current.etcdctl("move-leader", format(member_id, "x"))
 
-    def etcdctl(self, *args: str) -> str:
-        """etcdctl on the first member that is not faulted."""
-        member = next(iter(self.healthy()), None)
-        if member is None:
-            raise EtcdServerError("every etcd member is faulted")
-        return member.etcdctl(*args).stdout
+    def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
+        """etcdctl on a member that is not faulted, retried while the cluster elects a
+        leader (requests then fail with `Unavailable`), for up to `timeout` seconds. The
+        lab's commands (put, get, del) can safely run twice."""
+        deadline = time.monotonic() + timeout
+        while True:
+            member = next(iter(self.healthy()), None)
+            if member is None:
+                raise EtcdServerError("every etcd member is faulted")
+            try:
+                return member.etcdctl(*args).stdout
+            except EtcdServerError as e:
+                if "Unavailable" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def close(self) -> None:
         for m in self.members:
