@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -25,6 +24,7 @@ import pytest
 
 from pyflannel_lab.cluster import Cluster, LabNode
 from pyflannel_lab.etcdcluster import EtcdClusterStore, EtcdMember, Fault
+from pyflannel_lab.sampling import RouteSampler
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -38,36 +38,6 @@ TIMEOUT = 60  # start-up on two shared cores
 # The watchdog finds a silent member in at most 3 s; the rest is slack for a loaded CI.
 PROGRAMMED_WITHIN = 15
 PROBE_SUBNET, PROBE_GW = "10.244.250.0/24", "192.168.77.200"
-
-
-class RouteSampler:
-    """Samples every node's flannel routes in a thread; any route of `expected` missing
-    at any sample is recorded."""
-
-    def __init__(self, cl: Cluster, expected: dict[int, set[tuple[str, str]]]) -> None:
-        self.cl = cl
-        self.expected = expected
-        self.samples = 0
-        self.missing: list[tuple[str, set[tuple[str, str]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for idx, want in self.expected.items():
-                lost = want - self.cl.flannel_routes(self.cl.nodes[idx])
-                if lost:
-                    self.missing.append((f"node{idx}", lost))
-            self.samples += 1
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> RouteSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def clients_of(member: EtcdMember, nodes: list[LabNode]) -> set[str]:
