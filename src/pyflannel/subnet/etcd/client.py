@@ -412,10 +412,11 @@ class EtcdClient:
                 errors.append(f"{endpoint}: no answer to the watch request in "
                               f"{self._timeout:.0f}s")
                 continue
-            except _Unavailable as e:
+            except _Unavailable:
+                # Raised, not tried on the next member at once: a member shutting down
+                # says so too, and the caller's retry starts at the next one anyway.
                 self._leave(idx)
-                errors.append(str(e))
-                continue
+                raise
             except _MemberSilent as e:
                 self._leave(idx)
                 raise EtcdError(f"watch stream from {endpoint} abandoned: {e}") from None
@@ -540,19 +541,25 @@ async def _lines_until(lines: AsyncIterator[str],
     """The stream's lines until it ends, or _MemberSilent as soon as the watchdog says its
     member stopped answering (the pending read is cancelled, closing the connection)."""
     failed = asyncio.ensure_future(dog.failed.wait())
+    nxt: asyncio.Future[str] | None = None
     try:
         while True:
-            nxt: asyncio.Future[str] = asyncio.ensure_future(anext(lines))
+            nxt = asyncio.ensure_future(anext(lines))
             await asyncio.wait((nxt, failed), return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
-                nxt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await nxt
                 raise _MemberSilent(dog.reason)
             try:
                 line = nxt.result()
             except StopAsyncIteration:
                 return
+            nxt = None
             yield line
     finally:
         failed.cancel()
+        if nxt is not None:
+            # Also when the consumer closes the stream mid-read: the read must end (and
+            # its error be collected) before the connection under it is closed.
+            nxt.cancel()
+            await asyncio.wait((nxt,))
+            if not nxt.cancelled():
+                nxt.exception()
