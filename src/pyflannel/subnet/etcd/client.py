@@ -513,7 +513,10 @@ class _Watchdog:
     WATCH_PROBE_INTERVAL a linearizable read (a ReadIndex round through the leader, which
     etcd batches across clients) goes to the same member on its own connection: it fails or
     times out exactly when that member cannot serve current data, whatever the cause. One
-    probe per member and client, however many streams share it.
+    probe per member and client, however many streams share it: one small read a second per
+    daemon (1,000 nodes: 1,000 reads/s, far below what etcd serves). During an election a
+    healthy member's probe may time out too; the watch then moves once more and resumes
+    from its revision, which costs a reconnect, never an event.
     """
 
     def __init__(self, probe: Callable[[], Awaitable[None]]) -> None:
