@@ -4,7 +4,9 @@ Each member runs in its own network namespace, attached by a veth to the lab's s
 bridge in the switch namespace, so that each fault is a real one: `kill` (SIGKILL, as a
 crash; healed by restarting on the same data dir), `pause` (SIGSTOP: the kernel still
 completes TCP handshakes, the process never answers) and `partition` (the member's link
-down: nothing reaches it, nor its peers). The members use a static `--initial-cluster`
+down: nothing reaches it, nor its peers) and `isolate` (its peer traffic dropped by
+nftables in its namespace: clients still reach it, but it is a minority of one that serves
+no linearizable request and whose watches go silent). The members use a static `--initial-cluster`
 on the standard ports (2379/2380 are free in a namespace of our own). With `tls`, clients
 must present a certificate and the peers talk TLS with the same CA.
 """
@@ -25,9 +27,16 @@ from pyflannel_lab.cluster import Cluster, EtcdLabStore, LabNode
 from pyflannel_lab.etcd import EtcdServer, EtcdServerError, EtcdTLSFiles, make_tls_files
 from pyflannel_lab.netns import NetNamespace, stop_process, veth_between
 
-Fault = Literal["kill", "pause", "partition"]
-FAULTS: tuple[Fault, ...] = ("kill", "pause", "partition")
+Fault = Literal["kill", "pause", "partition", "isolate"]
+FAULTS: tuple[Fault, ...] = ("kill", "pause", "partition", "isolate")
 CLIENT_PORT, PEER_PORT = 2379, 2380
+# Drops the member's raft traffic, both ways; in the member's own namespace.
+ISOLATE_TABLE = "pyflannel_isolate"
+_DROP_PEERS = f"tcp dport {PEER_PORT} drop; tcp sport {PEER_PORT} drop;"
+ISOLATE_RULES = (f"table inet {ISOLATE_TABLE} {{\n"
+                 f"  chain input {{ type filter hook input priority 0; {_DROP_PEERS} }}\n"
+                 f"  chain output {{ type filter hook output priority 0; {_DROP_PEERS} }}\n"
+                 "}\n")
 
 
 class EtcdMember(EtcdServer):
@@ -41,7 +50,8 @@ class EtcdMember(EtcdServer):
         self.fault_now: Fault | None = None
 
     def fault(self, kind: Fault) -> None:
-        """Break this member: `kill`, `pause` or `partition` (see the module docstring)."""
+        """Break this member: `kill`, `pause`, `partition` or `isolate` (see the module
+        docstring)."""
         if self.fault_now is not None:
             raise EtcdServerError(f"{self.name} is already faulted ({self.fault_now})")
         assert self.netns is not None and self._proc is not None
@@ -50,12 +60,15 @@ class EtcdMember(EtcdServer):
             stop_process(proc, sig=signal.SIGKILL)
         elif kind == "pause":
             self._proc.send_signal(signal.SIGSTOP)
-        else:
+        elif kind == "partition":
             self.netns.ip("link", "set", "eth0", "down")
+        else:
+            self.netns.run("nft", "-f", "-", input=ISOLATE_RULES)
         self.fault_now = kind
 
     def heal(self, timeout: float = 30.0) -> None:
-        """Undo the fault: restart (same data and ports), SIGCONT, or the link up."""
+        """Undo the fault: restart (same data and ports), SIGCONT, the link up, or the
+        peer traffic let through again."""
         kind, self.fault_now = self.fault_now, None
         assert self.netns is not None
         if kind == "kill":
@@ -64,6 +77,8 @@ class EtcdMember(EtcdServer):
             self._proc.send_signal(signal.SIGCONT)
         elif kind == "partition":
             self.netns.ip("link", "set", "eth0", "up")
+        elif kind == "isolate":
+            self.netns.run("nft", "delete", "table", "inet", ISOLATE_TABLE)
 
     def status(self) -> dict[str, Any]:
         """etcd's endpoint status of this member (member_id, leader, raft_term, ...)."""

@@ -2,10 +2,11 @@
 
 Every daemon gets all three members in --etcd-endpoints and starts on the first, so its
 watches stream from member 0: that member is the one broken, as the leader or as a
-follower, by SIGKILL, SIGSTOP or its link going down. While it is broken: every route
-stays on every node (sampled all along), a lease written during the fault is routed on
-every node (the watches resumed on another member from their last revision), a node
-joining during the fault gets a lease and routes (requests fail over too), no daemon
+follower, by SIGKILL, SIGSTOP, its link going down, or its peer traffic dropped (clients
+still reach it: the minority case only a linearizable probe catches). While it is broken:
+every route stays on every node (sampled all along), a lease written during the fault is
+routed on every node (the watches resumed on another member from their last revision), a
+node joining during the fault gets a lease and routes (requests fail over too), no daemon
 exits. After healing: the same leases, the same subnets. The resume times are printed
 (`-s`): detection is bounded by the client's watchdog (1 s interval + 2 s probe timeout).
 """
@@ -114,6 +115,8 @@ CASES = [
     pytest.param("kill", "leader", False, id="kill-leader"),
     pytest.param("pause", "follower", False, id="pause-follower"),
     pytest.param("partition", "leader", False, id="partition-leader"),
+    # Clients still reach it, its peers do not: a minority whose watches go silent.
+    pytest.param("isolate", "follower", False, id="isolate-follower"),
     pytest.param("pause", "leader", True, id="pause-leader-tls"),
 ]
 
