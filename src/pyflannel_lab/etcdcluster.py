@@ -28,7 +28,6 @@ from pyflannel_lab.etcd import EtcdServer, EtcdServerError, EtcdTLSFiles, make_t
 from pyflannel_lab.netns import NetNamespace, stop_process, veth_between
 
 Fault = Literal["kill", "pause", "partition", "isolate"]
-FAULTS: tuple[Fault, ...] = ("kill", "pause", "partition", "isolate")
 CLIENT_PORT, PEER_PORT = 2379, 2380
 # Drops the member's raft traffic, both ways; in the member's own namespace.
 ISOLATE_TABLE = "pyflannel_isolate"
