@@ -3,12 +3,12 @@
 Each member runs in its own network namespace, attached by a veth to the lab's segment
 bridge in the switch namespace, so that each fault is a real one: `kill` (SIGKILL, as a
 crash; healed by restarting on the same data dir), `pause` (SIGSTOP: the kernel still
-completes TCP handshakes, the process never answers) and `partition` (the member's link
-down: nothing reaches it, nor its peers) and `isolate` (its peer traffic dropped by
-nftables in its namespace: clients still reach it, but it is a minority of one that serves
-no linearizable request and whose watches go silent). The members use a static `--initial-cluster`
-on the standard ports (2379/2380 are free in a namespace of our own). With `tls`, clients
-must present a certificate and the peers talk TLS with the same CA.
+completes TCP handshakes, the process never answers), `partition` (the member's link down:
+nothing reaches it, nor its peers) and `isolate` (its peer traffic dropped by nftables in
+its namespace: clients still reach it, but as a minority of one it serves no linearizable
+request and its watches go silent). The members use a static `--initial-cluster` on the
+standard ports (2379/2380 are free in a namespace of our own). With `tls`, clients must
+present a certificate and the peers talk TLS with the same CA.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class EtcdMember(EtcdServer):
 
 
 class EtcdCluster:
-    """Three (or `size`) members on `segment`, their namespaces attached to `bridge` in
-    `switch`. Build, `start()`, always `close()` (also after a failed start)."""
+    """A member per address of `hosts` on `segment`, their namespaces attached to `bridge`
+    in `switch`. Build, `start()`, always `close()` (also after a failed start)."""
 
     def __init__(self, switch: NetNamespace, bridge: str, segment: IPv4Network,
                  hosts: Sequence[IPv4Address], *, tls: bool = False,
@@ -98,9 +98,9 @@ class EtcdCluster:
         self.segment = segment
         self.hosts = list(hosts)
         self.name = name
+        self.want_tls = tls
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{name}-etcdcluster-"))
-        self.tls = make_tls_files(self._tmp / "pki", [str(h) for h in self.hosts]) \
-            if tls else None
+        self.tls: EtcdTLSFiles | None = None
         self.members: list[EtcdMember] = []
 
     @property
@@ -108,6 +108,8 @@ class EtcdCluster:
         return [m.client_url for m in self.members]
 
     def start(self, timeout: float = 60.0) -> None:
+        if self.want_tls:
+            self.tls = make_tls_files(self._tmp / "pki", [str(h) for h in self.hosts])
         scheme = "https" if self.tls else "http"
         initial = ",".join(f"etcd{i}={scheme}://{h}:{PEER_PORT}"
                            for i, h in enumerate(self.hosts))
@@ -145,8 +147,8 @@ class EtcdCluster:
 
     def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
         """etcdctl on a member that is not faulted, retried while the cluster elects a
-        leader (requests then fail with `Unavailable`), for up to `timeout` seconds. The
-        lab's commands (put, get, del) can safely run twice."""
+        leader (requests then fail with `Unavailable`), for up to `timeout` seconds. For
+        commands that may run twice: an attempt that timed out may still be applied."""
         deadline = time.monotonic() + timeout
         while True:
             member = next(iter(self.healthy()), None)
@@ -160,14 +162,23 @@ class EtcdCluster:
                 time.sleep(0.2)
 
     def close(self) -> None:
+        """Stop every member and delete its namespace (which kills what is left in it),
+        each even when another one's clean-up failed."""
+        failure: BaseException | None = None
         for m in self.members:
-            if m.fault_now == "pause":
-                m.heal()  # a stopped process ignores SIGTERM until continued
-            m.close()
-            assert m.netns is not None
-            m.netns.delete()
+            try:
+                if m.fault_now == "pause":
+                    m.heal()  # a stopped process ignores SIGTERM until continued
+                m.close()
+            except Exception as e:  # re-raised below, after the others
+                failure = failure or e
+            finally:
+                assert m.netns is not None
+                m.netns.delete()
         self.members.clear()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure
 
 
 class EtcdClusterStore(EtcdLabStore):
