@@ -79,6 +79,13 @@ class EtcdMember(EtcdServer):
         elif kind == "isolate":
             self.netns.run("nft", "delete", "table", "inet", ISOLATE_TABLE)
 
+    def clients(self) -> set[str]:
+        """The addresses with an established connection to this member's client port."""
+        assert self.netns is not None
+        out = self.netns.run("ss", "-Htn", "state", "established",
+                             f"( sport = :{CLIENT_PORT} )").stdout
+        return {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
     def status(self) -> dict[str, Any]:
         """etcd's endpoint status of this member (member_id, leader, raft_term, ...)."""
         out = self.etcdctl("endpoint", "status", "-w", "json", timeout=15).stdout
@@ -221,6 +228,14 @@ class EtcdClusterStore(EtcdLabStore):
             args += [f"--etcd-cafile={tls.ca}", f"--etcd-certfile={tls.client_cert}",
                      f"--etcd-keyfile={tls.client_key}"]
         return args
+
+    def lease_key(self, subnet: str) -> str:
+        return f"{self.prefix}/subnets/{subnet.replace('/', '-')}"
+
+    def put_lease(self, subnet: str, public_ip: str) -> None:
+        """A host-gw lease with no daemon behind it (written through a healthy member)."""
+        self.etcdctl("put", self.lease_key(subnet), json.dumps(
+            {"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "host-gw"}))
 
     def stop(self) -> None:
         for m in self.members.members:

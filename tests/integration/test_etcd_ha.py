@@ -13,7 +13,6 @@ exits. After healing: the same leases, the same subnets. The resume times are pr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -42,12 +41,8 @@ PROBE_SUBNET, PROBE_GW = "10.244.250.0/24", "192.168.77.200"
 
 
 def clients_of(member: EtcdMember, nodes: list[LabNode]) -> set[str]:
-    """The node addresses with an established connection to `member`'s client port."""
-    assert member.netns is not None
-    out = member.netns.run("ss", "-Htn", "state", "established",
-                           "( sport = :2379 )").stdout
-    peers = {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
-    return {str(n.addr) for n in nodes} & peers
+    """The node addresses with an established connection to `member`."""
+    return {str(n.addr) for n in nodes} & member.clients()
 
 
 def log_time(line: str) -> float | None:
@@ -78,12 +73,6 @@ def watch_resumed_after(node: LabNode, since: float) -> tuple[float, float] | No
 def no_tracebacks(cl: Cluster) -> None:
     for n in cl.nodes.values():
         assert "Traceback" not in n.log(), n.log()[-3000:]
-
-
-def put_lease(cl: Cluster, subnet: str, gw: str) -> None:
-    key = f"{cl.prefix}/subnets/{subnet.replace('/', '-')}"
-    cl.etcdctl("put", key, json.dumps({"PublicIP": gw, "PublicIPv6": None,
-                                       "BackendType": "host-gw"}))
 
 
 def routed_everywhere(cl: Cluster, nodes: list[LabNode], route: tuple[str, str]) -> bool:
@@ -148,7 +137,7 @@ def test_member_fault_keeps_routes_and_leases_and_the_watch_resumes(
             # A lease written during the fault (through a healthy member) is routed by
             # every daemon: their watches resumed elsewhere, from their last revision.
             probe = (PROBE_SUBNET, PROBE_GW)
-            put_lease(cl, PROBE_SUBNET, PROBE_GW)
+            members(cl).put_lease(PROBE_SUBNET, PROBE_GW)
             took = cl.wait_until(lambda: routed_everywhere(cl, nodes, probe),
                                  timeout=PROGRAMMED_WITHIN,
                                  what="the lease added during the fault routed everywhere")
@@ -186,6 +175,6 @@ def test_member_fault_keeps_routes_and_leases_and_the_watch_resumes(
     # and a late copy would bring the route back after an early deletion.
     cl.wait_until(lambda: converged_with(cl, probe), timeout=TIMEOUT,
                   what="convergence after healing")
-    cl.etcdctl("del", f"{cl.prefix}/subnets/{PROBE_SUBNET.replace('/', '-')}")
+    cl.etcdctl("del", members(cl).lease_key(PROBE_SUBNET))
     cl.wait_until(cl.converged, timeout=TIMEOUT, what="the lease added mid-fault removed")
     no_tracebacks(cl)
