@@ -39,7 +39,7 @@ def cluster() -> Iterator[Cluster]:
         yield cl
 
 
-def annotations(ks: KubeLabStore, name: str) -> dict[str, str]:
+def flannel_annotations(ks: KubeLabStore, name: str) -> dict[str, str]:
     meta = ks.node(name)["metadata"]
     return {k: v for k, v in meta.get("annotations", {}).items() if k.startswith(P)}
 
@@ -51,7 +51,7 @@ def test_api_server_restart_mid_watch_keeps_routes_and_a_new_node_is_routed(
     assert isinstance(ks, KubeLabStore)
     nodes = list(cl.nodes.values())
     subnets_before = {n.index: cl.subnet_of(n) for n in nodes}
-    annotations_before = {n.name: annotations(ks, n.name) for n in nodes}
+    annotations_before = {n.name: flannel_annotations(ks, n.name) for n in nodes}
     assert all(a for a in annotations_before.values())
     routes_before = {n.index: cl.flannel_routes(n) for n in nodes}
     assert all(len(r) == 2 for r in routes_before.values())
@@ -76,7 +76,7 @@ def test_api_server_restart_mid_watch_keeps_routes_and_a_new_node_is_routed(
 
     assert all(n.proc is not None and n.proc.poll() is None for n in cl.nodes.values())
     assert {n.index: cl.subnet_of(n) for n in nodes} == subnets_before
-    assert {n.name: annotations(ks, n.name) for n in nodes} == annotations_before
+    assert {n.name: flannel_annotations(ks, n.name) for n in nodes} == annotations_before
     assert str(cl.subnet_of(new)) == ks.node(new.name)["spec"]["podCIDR"]
     for n in cl.nodes.values():
         assert "Traceback" not in n.log(), n.log()[-3000:]
