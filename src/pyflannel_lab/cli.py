@@ -47,9 +47,11 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     p.add_argument("--backend", choices=["host-gw", "vxlan"], default="host-gw",
                    help="flannel backend (default host-gw)")
-    p.add_argument("--store", choices=["etcd", "kube"], default="etcd",
-                   help="where leases live (default etcd; kube needs the apiserver that "
-                   "scripts/build-kubernetes.sh installs)")
+    p.add_argument("--store", choices=["etcd", "etcd-cluster", "etcd-cluster-tls", "kube"],
+                   default="etcd",
+                   help="where leases live (default etcd, one member; etcd-cluster: three "
+                   "members in their own namespaces, -tls with client certificates; kube "
+                   "needs the apiserver that scripts/build-kubernetes.sh installs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,9 +41,13 @@ class EtcdTLSFiles:
     client_key: Path
 
 
-def make_tls_files(directory: Path, server_ip: str = "127.0.0.1") -> EtcdTLSFiles:
-    """Generate a CA, a server cert valid for `server_ip` and a client cert with the
+def make_tls_files(directory: Path,
+                   server_ip: str | Sequence[str] = "127.0.0.1") -> EtcdTLSFiles:
+    """Generate a CA, a server cert valid for `server_ip` (one address, or several: the
+    members of a cluster share it, also as their peer cert) and a client cert with the
     `openssl` CLI. Small EC keys keep this quick."""
+    ips = [server_ip] if isinstance(server_ip, str) else list(server_ip)
+    san = ",".join(f"IP:{ip}" for ip in ips)
     directory.mkdir(parents=True, exist_ok=True)
 
     def ossl(*args: str) -> None:
@@ -68,7 +73,7 @@ def make_tls_files(directory: Path, server_ip: str = "127.0.0.1") -> EtcdTLSFile
     # cert, which --client-cert-auth rejects otherwise (503 on every /v3 call).
     server_cert, server_key = leaf(
         "server", "etcd-server",
-        f"subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth,clientAuth\n")
+        f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n")
     client_cert, client_key = leaf(
         "client", "flanneld", "extendedKeyUsage=clientAuth\n")
     return EtcdTLSFiles(ca, server_cert, server_key, client_cert, client_key)
@@ -84,7 +89,11 @@ class EtcdServer(OwnedProcess):
     """One single-member etcd. Use as a context manager, or start()/stop()."""
 
     def __init__(self, *, host: str = "127.0.0.1", netns: NetNamespace | None = None,
-                 tls: EtcdTLSFiles | None = None, name: str = "pyflannel") -> None:
+                 tls: EtcdTLSFiles | None = None, name: str = "pyflannel",
+                 ports: tuple[int, int] | None = None, initial_cluster: str = "") -> None:
+        """`ports` (client, peer): fixed instead of picked, for members of a cluster whose
+        peers must know them in advance; `initial_cluster`: etcd's `name=peer-url,...` of
+        all members (default: this one alone). With `tls` the peers use it too."""
         if host in ("0.0.0.0", "::", ""):
             raise ValueError("etcd for tests must listen on a specific address, not all")
         self.host = host
@@ -94,8 +103,9 @@ class EtcdServer(OwnedProcess):
         self._tmp = Path(tempfile.mkdtemp(prefix="pyflannel-etcd-"))
         self.data_dir = self._tmp / "data"
         self.log_path = self._tmp / "etcd.log"
-        self.client_port = 0
-        self.peer_port = 0
+        self.fixed_ports = ports
+        self.initial_cluster = initial_cluster
+        self.client_port, self.peer_port = ports or (0, 0)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses -------------------------------------------------------------------
@@ -105,10 +115,13 @@ class EtcdServer(OwnedProcess):
         return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
-    def _peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+    def peer_url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.peer_port}"
 
     def _pick_ports(self) -> tuple[int, int]:
+        if self.fixed_ports is not None:
+            return self.fixed_ports
         if self.netns is None:
             return _free_port(self.host), _free_port(self.host)
         # A namespace we created has no other listeners: any port is free in it.
@@ -121,9 +134,9 @@ class EtcdServer(OwnedProcess):
             ETCD_BIN, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.client_url,
             "--advertise-client-urls", self.client_url,
-            "--listen-peer-urls", self._peer_url,
-            "--initial-advertise-peer-urls", self._peer_url,
-            "--initial-cluster", f"{self.name}={self._peer_url}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
             "--logger", "zap", "--log-outputs", "stderr",
         ]
@@ -131,9 +144,14 @@ class EtcdServer(OwnedProcess):
             argv += ["--cert-file", str(self.tls.server_cert),
                      "--key-file", str(self.tls.server_key),
                      "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]
+            argv += ["--peer-cert-file", str(self.tls.server_cert),
+                     "--peer-key-file", str(self.tls.server_key),
+                     "--peer-trusted-ca-file", str(self.tls.ca), "--peer-client-cert-auth"]
         return self.netns.exec_args(*argv) if self.netns else argv
 
-    def _spawn(self) -> None:
+    def spawn(self) -> None:
+        """Start the process on the ports chosen already, without waiting (a cluster's
+        members are ready only once a quorum of them runs)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT,
@@ -148,7 +166,7 @@ class EtcdServer(OwnedProcess):
             self.client_port, self.peer_port = self._pick_ports()
             # A failed first start may leave a half-initialised member dir behind.
             shutil.rmtree(self.data_dir, ignore_errors=True)
-            self._spawn()
+            self.spawn()
             try:
                 self.wait_ready(timeout)
                 return
@@ -171,7 +189,7 @@ class EtcdServer(OwnedProcess):
         """Start a stopped server with its data dir and ports (see restart())."""
         if self.running:
             return
-        self._spawn()
+        self.spawn()
         self.wait_ready(timeout)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pyflannel.status.svg import GraphEdge, GraphNode, render_svg
-from pyflannel_lab.cluster import Cluster, LabNode, LabStore
+from pyflannel_lab.cluster import Cluster, EtcdLabStore, LabNode, LabStore
 
 Say = Callable[[str], None]
 NETWORK = "10.244.0.0/16"
@@ -28,7 +28,12 @@ def make_store(kind: str) -> LabStore | None:
                              "version does not have") from None
         store: LabStore = KubeLabStore()
         return store
-    raise ValueError(f"--store must be etcd or kube, not {kind!r}")
+    if kind in ("etcd-cluster", "etcd-cluster-tls"):
+        from pyflannel_lab.etcdcluster import EtcdClusterStore
+
+        return EtcdClusterStore(tls=kind.endswith("-tls"))
+    raise ValueError(f"--store must be etcd, etcd-cluster, etcd-cluster-tls or kube, "
+                     f"not {kind!r}")
 
 
 def build(name: str, opts: dict[str, Any], say: Say,
@@ -49,7 +54,8 @@ def build(name: str, opts: dict[str, Any], say: Say,
         t0 = time.monotonic()
         cl.start()
         say(f"  switch namespace {cl.switch.name if cl.switch else '-'}: bridge for the "
-            f"nodes' segment {cl.segment}, {store_kind} server at {cl.switch_addr}")
+            f"nodes' segment {cl.segment}, {store_kind} at "
+            f"{cl.store.endpoint if isinstance(cl.store, EtcdLabStore) else cl.switch_addr}")
         for _ in range(nodes):
             n = cl.add_node()
             say(f"  {n.name}: namespace {n.ns.name}, eth0 {n.addr}, flanneld started "

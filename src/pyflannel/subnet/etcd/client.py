@@ -8,12 +8,14 @@ PUT, empty `kvs`), so every field is read with a default.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,8 +30,27 @@ _CODE_OUT_OF_RANGE = 11  # compacted revision
 _CODE_UNAUTHENTICATED = 16
 _AUTH_ERRORS = ("invalid auth token", "user name is empty", "auth token is expired")
 
-# Detect a peer that vanished without closing the stream (power loss, partition):
-# a long-lived watch would otherwise wait forever.
+# Failover bounds. A dead member refuses the connection at once, but a partitioned one
+# never answers the SYN and a paused (SIGSTOPped) one completes the handshake in the
+# kernel and then never answers: each attempt must end quickly so the next endpoint is
+# tried. etcd answers a healthy connect in microseconds, hence the short connect bound.
+CONNECT_TIMEOUT = 2.0
+# A watch stream is checked by a probe to its member every WATCH_PROBE_INTERVAL seconds,
+# given WATCH_PROBE_TIMEOUT to answer (see _Watchdog): a silent member is left within
+# interval + timeout (3 s), so the watch resumes elsewhere within flannel's 5 s.
+WATCH_PROBE_INTERVAL = 1.0
+WATCH_PROBE_TIMEOUT = 2.0
+# Requests that can be sent again to another member when the first one's fate is
+# unknown (a timeout after sending): reads, and writes whose repetition changes nothing.
+_RETRYABLE = frozenset({"kv/range", "lease/timetolive", "lease/revoke", "auth/authenticate"})
+# gRPC UNAVAILABLE and the messages of a member that cannot serve right now (no leader,
+# lost quorum): another member may be able to.
+_CODE_UNAVAILABLE = 14
+_UNAVAILABLE_ERRORS = ("no leader", "request timed out", "leader changed",
+                       "too many requests", "not capable")
+
+# A backstop for a peer that vanished without closing a connection (power loss): the
+# watchdog usually finds it first.
 _KEEPALIVE_OPTIONS: list[tuple[int, int, int]] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
 for _name, _value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
     if hasattr(socket, _name):
@@ -52,6 +73,10 @@ class EtcdCompacted(EtcdError):
 
 class _AuthRejected(EtcdError):
     pass
+
+
+class _Unavailable(EtcdError):
+    """The member answered that it cannot serve now (no leader, timed out in raft)."""
 
 
 @dataclass(frozen=True)
@@ -140,13 +165,21 @@ class EtcdClient:
                 verify = _ssl_context(cafile, "", "")
         transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_KEEPALIVE_OPTIONS)
         # trust_env=False: no proxy or CA bundle from the environment; etcd is reached directly.
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
+        self._http = httpx.AsyncClient(
+            transport=transport, trust_env=False,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)))
         self._timeout = timeout
+        self._watchdogs: dict[str, _Watchdog] = {}
 
     # -- transport -------------------------------------------------------------------
     def _order(self) -> list[int]:
         n = len(self.endpoints)
         return [(self._current + i) % n for i in range(n)]
+
+    def _leave(self, idx: int) -> None:
+        """`idx` failed: the next request (or watch) starts at the endpoint after it."""
+        if self._current == idx:
+            self._current = (idx + 1) % len(self.endpoints)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": self._token} if self._token else {}
@@ -167,15 +200,29 @@ class EtcdClient:
                 resp = await self._http.post(url, json=body, headers=self._headers())
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 # Nothing was sent: safe to try the next endpoint, even for writes.
+                self._leave(idx)
                 errors.append(f"{self.endpoints[idx]}: {e or type(e).__name__}")
                 continue
             except (httpx.HTTPError, OSError) as e:
                 # OSError covers ssl.SSLError: with TLS 1.3 a refused client certificate
                 # only shows up on the first read, past httpx's error mapping.
+                self._leave(idx)
+                why = f"{e or type(e).__name__}"
+                if path in _RETRYABLE and isinstance(e, httpx.TransportError):
+                    errors.append(f"{self.endpoints[idx]}: {why}")
+                    continue
                 raise EtcdError(f"etcd request {path} to {self.endpoints[idx]} failed: "
-                                f"{e or type(e).__name__}") from None
+                                f"{why}") from None
+            try:
+                obj = self._decode(path, self.endpoints[idx], resp)
+            except _Unavailable as e:
+                self._leave(idx)
+                if path in _RETRYABLE:
+                    errors.append(str(e))
+                    continue
+                raise
             self._current = idx
-            return self._decode(path, self.endpoints[idx], resp)
+            return obj
         raise EtcdError(f"cannot reach etcd ({'; '.join(errors)}); is etcd running and are "
                         f"--etcd-endpoints right?")
 
@@ -195,6 +242,8 @@ class EtcdClient:
                                 f"(check --etcd-username/--etcd-password)")
         if code == _CODE_OUT_OF_RANGE and "compacted" in text:
             raise EtcdCompacted(f"etcd at {endpoint}: {text}", 0)
+        if code == _CODE_UNAVAILABLE or any(u in text for u in _UNAVAILABLE_ERRORS):
+            raise _Unavailable(f"etcd at {endpoint} cannot serve {path} now: {text}")
         raise EtcdError(f"etcd at {endpoint} refused {path}: {text}")
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -331,18 +380,27 @@ class EtcdClient:
     async def _watch_once(self, body: dict[str, Any],
                           start_revision: int) -> WatchStream:
         errors: list[str] = []
-        # No read timeout: a quiet watch is normal; dead peers are found by TCP keepalive.
-        timeout = httpx.Timeout(self._timeout, read=None)
+        # No read timeout on the stream: a quiet watch is normal. A silent member is found
+        # by the watchdog instead; the response headers get the ordinary bound.
+        timeout = httpx.Timeout(self._timeout, connect=min(self._timeout, CONNECT_TIMEOUT),
+                                read=None)
+        key = str(body["create_request"]["key"])
         for idx in self._order():
             endpoint = self.endpoints[idx]
             try:
-                async with self._http.stream("POST", f"{endpoint}/v3/watch", json=body,
-                                             headers=self._headers(), timeout=timeout) as resp:
-                    self._current = idx
+                async with contextlib.AsyncExitStack() as stack:
+                    async with asyncio.timeout(self._timeout):
+                        resp = await stack.enter_async_context(self._http.stream(
+                            "POST", f"{endpoint}/v3/watch", json=body,
+                            headers=self._headers(), timeout=timeout))
                     if resp.status_code != 200:
                         await resp.aread()
                         self._decode("watch", endpoint, resp)
-                    async for line in resp.aiter_lines():
+                    self._current = idx
+                    dog = stack.enter_context(self._watchdog(endpoint, key))
+                    lines = await stack.enter_async_context(
+                        contextlib.aclosing(_lines_until(resp.aiter_lines(), dog)))
+                    async for line in lines:
                         if not line.strip():
                             continue
                         item = self._watch_message(endpoint, line, start_revision)
@@ -350,12 +408,61 @@ class EtcdClient:
                             yield item
                 return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                self._leave(idx)
                 errors.append(f"{endpoint}: {e or type(e).__name__}")
                 continue
+            except TimeoutError:
+                self._leave(idx)
+                errors.append(f"{endpoint}: no answer to the watch request in "
+                              f"{self._timeout:.0f}s")
+                continue
+            except _Unavailable:
+                # Raised, not tried on the next member at once: a member shutting down
+                # says so too, and the caller's retry starts at the next one anyway.
+                self._leave(idx)
+                raise
+            except _MemberSilent as e:
+                self._leave(idx)
+                raise EtcdError(f"watch stream from {endpoint} abandoned: {e}") from None
             except (httpx.HTTPError, OSError) as e:
+                self._leave(idx)
                 raise EtcdError(f"watch stream from {endpoint} broke: "
                                 f"{e or type(e).__name__}") from None
         raise EtcdError(f"cannot reach etcd to watch ({'; '.join(errors)}); is etcd running?")
+
+    @contextlib.contextmanager
+    def _watchdog(self, endpoint: str, key: str) -> Iterator[_Watchdog]:
+        """The watchdog of `endpoint`, shared by every stream of this client to it, for the
+        duration of one stream."""
+        dog = self._watchdogs.get(endpoint)
+        if dog is None or dog.failed.is_set():
+            dog = _Watchdog(lambda: self._probe(endpoint, key))
+            self._watchdogs[endpoint] = dog
+        dog.users += 1
+        try:
+            yield dog
+        finally:
+            dog.users -= 1
+            if dog.users == 0:
+                dog.stop()
+                if self._watchdogs.get(endpoint) is dog:
+                    del self._watchdogs[endpoint]
+
+    async def _probe(self, endpoint: str, key: str) -> None:
+        """One linearizable read of `key` on `endpoint` (count only: no data moves)."""
+        try:
+            resp = await self._http.post(
+                f"{endpoint}/v3/kv/range", json={"key": key, "count_only": True},
+                headers=self._headers(), timeout=WATCH_PROBE_TIMEOUT)
+        except (httpx.HTTPError, OSError) as e:
+            raise _MemberSilent(f"no answer to a probe in {WATCH_PROBE_TIMEOUT:.0f}s "
+                                f"({e or type(e).__name__})") from None
+        try:
+            self._decode("kv/range", endpoint, resp)
+        except _AuthRejected:
+            pass  # it answered; the watch's own token handling deals with expiry
+        except EtcdError as e:
+            raise _MemberSilent(f"a probe failed: {e}") from None
 
     @staticmethod
     def _watch_message(endpoint: str, line: str,
@@ -390,4 +497,76 @@ class EtcdClient:
         return [], _header_revision(res)
 
     async def aclose(self) -> None:
+        for dog in list(self._watchdogs.values()):
+            dog.stop()
+        self._watchdogs.clear()
         await self._http.aclose()
+
+
+class _MemberSilent(EtcdError):
+    """A watched member stopped answering probes."""
+
+
+class _Watchdog:
+    """Probes one member while watches stream from it, and says when it stops answering.
+
+    etcd sends nothing on an idle watch, so silence proves nothing: a killed member closes
+    the stream, but a paused one (SIGSTOP, a hung disk) or one behind a partition leaves it
+    open and mute, and TCP keepalive takes a minute to notice. Progress notifications come
+    every 10 minutes and a minority member would still send them. So every
+    WATCH_PROBE_INTERVAL a linearizable read (a ReadIndex round through the leader, which
+    etcd batches across clients) goes to the same member on its own connection: it fails or
+    times out exactly when that member cannot serve current data, whatever the cause. One
+    probe per member and client, however many streams share it: one small read a second per
+    daemon (1,000 nodes: 1,000 reads/s, far below what etcd serves). During an election a
+    healthy member's probe may time out too; the watch then moves once more and resumes
+    from its revision, which costs a reconnect, never an event.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[None]]) -> None:
+        self.users = 0
+        self.failed = asyncio.Event()
+        self.reason = ""
+        self._task = asyncio.create_task(self._run(probe), name="etcd-watchdog")
+
+    async def _run(self, probe: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(WATCH_PROBE_INTERVAL)
+            try:
+                await probe()
+            except _MemberSilent as e:
+                self.reason = str(e)
+                self.failed.set()
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def _lines_until(lines: AsyncIterator[str],
+                       dog: _Watchdog) -> AsyncGenerator[str, None]:
+    """The stream's lines until it ends, or _MemberSilent as soon as the watchdog says its
+    member stopped answering (the pending read is cancelled, closing the connection)."""
+    failed = asyncio.ensure_future(dog.failed.wait())
+    nxt: asyncio.Future[str] | None = None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(lines))
+            await asyncio.wait((nxt, failed), return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                raise _MemberSilent(dog.reason)
+            try:
+                line = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield line
+    finally:
+        failed.cancel()
+        if nxt is not None:
+            # Also when the consumer closes the stream mid-read: the read must end (and
+            # its error be collected) before the connection under it is closed.
+            nxt.cancel()
+            await asyncio.wait((nxt,))
+            if not nxt.cancelled():
+                nxt.exception()
