@@ -1,0 +1,150 @@
+"""What `pyflannel lab up --kubernetes` shows and does: the cluster coming up, then the
+walk-through's commands with their output, the timings and the flannel pods' memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.controlplane import kube_binaries_missing
+from pyflannel_lab.kubelab import KubeletLabStore, add_node, build_cluster
+from pyflannel_lab.walkthrough import (
+    FLANNEL_NS,
+    FlannelDeployment,
+    Kubectl,
+    ProbePods,
+    missing_log_lines,
+)
+
+Say = Callable[[str], None]
+MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kube-flannel.yml"
+
+
+class KubeLab:
+    """A running --kubernetes lab: its cluster, kubectl, flannel, probe pods."""
+
+    def __init__(self, cluster: Cluster, backend: str) -> None:
+        self.cluster, self.backend = cluster, backend
+        store = cluster.store
+        assert isinstance(store, KubeletLabStore)
+        assert store.cp is not None and store.kubeconfig is not None
+        assert cluster.switch is not None
+        self.store = store
+        self.kubectl = Kubectl(cluster.switch, store.kubeconfig)
+        self.flannel = FlannelDeployment(cluster, self.kubectl,
+                                         (str(cluster.switch_addr), store.cp.api.port))
+        self.probes = ProbePods(cluster, self.kubectl)
+
+    @property
+    def workdir(self) -> Path:
+        return self.cluster.workdir
+
+    def close(self) -> None:
+        for p in self.probes.pods.values():
+            if p.server is not None:
+                p.server.kill()
+        self.cluster.close()
+
+
+def build(name: str, opts: dict[str, Any], state_path: Path, say: Say) -> KubeLab:
+    missing = kube_binaries_missing()
+    if missing:
+        raise ValueError(f"--kubernetes needs {', '.join(missing)}: run "
+                         "scripts/build-kubernetes.sh as root (once per machine)")
+    nodes = int(opts.get("nodes", 2))
+    backend = str(opts.get("backend", "host-gw"))
+    if backend not in ("host-gw", "vxlan"):
+        raise ValueError(f"--backend must be host-gw or vxlan, not {backend!r}")
+    say(f"Building a {nodes}-node Kubernetes v1.20.2 cluster (containerd + kubelet per "
+        "node) in namespaces; the machine's own network and sysctls are not touched.")
+    t0 = time.monotonic()
+    cl = build_cluster(name, nodes, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}},
+                       state_path, say)
+    lab = KubeLab(cl, backend)
+    try:
+        say(f"  {nodes} kubelets started {time.monotonic() - t0:.1f} s after the start")
+        if opts.get("deploy", True):
+            deploy(lab, say)
+        else:
+            say("The nodes stay NotReady until flannel's init containers install the CNI "
+                "config. Next: pyflannel lab kubectl create -f <kube-flannel.yml>")
+        return lab
+    except BaseException:
+        lab.close()
+        raise
+
+
+def deploy(lab: KubeLab, say: Say) -> None:
+    fl = lab.flannel
+    if lab.backend == "host-gw":
+        say("$ sed 's/vxlan/host-gw/' -i kube-flannel.yml")
+    say(f"  (no kube-proxy here: the container gets KUBERNETES_SERVICE_HOST={fl.api[0]} "
+        f"KUBERNETES_SERVICE_PORT={fl.api[1]})")
+    path = fl.create(MANIFEST, lab.backend)
+    say(f"$ kubectl create -f {path}")
+    took = fl.wait_ready()
+    say(f"  every node Ready, one Running+Ready flannel pod per node and every route in "
+        f"place {took:.1f} s after kubectl create")
+
+
+def show(lab: KubeLab, say: Say) -> int:
+    rc = 0
+    for args in (("get", "nodes", "-o", "wide"), ("get", "pods", "-n", FLANNEL_NS, "-o", "wide")):
+        say(f"$ kubectl {' '.join(args)}")
+        for line in lab.kubectl.run(*args, check=False).stdout.splitlines():
+            say("  " + line)
+    pods = lab.flannel.pods()
+    if pods:
+        node, pod = sorted(pods.items())[0]
+        name = pod["metadata"]["name"]
+        say(f"$ kubectl logs -n {FLANNEL_NS} {name}")
+        log = lab.flannel.logs(name)
+        for line in log.splitlines()[:40]:
+            say("  " + line)
+        backend = lab.cluster.netconf.get("Backend", {}).get("Type", lab.backend)
+        missing = missing_log_lines(log, node, backend)
+        if missing:
+            rc = 1
+            say(f"  missing from the log: {missing}")
+        for n in lab.cluster.nodes.values():
+            say(f"$ pyflannel lab exec {n.name} -- ip route show")
+            for line in n.routes().splitlines():
+                say("  " + line)
+        for node, (used, req) in sorted(lab.flannel.memory().items()):
+            say(f"  flannel pod memory on {node}: {used / 2**20:.1f} MiB (cgroup) against "
+                f"a request of {req}")
+    return rc
+
+
+def _node_ip(lab: KubeLab, pod: str) -> str:
+    node = lab.probes.pods[pod].node
+    return next(str(n.addr) for n in lab.cluster.nodes.values() if n.name == node)
+
+
+def command(lab: KubeLab, cmd: str, req: dict[str, Any], say: Say) -> int:
+    if cmd == "show":
+        return show(lab, say)
+    if cmd == "add-node":
+        n = add_node(lab.cluster, say)
+        took = lab.flannel.wait_ready()
+        say(f"  {n.name} joined: Ready and routed everywhere ({took:.1f} s)")
+        return 0
+    if cmd == "pods":
+        took = lab.probes.start()
+        say(f"  a probe pod on every node in {took:.1f} s")
+        out = lab.cluster.outside or lab.cluster.add_outside_host()
+        ips = {p.name: p.ip for p in lab.probes.pods.values()}
+        for p in lab.probes.pods.values():
+            say(f"  {p.name} on {p.node}: {p.ip}")
+        say(f"  outside host (not in the cluster): {out.addr}")
+        rc = 0
+        for (a, b), seen in sorted(lab.probes.matrix(str(out.addr)).items()):
+            ok = seen == ips[a] if b != "outside" else seen == _node_ip(lab, a)
+            rc |= 0 if ok else 1
+            say(f"  {a} -> {b}: seen as {seen}{'' if ok else '   <-- unexpected'}")
+        return rc
+    raise ValueError(f"command {cmd!r} is not available in a --kubernetes lab "
+                     "(show, add-node, pods, kubectl, exec, down)")
