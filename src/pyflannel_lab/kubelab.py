@@ -177,7 +177,7 @@ class KubeletLabStore:
                 kn.stop()
             kn.host.stop()
         self.nodes.clear()
-        remove_cgroups(f"{self.lab_name}-")
+        remove_cgroups(f"{self.lab_name}-*")
         if self.cp is not None:
             self.cp.close()
             self.cp = None
@@ -188,10 +188,16 @@ class KubeletLabStore:
 
 
 def flannel_image(out: Path) -> Path:
-    """The pyflannel image the manifest names, as an OCI archive."""
-    from pyflannel_lab.standin import standin_image
+    """The pyflannel image the manifest names, as an OCI archive: the verified build when
+    this tree has the image builder, else the stand-in."""
+    try:
+        from pyflannel_lab.image import ensure_verified
+    except ImportError:
+        from pyflannel_lab.standin import standin_image
 
-    return standin_image(out)
+        return standin_image(out)
+    archive: Path = ensure_verified().archive
+    return archive
 
 
 def _remove_mountpoints_unless_shared(created: list[str], state_path: Path) -> None:
@@ -225,7 +231,7 @@ def remove_leftovers(state_path: Path) -> list[str]:
                 os.kill(int(pid), signal.SIGKILL)
                 done.append(f"killed {what} ({pid})")
     if name:
-        n = remove_cgroups(f"{name}-")
+        n = remove_cgroups(f"{name}-*")
         if n:
             done.append(f"removed {n} cgroup tree(s)")
     for d in st.get("dirs", []):

@@ -101,10 +101,10 @@ def make_cgroup(name: str) -> None:
                 (d / f).write_text((Path(mnt) / f).read_text())
 
 
-def remove_cgroups(prefix: str, timeout: float = 10) -> int:
-    """Kills every process in cgroups `/<prefix>*` of every hierarchy (only the lab's own
-    pods can be there: the name carries a random part) and removes those cgroups."""
-    roots = [d for _, _, mnt in cgroup_mounts() for d in Path(mnt).glob(f"{prefix}*")
+def remove_cgroups(pattern: str, timeout: float = 10) -> int:
+    """Kills every process in the cgroups `/<pattern>` (a glob) of every hierarchy (only
+    the lab's own pods can be there: its names carry a random part) and removes them."""
+    roots = [d for _, _, mnt in cgroup_mounts() for d in Path(mnt).glob(pattern)
              if d.is_dir()]
     deadline = time.monotonic() + timeout
     while True:
