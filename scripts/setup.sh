@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iptables nftables etcd-server etcd-client containernetworking-plugins
-              iperf3 openssl procps kmod python3-venv librsvg2-bin containerd runc)
+              iperf3 openssl procps kmod python3-venv librsvg2-bin containerd runc
+              mmdebstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

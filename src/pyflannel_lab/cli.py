@@ -32,8 +32,10 @@ def _lab(args: argparse.Namespace) -> int:
     if cmd == "down":
         return session.down(label)
     req: dict[str, object] = {"cmd": {"show": "show"}.get(cmd, cmd)}
-    if cmd == "remove-node":
+    if cmd in ("remove-node", "reboot", "replace-flannel"):
         req["node"] = args.node
+    if cmd == "rolling-update":
+        req["tag"] = args.tag
     if cmd == "graph":
         req["out"] = str(Path(args.out).resolve())
     return session.request(label, req)
@@ -96,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --kubernetes: stop before `kubectl create` (type the "
                     "walk-through yourself with `lab kubectl` and `lab exec`)")
     up.set_defaults(func=_lab)
+    for name, what in (("reboot", "--kubernetes: a node reboots (everything on it stops, its "
+                        "routes and devices go); its routes come back by themselves"),
+                       ("replace-flannel", "--kubernetes: delete a node's flannel pod; the "
+                        "DaemonSet's new one takes over with no peer route removed")):
+        p = labsub.add_parser(name, help=what)
+        p.add_argument("node", help="e.g. node2")
+        p.set_defaults(func=_lab)
+    ru = labsub.add_parser("rolling-update", help="--kubernetes: the DaemonSet moves to a new "
+                           "image tag while pods keep TCP connections open (counted)")
+    ru.add_argument("--tag", default="v0.1.1", help="the new tag (default v0.1.1)")
+    ru.set_defaults(func=_lab)
     labsub.add_parser("pods", help="--kubernetes: an ordinary pod on every node; who reaches "
                       "whom, and with which source address").set_defaults(func=_lab)
     kc = labsub.add_parser("kubectl", help="kubectl with the --kubernetes lab's kubeconfig")

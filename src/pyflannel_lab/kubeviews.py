@@ -11,6 +11,7 @@ from typing import Any
 from pyflannel_lab.cluster import Cluster
 from pyflannel_lab.controlplane import kube_binaries_missing
 from pyflannel_lab.kubelab import KubeletLabStore, add_node, build_cluster
+from pyflannel_lab.lifecycle import NodeLife, RouteWatch, TcpWatch, wait_routes
 from pyflannel_lab.walkthrough import (
     FLANNEL_NS,
     FlannelDeployment,
@@ -37,6 +38,7 @@ class KubeLab:
         self.flannel = FlannelDeployment(cluster, self.kubectl,
                                          (str(cluster.switch_addr), store.cp.api.port))
         self.probes = ProbePods(cluster, self.kubectl)
+        self.life = NodeLife(cluster, self.kubectl)
 
     @property
     def workdir(self) -> Path:
@@ -146,5 +148,52 @@ def command(lab: KubeLab, cmd: str, req: dict[str, Any], say: Say) -> int:
             rc |= 0 if ok else 1
             say(f"  {a} -> {b}: seen as {seen}{'' if ok else '   <-- unexpected'}")
         return rc
-    raise ValueError(f"command {cmd!r} is not available in a --kubernetes lab "
-                     "(show, add-node, pods, kubectl, exec, down)")
+    if cmd in ("remove-node", "reboot", "replace-flannel"):
+        return _node_event(lab, cmd, str(req.get("node", "")), say)
+    if cmd == "rolling-update":
+        tcp = _tcp_watch(lab)
+        t0 = time.monotonic()
+        lab.life.rolling_update(str(req.get("tag", "v0.1.1")))
+        alive = tcp.finish()
+        say(f"  rolled out in {time.monotonic() - t0:.1f} s; established pod-to-pod TCP "
+            f"connections still answering: {alive} of {tcp.n}")
+        return 0 if alive == tcp.n else 1
+    raise ValueError(f"command {cmd!r} is not available in a --kubernetes lab (show, "
+                     "add-node, remove-node, reboot, replace-flannel, rolling-update, pods, "
+                     "kubectl, exec, down)")
+
+
+def _tcp_watch(lab: KubeLab) -> TcpWatch:
+    if not lab.probes.pods:
+        lab.probes.start()
+    a, b = list(lab.probes.pods.values())[:2]
+    tcp = TcpWatch(a.net, b.net, b.ip)
+    tcp.start()
+    return tcp
+
+
+def _node_event(lab: KubeLab, cmd: str, name: str, say: Say) -> int:
+    nodes = {n.name: n for n in lab.cluster.nodes.values()}
+    if name not in nodes:
+        raise ValueError(f"node must be one of {', '.join(sorted(nodes))}, not {name!r}")
+    node = nodes[name]
+    t0 = time.monotonic()
+    if cmd == "remove-node":
+        lab.life.drain_and_delete(node)
+        took = wait_routes(lab.cluster)
+        say(f"  {name} drained and deleted; its route is gone everywhere "
+            f"({time.monotonic() - t0:.1f} s)")
+        return 0
+    if cmd == "reboot":
+        lab.life.reboot(node)
+        say(f"  {name} rebooted (processes, /run, routes, devices gone); containerd and "
+            "kubelet started again")
+        took = lab.flannel.wait_ready()
+        say(f"  routes and pods back {time.monotonic() - t0:.1f} s after the reboot")
+        return 0
+    with RouteWatch(lab.cluster) as watch:
+        old = lab.life.replace_flannel_pod(node)
+        took = lab.flannel.wait_ready()
+    say(f"  {old} deleted; the DaemonSet's new pod is Ready after {took:.1f} s; "
+        f"peer routes missing meanwhile: {watch.gaps or 'none'}")
+    return 0 if not watch.gaps else 1

@@ -130,10 +130,13 @@ class FlannelDeployment:
         return out
 
     def pods(self) -> dict[str, dict[str, Any]]:
-        """node name -> its flannel pod (the newest, if a replacement is starting)."""
+        """node name -> its flannel pod (the newest, if a replacement is starting; pods
+        being deleted do not count)."""
         out: dict[str, dict[str, Any]] = {}
         for p in self.kubectl.json("get", "pods", "-n", FLANNEL_NS, "-l", "app=flannel")["items"]:
             node = p["spec"].get("nodeName")
+            if p["metadata"].get("deletionTimestamp"):
+                continue
             if node and (node not in out or p["metadata"]["creationTimestamp"] >=
                          out[node]["metadata"]["creationTimestamp"]):
                 out[node] = p
@@ -219,18 +222,28 @@ class ProbePods:
     def __init__(self, cluster: Cluster, kubectl: Kubectl) -> None:
         self.cluster, self.kubectl = cluster, kubectl
         self.pods: dict[str, ProbePod] = {}
+        self.created = 0
 
     def start(self, timeout: float = 120) -> float:
         t0 = time.monotonic()
         for n in self.cluster.nodes.values():
             self.kubectl.run("create", "-f", "-", input=json.dumps(_probe_pod(n)))
+            self.created += 1
+        self.attach(timeout)
+        return time.monotonic() - t0
+
+    def attach(self, timeout: float = 120) -> None:
+        """(Re)starts the whoami services once every probe pod runs (again: a rebooted
+        node's pods come back in new network namespaces)."""
         wait_for(self._all_running, timeout, "probe pods Running",
                  lambda: self.kubectl.run("get", "pods", "-o", "wide", check=False).stdout)
+        for old in self.pods.values():
+            stop_process(old.server, grace=1)
+        self.pods.clear()
         for p in self.kubectl.json("get", "pods", "-l", "app=probe")["items"]:
             name, uid = p["metadata"]["name"], p["metadata"]["uid"]
-            pid = _pod_pid(uid)
             pod = ProbePod(name, p["spec"]["nodeName"], p["status"]["podIP"],
-                           PodNetwork(name, pid))
+                           PodNetwork(name, _pod_pid(uid)))
             pod.server = subprocess.Popen(
                 pod.net.exec_args(sys.executable, "-I", "-S", "-c", WHOAMI_SERVER, pod.ip,
                                   str(WHOAMI_PORT)),
@@ -238,12 +251,12 @@ class ProbePods:
             assert pod.server.stdout is not None
             pod.server.stdout.readline()
             self.pods[name] = pod
-        return time.monotonic() - t0
 
     def _all_running(self) -> bool:
         items = self.kubectl.json("get", "pods", "-l", "app=probe")["items"]
-        return len(items) == len(self.cluster.nodes) and all(
+        return len(items) == self.created and all(
             p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
+            and all(c.get("ready") for c in p["status"].get("containerStatuses", [{}]))
             for p in items)
 
     def matrix(self, outside: str | None = None) -> dict[tuple[str, str], str]:
