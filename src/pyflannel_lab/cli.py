@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "routes and devices go); its routes come back by themselves"),
                        ("replace-flannel", "--kubernetes: delete a node's flannel pod; the "
                         "DaemonSet's new one takes over with no peer route removed")):
-        p = labsub.add_parser(name, help=what)
-        p.add_argument("node", help="e.g. node2")
-        p.set_defaults(func=_lab)
+        ev = labsub.add_parser(name, help=what)
+        ev.add_argument("node", help="e.g. node2")
+        ev.set_defaults(func=_lab)
     ru = labsub.add_parser("rolling-update", help="--kubernetes: the DaemonSet moves to a new "
                            "image tag while pods keep TCP connections open (counted)")
     ru.add_argument("--tag", default="v0.1.1", help="the new tag (default v0.1.1)")

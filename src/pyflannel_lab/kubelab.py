@@ -234,8 +234,9 @@ def remove_leftovers(state_path: Path) -> list[str]:
         n = remove_cgroups(f"{name}-*")
         if n:
             done.append(f"removed {n} cgroup tree(s)")
-    for d in st.get("dirs", []):
-        shutil.rmtree(d, ignore_errors=True)
+    for d in [*st.get("dirs", []), st.get("workdir") or ""]:
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
     _remove_mountpoints_unless_shared(list(st.get("mountpoints", [])), state_path)
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()
