@@ -3,6 +3,9 @@
 Measures, inside a throw-away node namespace with one pod namespace:
 - ADD+DEL through our plugin (which delegates to the real bridge + host-local), and
   ADD+DEL of the real bridge given the very config our plugin renders, interleaved;
+- the same through the plugin installed with its own runtime (what the image's
+  `pyflannel install-cni` writes: copied interpreter, loader and libraries), made here
+  from this machine's Debian python3.11 when it and patchelf are present;
 - start-up alone: `python -I -S plugin` answering VERSION, against the Go `bridge`
   answering VERSION and a bare `python -I -S -c pass`.
 Prints medians, the overhead in ms and as a ratio. Needs root.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyflannel.cni.install import install_plugin
+from pyflannel.cni.install import PLUGIN_SOURCE, install_plugin, install_plugin_with_runtime
+from pyflannel_lab.image.pylayer import build_cni_runtime, host_plugin_modules
 from pyflannel_lab.netns import NetNamespace
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -57,12 +62,18 @@ def inner(args: argparse.Namespace) -> None:
     bridge_stdin = (tmp / "flannel" / "bench").read_bytes()
     timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "DEL"})
     bridge = str(CNI_BIN / "bridge")
+    bundled = tmp / "rbin" / "flannel"
 
     via_flannel: list[float] = []
+    via_bundled: list[float] = []
     direct: list[float] = []
-    for _ in range(args.n):  # interleaved, so drift in machine load hits both alike
+    for _ in range(args.n):  # interleaved, so drift in machine load hits all alike
         via_flannel.append(timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "ADD"})
                            + timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "DEL"}))
+        if bundled.exists():
+            via_bundled.append(
+                timed([str(bundled)], flannel_stdin, {**env, "CNI_COMMAND": "ADD"})
+                + timed([str(bundled)], flannel_stdin, {**env, "CNI_COMMAND": "DEL"}))
         direct.append(timed([bridge], bridge_stdin, {**env, "CNI_COMMAND": "ADD"})
                       + timed([bridge], bridge_stdin, {**env, "CNI_COMMAND": "DEL"}))
 
@@ -70,8 +81,12 @@ def inner(args: argparse.Namespace) -> None:
     venv = {"PATH": os.environ["PATH"], "CNI_COMMAND": "VERSION"}
     startup: dict[str, list[float]] = {"plugin VERSION": [], "bridge VERSION": [],
                                        "python -I -S -c pass": []}
+    if bundled.exists():
+        startup["bundled plugin VERSION"] = []
     for _ in range(args.n):
         startup["plugin VERSION"].append(timed([flannel], version, venv))
+        if bundled.exists():
+            startup["bundled plugin VERSION"].append(timed([str(bundled)], version, venv))
         startup["bridge VERSION"].append(timed([bridge], version, venv))
         startup["python -I -S -c pass"].append(
             timed([args.python, "-I", "-S", "-c", "pass"], b"", venv))
@@ -84,6 +99,10 @@ def inner(args: argparse.Namespace) -> None:
     print(f"ADD+DEL bridge direct          {ms(direct):7.1f} ms")
     print(f"  overhead                     {ms(via_flannel) - ms(direct):7.1f} ms  "
           f"ratio {ms(via_flannel) / ms(direct):.2f}x")
+    if via_bundled:
+        print(f"ADD+DEL via bundled runtime    {ms(via_bundled):7.1f} ms")
+        print(f"  overhead                     {ms(via_bundled) - ms(direct):7.1f} ms  "
+              f"ratio {ms(via_bundled) / ms(direct):.2f}x")
     for name, samples in startup.items():
         print(f"start-up: {name:22} {ms(samples):7.1f} ms")
     plugin_startup = ms(startup["plugin VERSION"])
@@ -101,6 +120,10 @@ def outer(args: argparse.Namespace) -> None:
         pod = NetNamespace.create("pfbpod")
         with tempfile.TemporaryDirectory(prefix="cni-bench-") as tmp:
             install_plugin(Path(tmp) / "bin", python=args.python)
+            if Path("/usr/bin/python3.11").exists() and shutil.which("patchelf"):
+                runtime = Path(tmp) / "cni-runtime"
+                build_cni_runtime(Path("/"), runtime, host_plugin_modules(PLUGIN_SOURCE))
+                install_plugin_with_runtime(Path(tmp) / "rbin", runtime=runtime)
             (Path(tmp) / "subnet.env").write_text(SUBNET_ENV)
             subprocess.run(node.exec_args(sys.executable, __file__, "--inner", "--pod",
                                           pod.path, "--tmp", tmp, "-n", str(args.n),

@@ -9,10 +9,15 @@ from pathlib import Path
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    from pyflannel.cni.install import install_plugin
+    from pyflannel.cni.install import install_plugin, install_plugin_with_runtime
 
-    path = install_plugin(Path(args.dest))
-    print(f"installed {path}")
+    if args.python:
+        path = install_plugin(Path(args.dest), python=args.python)
+        print(f"installed {path} (runs under {args.python})")
+        return 0
+    path = install_plugin_with_runtime(Path(args.dest), Path(args.runtime),
+                                       Path(args.host_dir) if args.host_dir else None)
+    print(f"installed {path} with its own runtime (needs no Python on the host)")
     return 0
 
 
@@ -34,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "them (--check); takes flanneld's flags; --help for more")
     inst = sub.add_parser("install-cni", help="install the flannel CNI plugin executable")
     inst.add_argument("--dest", default="/opt/cni/bin", help="directory (default /opt/cni/bin)")
+    inst.add_argument("--host-dir", help="where the host sees --dest, if not at the same path")
+    inst.add_argument("--runtime", default="/usr/lib/pyflannel/cni-runtime",
+                      help="the self-contained runtime to copy (the image has it here)")
+    inst.add_argument("--python", help="instead of a runtime, run the plugin under this "
+                      "interpreter of the host (an absolute path)")
     inst.set_defaults(func=_install_cni)
     conf = sub.add_parser("install-conf", help="copy a CNI config atomically (temp + rename)")
     conf.add_argument("src")

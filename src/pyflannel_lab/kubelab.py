@@ -4,7 +4,7 @@ The network is the lab's usual one (cluster.py: a switch namespace with the segm
 bridge, node namespaces with eth0, an outside host); the lab's store here is a real control
 plane (controlplane.py) and every node is a real one: its own namespaces (nodehost.py),
 containerd (containerd.py) and kubelet (kubelet.py), with the pause image (and the
-pyflannel image, once there is one) imported. Nothing runs flanneld by hand: that is
+verified pyflannel image) imported. Nothing runs flanneld by hand: that is
 `kubectl create -f kube-flannel.yml`'s job (walkthrough.py).
 
 What is created is recorded in `<state dir>/kube.json` before it is created, so
@@ -131,7 +131,7 @@ class KubeletLabStore:
         self.cp.start()
         self.kubeconfig = self.cp.admin_kubeconfig(cluster.workdir / "admin.kubeconfig")
         self.images = [pause_image(cluster.workdir / "pause.oci.tar"),
-                       flannel_image(cluster.workdir / "pyflannel.oci.tar")]
+                       flannel_image()]
         self.save()
 
     def put_netconf(self, netconf: dict[str, Any]) -> None:
@@ -187,15 +187,11 @@ class KubeletLabStore:
             self.state_path.unlink()
 
 
-def flannel_image(out: Path) -> Path:
-    """The pyflannel image the manifest names, as an OCI archive: the verified build when
-    this tree has the image builder, else the stand-in."""
-    try:
-        from pyflannel_lab.image import ensure_verified
-    except ImportError:
-        from pyflannel_lab.standin import standin_image
+def flannel_image() -> Path:
+    """The pyflannel image the manifest names, as an OCI archive that passed verify()
+    (built once per source state and signed with this machine's lab key)."""
+    from pyflannel_lab.image import ensure_verified
 
-        return standin_image(out)
     archive: Path = ensure_verified().archive
     return archive
 

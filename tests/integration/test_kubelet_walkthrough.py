@@ -4,8 +4,8 @@ its own containerd and kubelet; `kubectl create -f deploy/kube-flannel.yml` (aft
 walk-through's sed for host-gw; as shipped for vxlan), pods on every node, and the
 machine left exactly as it was (kubelet must not change kernel.panic and friends).
 
-Needs root and the binaries of scripts/build-kubernetes.sh (and mmdebstrap for the
-stand-in image); about two minutes per backend on two busy cores.
+Needs root and the binaries of scripts/build-kubernetes.sh (and what scripts/image.sh needs
+for the verified image, built once per source state); about 90 s per backend on two cores.
 """
 
 from __future__ import annotations

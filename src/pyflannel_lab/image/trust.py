@@ -1,0 +1,194 @@
+"""Signing an image archive and checking it before use.
+
+The signature is a containers "simple signing" signature (`skopeo standalone-sign`) of
+the manifest digest and the image's reference, by a gpg key the operator names; it is
+written beside the archive as `<archive>.sig`. The same signature verifies after a push
+(`skopeo copy --sign-by` makes the same kind for a registry).
+
+verify() is the gate the lab and the tests go through before importing an image:
+1. every blob in the archive matches its digest and size, and the manifest names only
+   blobs that are there (a changed byte in any layer is caught here);
+2. the archive has a signature;
+3. the trust policy holds: the signature is by the given public key (checked in a
+   throw-away GNUPGHOME holding only that key), over this manifest digest, for exactly
+   this reference. policy_json() writes that policy in containers-policy.json(5) form,
+   for skopeo/podman when pulling from a registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from pyflannel_lab.image.oci import CONTAINERD_NAME
+
+
+class ImageVerificationError(RuntimeError):
+    """The archive must not be used; the message says why."""
+
+
+def signature_path(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".sig")
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ImageVerificationError(f"{tool} is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+def read_archive(archive: Path) -> tuple[str, bytes, str]:
+    """Check every blob of the archive; return (manifest digest, manifest, reference)."""
+    if not archive.is_file():
+        raise ImageVerificationError(f"{archive}: no such file")
+    try:
+        with tarfile.open(archive) as tar:
+            blobs: dict[str, int] = {}
+            index: bytes | None = None
+            for member in tar:
+                f = tar.extractfile(member) if member.isfile() else None
+                if f is None:
+                    continue
+                if member.name == "index.json":
+                    index = f.read()
+                elif member.name.startswith("blobs/sha256/"):
+                    want = member.name.removeprefix("blobs/sha256/")
+                    digest = hashlib.sha256()
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                    if digest.hexdigest() != want:
+                        raise ImageVerificationError(
+                            f"{archive}: blob sha256:{want} does not match its digest (it is "
+                            f"sha256:{digest.hexdigest()}): the archive was changed")
+                    blobs["sha256:" + want] = member.size
+            if index is None:
+                raise ImageVerificationError(f"{archive}: no index.json: not an OCI archive")
+            manifests = json.loads(index)["manifests"]
+            if len(manifests) != 1:
+                raise ImageVerificationError(f"{archive}: expected one image, index.json "
+                                             f"lists {len(manifests)}")
+            entry = manifests[0]
+            member = tar.getmember("blobs/sha256/" + entry["digest"].removeprefix("sha256:"))
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            manifest = extracted.read()
+    except (tarfile.TarError, KeyError, ValueError, OSError) as exc:
+        if isinstance(exc, ImageVerificationError):
+            raise
+        raise ImageVerificationError(f"{archive}: not a readable OCI archive: {exc}") from None
+    parsed = json.loads(manifest)
+    for i, desc in enumerate([parsed["config"], *parsed["layers"]]):
+        what = "config" if i == 0 else f"layer {i}"
+        if blobs.get(desc["digest"]) != desc["size"]:
+            raise ImageVerificationError(f"{archive}: {what} {desc['digest']} is missing or "
+                                         "has the wrong size")
+    reference = entry.get("annotations", {}).get(CONTAINERD_NAME)
+    if not isinstance(reference, str):
+        raise ImageVerificationError(f"{archive}: index.json names no image reference")
+    return entry["digest"], manifest, reference
+
+
+def sign(archive: Path, fingerprint: str, *, gnupghome: Path | None = None,
+         passphrase_file: Path | None = None) -> Path:
+    """Sign the archive's manifest and reference with the gpg key `fingerprint`."""
+    _, manifest, reference = read_archive(archive)
+    out = signature_path(archive)
+    env = dict(os.environ)
+    if gnupghome is not None:
+        env["GNUPGHOME"] = str(gnupghome)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest_file = Path(tmp) / "manifest.json"
+        manifest_file.write_bytes(manifest)
+        argv = [_need("skopeo"), "standalone-sign", str(manifest_file), reference,
+                fingerprint, "--output", str(out)]
+        if passphrase_file is not None:
+            argv += ["--passphrase-file", str(passphrase_file)]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageVerificationError(f"signing with key {fingerprint} failed: "
+                                     f"{proc.stderr.strip()}")
+    return out
+
+
+def key_fingerprints(pubkey: Path, gnupghome: Path) -> list[str]:
+    proc = subprocess.run([_need("gpg"), "--homedir", str(gnupghome), "--batch",
+                           "--with-colons", "--import-options", "show-only", "--import",
+                           str(pubkey)], capture_output=True, text=True)
+    fprs: list[str] = []
+    previous = ""
+    for line in proc.stdout.splitlines():
+        fields = line.split(":")
+        if fields[0] == "fpr" and previous == "pub":
+            fprs.append(fields[9])
+        previous = fields[0] if fields[0] in ("pub", "sub") else previous
+    if proc.returncode != 0 or not fprs:
+        raise ImageVerificationError(f"{pubkey}: not a gpg public key "
+                                     f"({proc.stderr.strip() or 'no key in it'})")
+    return fprs
+
+
+def verify(archive: Path, pubkey: Path, *, signature: Path | None = None,
+           reference: str | None = None) -> str:
+    """Check the archive against the policy "signed by `pubkey`, exactly `reference`"
+    (default: the reference the archive names); return the manifest digest."""
+    digest, manifest, named = read_archive(archive)
+    reference = reference or named
+    signature = signature or signature_path(archive)
+    if not signature.is_file():
+        raise ImageVerificationError(f"{archive} is not signed: no signature at {signature} "
+                                     "(sign it with `scripts/image.sh sign`)")
+    with tempfile.TemporaryDirectory(prefix="pf-verify-") as tmp:
+        home = Path(tmp) / "gnupg"
+        home.mkdir(mode=0o700)
+        fprs = key_fingerprints(pubkey, home)
+        subprocess.run([_need("gpg"), "--homedir", str(home), "--batch", "--quiet", "--import",
+                        str(pubkey)], check=True, capture_output=True)
+        manifest_file = Path(tmp) / "manifest.json"
+        manifest_file.write_bytes(manifest)
+        proc = subprocess.run([_need("skopeo"), "standalone-verify", str(manifest_file),
+                               reference, fprs[0], str(signature)],
+                              env={**os.environ, "GNUPGHOME": str(home)},
+                              capture_output=True, text=True)
+        # gpg-agent may have started for this home: stop it, it would outlive us.
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
+                       capture_output=True)
+    if proc.returncode != 0:
+        why = _why(proc.stderr, pubkey, fprs[0], reference)
+        raise ImageVerificationError(f"{archive} refused: {why}")
+    if digest not in proc.stdout:
+        raise ImageVerificationError(f"{archive} refused: skopeo verified "
+                                     f"{proc.stdout.strip()!r}, not {digest}")
+    return digest
+
+
+def _why(stderr: str, pubkey: Path, fingerprint: str, reference: str) -> str:
+    """One line from skopeo's error: which rule of the policy failed."""
+    found = re.search(r'msg="(.*?)"\s*$', stderr.strip(), re.S)
+    detail = (found.group(1) if found else stderr.strip()).replace('\\"', '"')
+    if "Invalid GPG signature" in detail or "not trusted" in detail or "key" in detail.lower():
+        signer = re.search(r'Fingerprint:"([0-9A-F]+)"', detail)
+        by = f"; it is signed by key {signer.group(1)}" if signer else ""
+        return f"it is not signed by the key in {pubkey} ({fingerprint}){by}"
+    if "does not match" in detail and "eference" in detail:
+        return f"the signature is for another name, not {reference}: {detail}"
+    if "igest" in detail:
+        return f"the signature is for another manifest: {detail}"
+    return f"the signature does not verify: {detail}"
+
+
+def policy_json(pubkey: Path, reference: str) -> dict[str, object]:
+    """containers-policy.json(5): accept `reference` only when signed by `pubkey`."""
+    name, _, tag = reference.rpartition(":")
+    repository = name if name and "/" not in tag else reference  # "host:port/x" has no tag
+    requirement = {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(pubkey),
+                   "signedIdentity": {"type": "matchRepository"}}
+    return {"default": [{"type": "reject"}],
+            "transports": {"docker": {repository: [requirement]}}}
