@@ -113,9 +113,9 @@ def show(lab: KubeLab, say: Say) -> int:
             say(f"$ pyflannel lab exec {n.name} -- ip route show")
             for line in n.routes().splitlines():
                 say("  " + line)
-        for node, (used, req) in sorted(lab.flannel.memory().items()):
-            say(f"  flannel pod memory on {node}: {used / 2**20:.1f} MiB (cgroup) against "
-                f"a request of {req}")
+        for node, (used, rss, req) in sorted(lab.flannel.memory().items()):
+            say(f"  flannel pod memory on {node}: {used / 2**20:.1f} MiB charged to its "
+                f"cgroup ({rss / 2**20:.1f} MiB RSS) against a request of {req}")
     return 0
 
 

@@ -168,16 +168,20 @@ class FlannelDeployment:
         return self.kubectl.run("logs", "-n", FLANNEL_NS, pod, "-c", "kube-flannel",
                                 check=False).stdout
 
-    def memory(self) -> dict[str, tuple[int, str]]:
-        """node -> (bytes the flannel pod's memory cgroup uses, the manifest's request)."""
+    def memory(self) -> dict[str, tuple[int, int, str]]:
+        """node -> (bytes the flannel pod's memory cgroup charges, of which RSS, the
+        manifest's request)."""
         out = {}
         for node, p in self.pods().items():
             uid = p["metadata"]["uid"]
             req = p["spec"]["containers"][0].get("resources", {}).get("requests", {})
-            used = 0
-            for f in (CGROUP_ROOT / "memory").glob(f"*/kubepods/*/pod{uid}/memory.usage_in_bytes"):
-                used = int(f.read_text())
-            out[node] = (used, str(req.get("memory", "-")))
+            used = rss = 0
+            for d in (CGROUP_ROOT / "memory").glob(f"*/kubepods/*/pod{uid}"):
+                used = int((d / "memory.usage_in_bytes").read_text())
+                stat = dict(line.split() for line in (d / "memory.stat").read_text()
+                            .splitlines())
+                rss = int(stat.get("total_rss", 0))
+            out[node] = (used, rss, str(req.get("memory", "-")))
         return out
 
 
