@@ -109,7 +109,7 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str,
 
 
 class FlannelDeployment:
-    """The DaemonSet's life in the lab: create(), wait_ready(), pods(), logs(), memory()."""
+    """The DaemonSet in the lab: create(), wait_ready(), pods(), logs(), memory()."""
 
     def __init__(self, cluster: Cluster, kubectl: Kubectl, api: tuple[str, int]) -> None:
         self.cluster, self.kubectl, self.api = cluster, kubectl, api
@@ -142,7 +142,7 @@ class FlannelDeployment:
                 out[node] = p
         return out
 
-    def all_ready(self) -> bool:
+    def _all_ready(self) -> bool:
         pods = self.pods()
         names = {n.name for n in self.cluster.nodes.values()}
         return (set(pods) == names and all(_ready(p) for p in pods.values())
@@ -152,7 +152,7 @@ class FlannelDeployment:
     def wait_ready(self, timeout: float = 240) -> float:
         """Seconds from `kubectl create` to every pod Ready, every node Ready and every
         route in place."""
-        wait_for(self.all_ready, timeout, "flannel Ready on every node", self._detail)
+        wait_for(self._all_ready, timeout, "flannel Ready on every node", self._detail)
         return time.monotonic() - self.created_at
 
     def _detail(self) -> str:
@@ -300,7 +300,3 @@ def _whoami(src: NetNamespace, dst: str, timeout: float = 3) -> str:
     out = src.run(sys.executable, "-I", "-S", "-c", WHOAMI_CLIENT, dst, str(WHOAMI_PORT),
                   str(timeout), check=False, timeout=timeout + 10)
     return out.stdout.strip()
-
-
-def routes_text(node: LabNode) -> str:
-    return node.routes()

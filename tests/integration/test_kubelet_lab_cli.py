@@ -17,18 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from kubelab_marks import KUBELET_LAB
 
-from pyflannel_lab.controlplane import kube_binaries_missing
 from pyflannel_lab.nodehost import CGROUP_ROOT, KUBELET_SYSCTLS, PRIVATE_DIRS, PRIVATE_FILES
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups, mounts)"),
-    pytest.mark.skipif(bool(kube_binaries_missing()),
-                       reason="Kubernetes binaries not cached: run "
-                       "scripts/build-kubernetes.sh as root"),
-]
+pytestmark = KUBELET_LAB
 
 
 def lab(label: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -10,21 +10,13 @@ Needs root and the binaries of scripts/build-kubernetes.sh; about four minutes.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 
 import pytest
+from kubelab_marks import KUBELET_LAB
 
-from pyflannel_lab.controlplane import kube_binaries_missing
-
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups, mounts)"),
-    pytest.mark.skipif(bool(kube_binaries_missing()),
-                       reason="Kubernetes binaries not cached: run "
-                       "scripts/build-kubernetes.sh as root"),
-]
+pytestmark = KUBELET_LAB
 
 
 @pytest.fixture(scope="module")

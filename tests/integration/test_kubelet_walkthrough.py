@@ -10,7 +10,6 @@ for the verified image, built once per source state); about 90 s per backend on 
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -18,18 +17,11 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from kubelab_marks import KUBELET_LAB
 
-from pyflannel_lab.controlplane import kube_binaries_missing
 from pyflannel_lab.nodehost import CGROUP_ROOT, KUBELET_SYSCTLS, PRIVATE_DIRS, PRIVATE_FILES
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups, mounts)"),
-    pytest.mark.skipif(bool(kube_binaries_missing()),
-                       reason="Kubernetes binaries not cached "
-                       f"({', '.join(kube_binaries_missing())}): run "
-                       "scripts/build-kubernetes.sh as root"),
-]
+pytestmark = KUBELET_LAB
 
 # The kubelet settings the machine must keep (pitfall 4 of the fact sheet).
 GLOBAL_SYSCTLS = [Path("/proc/sys") / k for k in KUBELET_SYSCTLS]
