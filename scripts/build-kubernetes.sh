@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes real Kubernetes v1.20.2 binaries available for the kube-mode tests and the labs:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet (one `make`, which shares
-# the compile work) and the pause container's static binary. Built from Debian bookworm's own
+# the compile work), the pause container's static binary, and kubectl (Debian's package). Built from Debian bookworm's own
 # "kubernetes" source package (it ships vendor/, so no network is needed beyond apt) with
 # Debian's Go 1.19. The binaries are cached OUTSIDE the clone so a machine pays the build
 # (about 12-15 minutes on 2 cores) once; when the cache has them this script is a no-op.
@@ -17,6 +17,20 @@ have_all() {
   done
   [ -x "$CACHE_DIR/pause" ]
 }
+# kubectl v1.20.2 (matches the servers): Debian's kubernetes-client, unpacked into the cache
+# rather than installed, because another package may own /usr/bin/kubectl on the machine.
+if ! { [ -x "$CACHE_DIR/kubectl" ] && "$CACHE_DIR/kubectl" version --client 2>/dev/null | grep -q v1.20.2; }; then
+  KW=$(mktemp -d /var/tmp/pyflannel-kubectl.XXXXXX)
+  chmod 0755 "$KW"  # apt downloads as the _apt user
+  echo ">> fetching kubectl (kubernetes-client)"
+  ( cd "$KW" && apt-get download -qq kubernetes-client && dpkg-deb -x kubernetes-client_*.deb x )
+  mkdir -p "$CACHE_DIR"
+  cp "$KW/x/usr/bin/kubectl" "$CACHE_DIR/kubectl.tmp.$$"
+  chmod 0755 "$CACHE_DIR/kubectl.tmp.$$"
+  mv -f "$CACHE_DIR/kubectl.tmp.$$" "$CACHE_DIR/kubectl"
+  rm -rf "$KW"
+fi
+
 if have_all; then
   echo "$CACHE_DIR"
   exit 0

@@ -24,13 +24,18 @@ def _lab(args: argparse.Namespace) -> int:
     label = args.label
     cmd = args.lab_command
     if cmd == "up":
-        return session.up(label, {"nodes": args.nodes, "backend": args.backend,
-                                  "store": args.store})
+        opts: dict[str, object] = {"nodes": args.nodes, "backend": args.backend,
+                                   "store": args.store}
+        if args.kubernetes:
+            opts.update(kubernetes=True, deploy=not args.no_flannel)
+        return session.up(label, opts)
     if cmd == "down":
         return session.down(label)
     req: dict[str, object] = {"cmd": {"show": "show"}.get(cmd, cmd)}
-    if cmd == "remove-node":
+    if cmd in ("remove-node", "reboot", "replace-flannel"):
         req["node"] = args.node
+    if cmd == "rolling-update":
+        req["tag"] = args.tag
     if cmd == "graph":
         req["out"] = str(Path(args.out).resolve())
     return session.request(label, req)
@@ -41,6 +46,24 @@ def _lab_status(args: argparse.Namespace) -> int:
     from pyflannel_lab import session
 
     return session.request(args.label, {"cmd": "status"})
+
+
+def _lab_kube(args: argparse.Namespace) -> int:
+    """`lab kubectl ...` and `lab exec NODE -- CMD`: run here, not in the supervisor, so
+    their output and exit status are the command's own."""
+    import subprocess
+
+    from pyflannel_lab import kubelab, session
+
+    st = session.kube_state(args.label)
+    if args.lab_command == "kubectl":
+        argv = kubelab.kubectl_argv(st, *args.args)
+    else:
+        cmd = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+        if not cmd:
+            raise ValueError("exec: a command is expected after the node name")
+        argv = kubelab.node_exec_argv(st, args.node, *cmd)
+    return subprocess.run(argv).returncode
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
@@ -70,7 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     up = labsub.add_parser("up", help="build a cluster that stays up; then add-node, "
                            "remove-node, graph, status, down")
     _cluster_options(up)
+    up.add_argument("--kubernetes", action="store_true",
+                    help="real Kubernetes: control plane, a containerd + kubelet per node, "
+                    "flannel deployed with `kubectl create -f deploy/kube-flannel.yml`")
+    up.add_argument("--no-flannel", action="store_true",
+                    help="with --kubernetes: stop before `kubectl create` (type the "
+                    "walk-through yourself with `lab kubectl` and `lab exec`)")
     up.set_defaults(func=_lab)
+    for name, what in (("reboot", "--kubernetes: a node reboots (everything on it stops, its "
+                        "routes and devices go); its routes come back by themselves"),
+                       ("replace-flannel", "--kubernetes: delete a node's flannel pod; the "
+                        "DaemonSet's new one takes over with no peer route removed")):
+        ev = labsub.add_parser(name, help=what)
+        ev.add_argument("node", help="e.g. node2")
+        ev.set_defaults(func=_lab)
+    ru = labsub.add_parser("rolling-update", help="--kubernetes: the DaemonSet moves to a new "
+                           "image tag while pods keep TCP connections open (counted)")
+    ru.add_argument("--tag", default="v0.1.1", help="the new tag (default v0.1.1)")
+    ru.set_defaults(func=_lab)
+    labsub.add_parser("pods", help="--kubernetes: an ordinary pod on every node; who reaches "
+                      "whom, and with which source address").set_defaults(func=_lab)
+    kc = labsub.add_parser("kubectl", help="kubectl with the --kubernetes lab's kubeconfig")
+    kc.add_argument("args", nargs=argparse.REMAINDER, help="kubectl's arguments")
+    kc.set_defaults(func=_lab_kube)
+    ex = labsub.add_parser("exec", help="run a command on a --kubernetes lab node "
+                           "(its network, mount and UTS namespaces)")
+    ex.add_argument("node", help="e.g. node1")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.set_defaults(func=_lab_kube)
     labsub.add_parser("show", help="every node's routes and the reachability matrix"
                       ).set_defaults(func=_lab)
     labsub.add_parser("add-node", help="a new node joins; watch routes appear everywhere"

@@ -252,6 +252,8 @@ class KubeApiServer(OwnedProcess):
         self.log_path = self.dir / "kube-apiserver.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.admin: KubeAdmin | None = None
+        # More flags, for the kubelet lab (controlplane.py): set before start().
+        self.extra_args: list[str] = []
         self._make_credentials()
 
     @property
@@ -300,7 +302,7 @@ class KubeApiServer(OwnedProcess):
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--profiling=false", "--logtostderr=true", "-v=1")
+            "--profiling=false", "--logtostderr=true", "-v=1", *self.extra_args)
 
     def _spawn(self) -> None:
         with open(self.log_path, "ab") as log:

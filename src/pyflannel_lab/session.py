@@ -41,6 +41,22 @@ def state_file(label: str) -> Path:
     return STATE_DIR / f"{label}.json"
 
 
+def kube_state_path(label: str) -> Path:
+    """What a --kubernetes lab created (kubelab.py), for `lab kubectl/exec` and `down`."""
+    return STATE_DIR / label / "kube.json"
+
+
+def kube_state(label: str) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(kube_state_path(label).read_text())
+    except (OSError, ValueError):
+        raise LabError(f"no --kubernetes lab '{label}' is up (start one with "
+                       "`pyflannel lab up --kubernetes`)") from None
+    if not data.get("kubeconfig"):
+        raise LabError(f"lab '{label}' is still starting its control plane")
+    return data
+
+
 def socket_path(label: str) -> Path:
     return STATE_DIR / f"{label}.sock"
 
@@ -136,9 +152,15 @@ def down(label: str, say: Say = print) -> int:
             time.sleep(0.1)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+    from pyflannel_lab.kubelab import remove_leftovers as remove_kube_leftovers
+
+    for what in remove_kube_leftovers(kube_state_path(label)):
+        say(f"Left behind by a crash: {what}.")
     removed = remove_leftovers(str(st["name"]), st.get("workdir") or None)
     if removed:
         say(f"Removed {removed} namespace(s) left behind.")
+    with contextlib.suppress(OSError):
+        kube_state_path(label).parent.rmdir()
     for p in (state_file(label), socket_path(label), STATE_DIR / f"{label}.log"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -216,6 +238,14 @@ class Supervisor:
                     self.cluster.close()
                     self.cluster = None
                 rc, stop = 0, True
+            elif cmd == "up" and req.get("kubernetes"):
+                from pyflannel_lab import kubeviews
+
+                self.options = req
+                self.cluster = kubeviews.build(self.name, req, kube_state_path(self.label),
+                                               say)
+                self.save()
+                rc, stop = kubeviews.show(self.cluster, say), False
             elif cmd == "up":
                 self.options = req
                 self.cluster = views.build(self.name, req, say, on_created=self.save)
@@ -224,7 +254,13 @@ class Supervisor:
             else:
                 if self.cluster is None:
                     raise LabError("the lab is not built")
-                rc, stop = views.command(self.cluster, cmd, req, say), False
+                if self.options.get("kubernetes"):
+                    from pyflannel_lab import kubeviews
+
+                    rc = kubeviews.command(self.cluster, cmd, req, say)
+                else:
+                    rc = views.command(self.cluster, cmd, req, say)
+                stop = False
         except Exception as e:  # report it to the CLI; the lab stays as it is
             say(f"error: {e}")
             traceback.print_exc()

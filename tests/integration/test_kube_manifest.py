@@ -47,7 +47,7 @@ def test_manifest_shape_matches_upstream() -> None:
     assert by_kind(objs, "ClusterRole")["rules"] == by_kind(flannel_rbac_objects(),
                                                             "ClusterRole")["rules"]
     cm = by_kind(objs, "ConfigMap")["data"]
-    assert json.loads(cm["net-conf.json"])["Backend"]["Type"] == "host-gw"
+    assert json.loads(cm["net-conf.json"])["Backend"]["Type"] == "vxlan"  # as upstream's
     conflist = json.loads(cm["cni-conf.json"])
     assert [p["type"] for p in conflist["plugins"]] == ["flannel", "portmap"]
     pod = by_kind(objs, "DaemonSet")["spec"]["template"]["spec"]
