@@ -228,8 +228,8 @@ def test_host_gw_reports_peers_across_the_router_and_keeps_the_others() -> None:
                                 "--healthz-ip=127.0.0.1"]) as cl:
         n1, n2, n3 = (cl.nodes[i] for i in (1, 2, 3))
         cl.wait_until(lambda: direct(cl, n1, n2) and direct(cl, n2, n1)
-                      and "not reachable on this node's L2 segment" in n3.log()
-                      and "not reachable on this node's L2 segment" in n1.log(),
+                      and all("not reachable on this node's L2 segment" in n.log()
+                              for n in (n1, n2, n3)),
                       timeout=TIMEOUT, what="routes on the segment, peers across it reported")
         for node in (n1, n2):
             assert str(cl.subnet_of(n3)) not in node.routes()

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,8 +220,11 @@ def ensure_verified(lab_dir: Path = LAB_DIR, repo: Path = REPO_ROOT) -> Verified
     out = lab_dir / f"image-{key}"
     archive = out / f"pyflannel-{VERSION}.oci.tar"
     if not trust.signature_path(archive).is_file():
+        # Older builds go, but not one another process (a lab or test of another
+        # checkout) may be importing right now: only those unused for an hour.
         for old in lab_dir.glob("image-*"):
-            shutil.rmtree(old)
+            if old != out and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
         build(out, sign_key=fpr, gnupghome=home, repo=repo)
     digest = verify(archive, pubkey)
     meta = {"archive": str(archive), "digest": digest, "pubkey": str(pubkey)}

@@ -201,13 +201,13 @@ class EtcdClient:
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 # Nothing was sent: safe to try the next endpoint, even for writes.
                 self._leave(idx)
-                errors.append(f"{self.endpoints[idx]}: {e or type(e).__name__}")
+                errors.append(f"{self.endpoints[idx]}: {str(e) or type(e).__name__}")
                 continue
             except (httpx.HTTPError, OSError) as e:
                 # OSError covers ssl.SSLError: with TLS 1.3 a refused client certificate
                 # only shows up on the first read, past httpx's error mapping.
                 self._leave(idx)
-                why = f"{e or type(e).__name__}"
+                why = f"{str(e) or type(e).__name__}"
                 if path in _RETRYABLE and isinstance(e, httpx.TransportError):
                     errors.append(f"{self.endpoints[idx]}: {why}")
                     continue
@@ -409,7 +409,7 @@ class EtcdClient:
                 return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 self._leave(idx)
-                errors.append(f"{endpoint}: {e or type(e).__name__}")
+                errors.append(f"{endpoint}: {str(e) or type(e).__name__}")
                 continue
             except TimeoutError:
                 self._leave(idx)
@@ -427,7 +427,7 @@ class EtcdClient:
             except (httpx.HTTPError, OSError) as e:
                 self._leave(idx)
                 raise EtcdError(f"watch stream from {endpoint} broke: "
-                                f"{e or type(e).__name__}") from None
+                                f"{str(e) or type(e).__name__}") from None
         raise EtcdError(f"cannot reach etcd to watch ({'; '.join(errors)}); is etcd running?")
 
     @contextlib.contextmanager
@@ -456,7 +456,7 @@ class EtcdClient:
                 headers=self._headers(), timeout=WATCH_PROBE_TIMEOUT)
         except (httpx.HTTPError, OSError) as e:
             raise _MemberSilent(f"no answer to a probe in {WATCH_PROBE_TIMEOUT:.0f}s "
-                                f"({e or type(e).__name__})") from None
+                                f"({str(e) or type(e).__name__})") from None
         try:
             self._decode("kv/range", endpoint, resp)
         except _AuthRejected:
