@@ -48,6 +48,11 @@ class EtcdMember(EtcdServer):
         self.index = index
         self.fault_now: Fault | None = None
 
+    def _argv(self) -> list[str]:
+        # Pre-vote, as etcd 3.5 and later have by default: a member back from a partition
+        # does not force an election with the higher term it campaigned up to alone.
+        return [*super()._argv(), "--pre-vote"]
+
     def fault(self, kind: Fault) -> None:
         """Break this member: `kill`, `pause`, `partition` or `isolate` (see the module
         docstring)."""
