@@ -178,3 +178,26 @@ def test_member_fault_keeps_routes_and_leases_and_the_watch_resumes(
     cl.etcdctl("del", members(cl).lease_key(PROBE_SUBNET))
     cl.wait_until(cl.converged, timeout=TIMEOUT, what="the lease added mid-fault removed")
     no_tracebacks(cl)
+
+
+def test_lab_cleans_up_after_a_failure_mid_fault() -> None:
+    """A test failing while members are broken still leaves no namespace or process."""
+    store = EtcdClusterStore()
+    names: list[str] = []
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match="failed on purpose"), \
+            Cluster(nodes=1, name="pfhc", store=store) as cl:
+        ec = store.members
+        names = [m.netns.name for m in ec.members if m.netns is not None]
+        pids = [m.pid for m in ec.members if m.pid is not None]
+        assert len(names) == 3 and len(pids) == 3
+        ec.members[0].fault("pause")
+        ec.members[1].fault("partition")
+        ec.members[2].fault("isolate")
+        assert cl.nodes
+        raise RuntimeError("failed on purpose")
+    existing = set(os.listdir("/run/netns"))
+    assert not existing & set(names)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
