@@ -37,7 +37,7 @@ from pyflannel_lab.nodehost import (
     remove_cgroups,
     remove_mountpoints,
 )
-from pyflannel_lab.ociarchive import KUBE_CACHE, pause_image
+from pyflannel_lab.pauseimage import KUBE_CACHE, pause_image
 
 Say = Callable[[str], None]
 SYSTEM_CNI_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins

@@ -24,7 +24,7 @@ from typing import Any
 from pyflannel_lab.cluster import WHOAMI_CLIENT, WHOAMI_PORT, WHOAMI_SERVER, Cluster, LabNode
 from pyflannel_lab.netns import NetNamespace, stop_process
 from pyflannel_lab.nodehost import CGROUP_ROOT
-from pyflannel_lab.ociarchive import KUBE_CACHE, PAUSE_IMAGE
+from pyflannel_lab.pauseimage import KUBE_CACHE, PAUSE_IMAGE
 
 FLANNEL_NS = "kube-flannel"
 FLANNEL_DS = "kube-flannel-ds"
