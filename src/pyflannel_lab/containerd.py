@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pyflannel_lab.netns import OwnedProcess
 from pyflannel_lab.nodehost import NodeHost
-from pyflannel_lab.ociarchive import PAUSE_IMAGE
+from pyflannel_lab.pauseimage import PAUSE_IMAGE
 
 SOCKET = "/run/containerd/containerd.sock"
 CONTAINERD_BIN = "/usr/bin/containerd"

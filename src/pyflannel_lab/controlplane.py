@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyflannel_lab.kube import KubeApiServer, KubeApiServerError
 from pyflannel_lab.netns import NetNamespace, OwnedProcess, run
-from pyflannel_lab.ociarchive import KUBE_CACHE
+from pyflannel_lab.pauseimage import KUBE_CACHE
 
 CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"

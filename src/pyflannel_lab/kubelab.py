@@ -37,7 +37,7 @@ from pyflannel_lab.nodehost import (
     remove_cgroups,
     remove_mountpoints,
 )
-from pyflannel_lab.ociarchive import KUBE_CACHE, pause_image
+from pyflannel_lab.pauseimage import KUBE_CACHE, pause_image
 
 Say = Callable[[str], None]
 SYSTEM_CNI_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -197,11 +197,22 @@ def flannel_image() -> Path:
 
 
 def _remove_mountpoints_unless_shared(created: list[str], state_path: Path) -> None:
-    """Another kube lab's nodes may still mount over them: then they stay, and the last
-    lab down removes them (each records what it found missing)."""
+    """Another kube lab's nodes may still mount over them: then they stay, handed over in
+    a shared list that the last lab down removes with its own."""
+    shared = state_path.parent.parent / "kube-mountpoints.json"
+    try:
+        handed: list[str] = json.loads(shared.read_text())
+    except (OSError, ValueError):
+        handed = []
+    todo = sorted(set(created) | set(handed))
     others = [p for p in state_path.parent.parent.glob("*/kube.json") if p != state_path]
-    if not others:
-        remove_mountpoints(created)
+    if others:
+        if todo:
+            shared.write_text(json.dumps(todo))
+        return
+    remove_mountpoints(todo)
+    with contextlib.suppress(FileNotFoundError):
+        shared.unlink()
 
 
 def _is_ours(pid: int, name: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from pyflannel_lab.containerd import SOCKET
 from pyflannel_lab.netns import OwnedProcess
 from pyflannel_lab.nodehost import NodeHost
-from pyflannel_lab.ociarchive import KUBE_CACHE, PAUSE_IMAGE
+from pyflannel_lab.pauseimage import KUBE_CACHE, PAUSE_IMAGE
 
 
 def kubelet_config(*, ca: Path, cgroup_root: str, address: str,

@@ -128,8 +128,9 @@ def command(lab: KubeLab, cmd: str, req: dict[str, Any], say: Say) -> int:
     if cmd == "show":
         return show(lab, say)
     if cmd == "add-node":
+        t0 = time.monotonic()
         n = add_node(lab.cluster, say)
-        took = lab.flannel.wait_ready()
+        took = lab.flannel.wait_ready(since=t0)
         say(f"  {n.name} joined: Ready and routed everywhere ({took:.1f} s)")
         return 0
     if cmd == "pods":
@@ -178,7 +179,7 @@ def _node_event(lab: KubeLab, cmd: str, name: str, say: Say) -> int:
     t0 = time.monotonic()
     if cmd == "remove-node":
         lab.life.drain_and_delete(node)
-        took = wait_routes(lab.cluster)
+        wait_routes(lab.cluster)
         say(f"  {name} drained and deleted; its route is gone everywhere "
             f"({time.monotonic() - t0:.1f} s)")
         return 0
@@ -186,12 +187,12 @@ def _node_event(lab: KubeLab, cmd: str, name: str, say: Say) -> int:
         lab.life.reboot(node)
         say(f"  {name} rebooted (processes, /run, routes, devices gone); containerd and "
             "kubelet started again")
-        took = lab.flannel.wait_ready()
-        say(f"  routes and pods back {time.monotonic() - t0:.1f} s after the reboot")
+        took = lab.flannel.wait_ready(since=t0)
+        say(f"  routes and pods back {took:.1f} s after the reboot")
         return 0
     with RouteWatch(lab.cluster) as watch:
         old = lab.life.replace_flannel_pod(node)
-        took = lab.flannel.wait_ready()
+        took = lab.flannel.wait_ready(since=t0)
     say(f"  {old} deleted; the DaemonSet's new pod is Ready after {took:.1f} s; "
         f"peer routes missing meanwhile: {watch.gaps or 'none'}")
     return 0 if not watch.gaps else 1

@@ -24,7 +24,7 @@ from typing import Any
 from pyflannel_lab.cluster import WHOAMI_CLIENT, WHOAMI_PORT, WHOAMI_SERVER, Cluster, LabNode
 from pyflannel_lab.netns import NetNamespace, stop_process
 from pyflannel_lab.nodehost import CGROUP_ROOT
-from pyflannel_lab.ociarchive import KUBE_CACHE, PAUSE_IMAGE
+from pyflannel_lab.pauseimage import KUBE_CACHE, PAUSE_IMAGE
 
 FLANNEL_NS = "kube-flannel"
 FLANNEL_DS = "kube-flannel-ds"
@@ -149,11 +149,11 @@ class FlannelDeployment:
                 and all(nodes_ready(self.kubectl).get(n) for n in names)
                 and self.cluster.converged())
 
-    def wait_ready(self, timeout: float = 240) -> float:
-        """Seconds from `kubectl create` to every pod Ready, every node Ready and every
-        route in place."""
+    def wait_ready(self, timeout: float = 240, since: float | None = None) -> float:
+        """Seconds from `kubectl create` (or from `since`, a time.monotonic()) to every pod
+        Ready, every node Ready and every route in place."""
         wait_for(self._all_ready, timeout, "flannel Ready on every node", self._detail)
-        return time.monotonic() - self.created_at
+        return time.monotonic() - (self.created_at if since is None else since)
 
     def _detail(self) -> str:
         lines = [self.kubectl.run("get", "pods", "-A", "-o", "wide", check=False).stdout,

@@ -16,3 +16,11 @@ KUBELET_LAB = [
                        f"({', '.join(kube_binaries_missing())}): run "
                        "scripts/build-kubernetes.sh as root"),
 ]
+
+
+def other_kube_labs(own_label: str) -> bool:
+    """Whether another --kubernetes lab is up on the machine (it shares the host-path
+    mountpoints, which then stay until the last lab goes)."""
+    from pyflannel_lab.session import STATE_DIR
+
+    return any(p.parent.name != own_label for p in STATE_DIR.glob("*/kube.json"))
