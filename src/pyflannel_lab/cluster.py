@@ -13,23 +13,22 @@ namespace, process and temporary file, also after a failure half-way through.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any, Protocol
 
 from pyflannel.cni.install import install_plugin
+from pyflannel_lab.checks import WHOAMI_PORT, Checks
 from pyflannel_lab.cniruntime import Attachment, CniRuntime
+from pyflannel_lab.daemons import Daemons
 from pyflannel_lab.etcd import EtcdServer
-from pyflannel_lab.netns import NetNamespace, stop_process, veth_between
+from pyflannel_lab.netns import NetNamespace, veth_between
 
 DEFAULT_SEGMENT = "192.168.77.0/24"
 IPV6_SEGMENT_PREFIX = "fd77:{seg}::/64"  # the IPv6 prefix of segment number `seg`
@@ -45,14 +44,6 @@ WHOAMI_SERVER = (
     "print('ready',flush=True)\n"
     "while True:\n"
     " c,a=s.accept();c.sendall(a[0].encode());c.close()\n")
-WHOAMI_CLIENT = (
-    "import socket,sys\n"
-    "try:\n"
-    " c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[3]))\n"
-    " print(c.recv(100).decode())\n"
-    "except OSError as e:\n"
-    " print('error:',e);sys.exit(1)\n")
-WHOAMI_PORT = 7777
 
 
 @dataclass
@@ -236,8 +227,11 @@ class EtcdLabStore:
             self.etcd = None
 
 
-class Cluster:
-    """Build with `Cluster(...)`, then `start()`; always `close()` (or use `with`)."""
+class Cluster(Daemons, Checks):
+    """Build with `Cluster(...)`, then `start()`; always `close()` (or use `with`).
+
+    Three parts: the topology (namespaces, segments, router, nodes, pods: here), the
+    daemons (pyflannel_lab.daemons) and the checks (pyflannel_lab.checks)."""
 
     def __init__(self, *, nodes: int | Sequence[int] = 3, network: str = "10.244.0.0/16",
                  netconf: dict[str, Any] | None = None, prefix: str = "/coreos.com/network",
@@ -357,23 +351,6 @@ class Cluster:
         if start:
             self.start_daemon(node)
         return node
-
-    def flanneld_argv(self, node: LabNode) -> list[str]:
-        return [sys.executable, "-m", "pyflannel.daemon.main", *self.store.flanneld_args(node),
-                f"--subnet-file={node.subnet_file}", *self.flanneld_args, *node.extra_args]
-
-    def start_daemon(self, node: LabNode) -> None:
-        if node.proc is not None and node.proc.poll() is None:
-            return
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.store.node_env(node)}
-        with open(node.log_file, "ab") as logf:
-            node.proc = subprocess.Popen(node.ns.exec_args(*self.flanneld_argv(node)),
-                                         stdout=logf, stderr=subprocess.STDOUT, env=env)
-
-    def stop_daemon(self, node: LabNode, *, sig: int = signal.SIGTERM,
-                    timeout: float = 10) -> int | None:
-        proc, node.proc = node.proc, None
-        return stop_process(proc, grace=timeout, sig=sig)
 
     def remove_node(self, node: LabNode, *, delete_lease: bool = True) -> None:
         """The node leaves: its daemon stops, and (by default) the store forgets it, as
@@ -498,124 +475,6 @@ class Cluster:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-
-    def whoami(self, src: NetNamespace, dst: IPv4Address | IPv6Address | str,
-               timeout: float = 3) -> str:
-        """Connects from `src` to the whoami service at `dst`: the address the other side
-        saw us coming from, or 'error: ...'."""
-        out = src.run(sys.executable, "-I", "-S", "-c", WHOAMI_CLIENT, str(dst),
-                      str(WHOAMI_PORT), str(timeout), check=False, timeout=timeout + 10)
-        return out.stdout.strip()
-
-    def reachability(self, family: int | None = None) -> dict[tuple[str, str], str]:
-        """(from pod, to pod or 'outside') -> the source address the receiver saw.
-        `family` 4 or 6 tests the pods' addresses of that family only (no outside host for
-        6); None tests each pod's primary address (IPv4 unless IPv6-only)."""
-        out: dict[tuple[str, str], str] = {}
-        for a in self.pods.values():
-            for b in self.pods.values():
-                dst = b.ip if family is None else b.address(family)
-                if a is not b and dst is not None:
-                    out[(a.name, b.name)] = self.whoami(a.ns, dst)
-            if self.outside is not None and family != 6:
-                out[(a.name, "outside")] = self.whoami(a.ns, self.outside.addr)
-        return out
-
-    # -- looking ------------------------------------------------------------------------
-
-    def subnet_of(self, node: LabNode) -> IPv4Network | None:
-        try:
-            for line in node.subnet_file.read_text().splitlines():
-                if line.startswith("FLANNEL_SUBNET="):
-                    return IPv4Network(line.split("=", 1)[1], strict=False)
-        except OSError:
-            return None
-        return None
-
-    def subnet6_of(self, node: LabNode) -> IPv6Network | None:
-        try:
-            for line in node.subnet_file.read_text().splitlines():
-                if line.startswith("FLANNEL_IPV6_SUBNET="):
-                    return IPv6Network(line.split("=", 1)[1], strict=False)
-        except OSError:
-            return None
-        return None
-
-    def expected_routes6(self, node: LabNode) -> set[tuple[str, str]]:
-        """(IPv6 subnet, IPv6 gateway) host-gw routes `node` should have."""
-        return {(str(self.subnet6_of(o)), str(o.addr6)) for o in self.nodes.values()
-                if o is not node and self.subnet6_of(o) is not None}
-
-    def expected_routes(self, node: LabNode) -> set[tuple[str, str]]:
-        """(subnet, gateway) host-gw routes `node` should have: one per other node."""
-        return {(str(self.subnet_of(o)), str(o.addr)) for o in self.nodes.values()
-                if o is not node and self.subnet_of(o) is not None}
-
-    def flannel_routes(self, node: LabNode, *, family: int = 4,
-                       dev: str = "eth0") -> set[tuple[str, str]]:
-        """(dst, gateway) of the routes inside the cluster network (IPv6Network for
-        `family` 6) on `dev`."""
-        network = ip_network(self.netconf["IPv6Network" if family == 6 else "Network"])
-        out = set()
-        args = ("-6", "route", "show", "dev", dev) if family == 6 else ("route", "show", "dev",
-                                                                           dev)
-        for line in node.ns.ip(*args, check=False).stdout.splitlines():
-            parts = line.split()
-            # `10.244.2.0/24 via 192.168.77.2 dev eth0`, or with a nexthop object
-            # `10.244.2.0/24 nhid 253886465 via 192.168.77.2 dev eth0`
-            if "via" in parts and "/" in parts[0]:
-                dst = ip_network(parts[0])
-                if dst.version == network.version and dst.subnet_of(network):  # type: ignore[arg-type]
-                    out.add((parts[0], parts[parts.index("via") + 1]))
-        return out
-
-    def wait_until(self, cond: Callable[[], bool], timeout: float = 20, interval: float = 0.05,
-                   what: str = "condition") -> float:
-        """Wait for `cond`; returns the seconds it took, raises with the daemons' logs."""
-        start = time.monotonic()
-        while True:
-            if cond():
-                return time.monotonic() - start
-            if time.monotonic() - start > timeout:
-                logs = "\n".join(f"--- {n.name} ---\n{n.log()[-3000:]}" for n in
-                                 self.nodes.values())
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-            time.sleep(interval)
-
-    def routed_subnets(self, node: LabNode, *, family: int = 4) -> set[str]:
-        """Peer subnets `node` has a route to, on any device (vxlan, DirectRouting)."""
-        key = "IPv6Network" if family == 6 else "Network"
-        if key not in self.netconf:
-            return set()
-        network = ip_network(self.netconf[key])
-        out = set()
-        for line in node.ns.ip(f"-{family}", "route", "show", check=False).stdout.splitlines():
-            parts = line.split()
-            if parts and "/" in parts[0] and "via" in parts:
-                dst = ip_network(parts[0])
-                if dst.version == network.version and dst.subnet_of(network):  # type: ignore[arg-type]
-                    out.add(parts[0])
-        return out
-
-    def converged(self) -> bool:
-        """Every node has its lease and a route to every other node's subnet: exactly the
-        host-gw routes for host-gw, a route on any device for other backends."""
-        nodes = list(self.nodes.values())
-        if any(self.subnet_of(n) is None for n in nodes if self.netconf.get("EnableIPv4", True)):
-            return False
-        if self.netconf.get("Backend", {}).get("Type", "vxlan") == "host-gw" and \
-                self.netconf.get("EnableIPv4", True):
-            return all(self.flannel_routes(n) == self.expected_routes(n) for n in nodes)
-        for fam, subnet_of in ((4, self.subnet_of), (6, self.subnet6_of)):
-            if fam == 4 and not self.netconf.get("EnableIPv4", True):
-                continue
-            if fam == 6 and not self.netconf.get("EnableIPv6", False):
-                continue
-            for n in nodes:
-                want = {str(subnet_of(o)) for o in nodes if o is not n and subnet_of(o)}
-                if self.routed_subnets(n, family=fam) != want:
-                    return False
-        return True
 
     # -- tearing down -------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyflannel_lab.cluster import WHOAMI_CLIENT, WHOAMI_PORT, WHOAMI_SERVER, Cluster, LabNode
+from pyflannel_lab.checks import WHOAMI_CLIENT, WHOAMI_PORT
+from pyflannel_lab.cluster import WHOAMI_SERVER, Cluster, LabNode
 from pyflannel_lab.netns import NetNamespace, stop_process
 from pyflannel_lab.nodehost import CGROUP_ROOT
 from pyflannel_lab.pauseimage import KUBE_CACHE, PAUSE_IMAGE
