@@ -18,7 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyflannel.cni import flannel_plugin as plugin
-from pyflannel.cni.install import install_conf, install_plugin, plugin_text
+from pyflannel.cni import install
+from pyflannel.cni.install import (
+    CODE_PREFIX,
+    InstallError,
+    install_conf,
+    install_plugin,
+    launcher_text,
+)
 
 PLUGIN = Path(plugin.__file__)
 
@@ -499,12 +506,70 @@ def test_install_plugin(tmp_path: Path, box: Sandbox) -> None:
     assert path.name == "flannel"
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert path.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["flannel"]
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert len(names) == 2 and names[0].startswith(CODE_PREFIX) and names[1] == "flannel"
+    code = path.parent / names[0]
+    assert (code / "flannel_plugin.py").read_bytes() == PLUGIN.read_bytes()
+    assert [p.name for p in (code / "__pycache__").iterdir()] == [
+        f"flannel_plugin.{sys.implementation.cache_tag}.pyc"]
     proc = subprocess.run([str(path)], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
                           env={"CNI_COMMAND": "VERSION"}, timeout=30)
     assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
     with pytest.raises(ValueError, match="whitespace"):
-        plugin_text("/opt/my python/bin/python3")
+        launcher_text("/opt/my python/bin/python3", str(code))
+
+
+def test_installed_plugin_runs_from_the_bytecode_compiled_at_install(tmp_path: Path) -> None:
+    path = install_plugin(tmp_path / "bin", python=sys.executable)
+    (code,) = path.parent.glob(CODE_PREFIX + "*")
+    # Were the source compiled (or even read) at run time, this would be what runs.
+    (code / "flannel_plugin.py").write_text("raise SystemExit('the source was compiled')\n")
+    cache = sorted((code / "__pycache__").iterdir())
+    proc = subprocess.run([str(path)], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
+                          env={"CNI_COMMAND": "VERSION"}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
+    assert sorted((code / "__pycache__").iterdir()) == cache
+
+
+def _plugin_release(tmp_path: Path, n: int, text: str | None = None) -> Path:
+    source = tmp_path / f"release{n}" / "flannel_plugin.py"
+    source.parent.mkdir()
+    source.write_text(text if text is not None else PLUGIN.read_text() + f"# release {n}\n")
+    return source
+
+
+def test_upgrade_keeps_the_code_in_use_and_drops_older(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    seen = []
+    for n in range(3):
+        monkeypatch.setattr(install, "PLUGIN_SOURCE", _plugin_release(tmp_path, n))
+        install_plugin(bin_dir, python=sys.executable)
+        seen.append(sorted(p.name for p in bin_dir.glob(CODE_PREFIX + "*")))
+        assert not list(bin_dir.glob("*.tmp*")) and not list(bin_dir.glob(".*.tmp*"))
+        runs = subprocess.run([str(bin_dir / "flannel")], input=b"{}", capture_output=True,
+                              env={"CNI_COMMAND": "VERSION"}, timeout=30)
+        assert runs.returncode == 0, runs.stderr
+    assert len(seen[0]) == 1
+    assert len(seen[1]) == 2 and seen[0][0] in seen[1]
+    # The third install keeps the second (the previous launcher used it), drops the first.
+    assert len(seen[2]) == 2 and seen[0][0] not in seen[2]
+    (current,) = set(seen[2]) - set(seen[1])
+    assert f"{bin_dir}/{current}" in (bin_dir / "flannel").read_text()
+
+
+def test_a_plugin_that_does_not_compile_is_not_installed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    install_plugin(bin_dir, python=sys.executable)
+    before = (bin_dir / "flannel").read_bytes()
+    monkeypatch.setattr(install, "PLUGIN_SOURCE", _plugin_release(tmp_path, 0, "def (:\n"))
+    with pytest.raises(InstallError, match="cannot compile the plugin"):
+        install_plugin(bin_dir, python=sys.executable)
+    assert (bin_dir / "flannel").read_bytes() == before
+    assert len(list(bin_dir.glob(CODE_PREFIX + "*"))) == 1
+    assert not list(bin_dir.glob(".*.tmp*"))
 
 
 def test_packaged_script_reexecs_under_isolated_python(tmp_path: Path) -> None:

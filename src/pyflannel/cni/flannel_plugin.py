@@ -6,7 +6,8 @@ exec "$py" -I -S "$0" "$@"
 The lines above make this file a shell script as well (sh stops at `exec`): pip
 rewrites only a bare `#!python` shebang and drops its flags, so the packaged
 `flannel` command starts as sh and re-runs itself under the python3 beside it with
--I -S. install_plugin() replaces line 1 with `#!<python> -IS` instead.
+-I -S. What `pyflannel install-cni` installs starts the interpreter only once: a
+launcher with `#!<python> -IS` that imports this file from bytecode compiled at install.
 
 The `flannel` CNI plugin: a meta-plugin that turns flanneld's subnet.env into a
 `bridge` (or other delegate) config, saves it per container and delegates to it.
