@@ -226,6 +226,18 @@ def test_delegate_validation(box: Sandbox, delegate: dict[str, object], message:
     assert not (box.fake / "ADD.json").exists()
 
 
+def test_add_that_cannot_save_its_config_gives_the_delegate_nothing(box: Sandbox) -> None:
+    """The delegate is started before the config is saved (its start-up overlaps the
+    fsync), so a failed save must stop it before it gets a config."""
+    box.data_dir.write_text("a file where the data directory should be")
+    result = box.run("ADD", box.config())
+    code, msg = error_of(result)
+    assert code == 5 and msg.startswith(f"cannot save the delegate config in {box.data_dir}")
+    # The fake writes its CNI_* variables only after stdin ended: it was killed first.
+    assert not (box.fake / "ADD.env").exists()
+    assert not (box.fake / "ADD.json").exists() or box.sent() == ""
+
+
 # ----------------------------------------------------------------- subnet.env
 
 

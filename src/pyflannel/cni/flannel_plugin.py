@@ -719,63 +719,86 @@ def find_plugin(plugin: str, cni_path: str) -> str:
     raise CniError(ERR_INVALID_CONFIG, f"failed to find plugin {plugin!r} in path {dirs}")
 
 
-def run_plugin(path: str, command: str, stdin: bytes,
-               environ: Mapping[str, str]) -> tuple[int, bytes]:
-    """Run a CNI plugin with `stdin`, our stderr, and CNI_COMMAND=`command`;
-    return its exit status and stdout."""
-    env = dict(environ)
-    env["CNI_COMMAND"] = command
-    in_read, in_write = os.pipe()
-    out_read, out_write = os.pipe()
-    try:
-        pid = os.posix_spawn(path, [path], env, file_actions=[
-            (os.POSIX_SPAWN_DUP2, in_read, 0),
-            (os.POSIX_SPAWN_DUP2, out_write, 1),
-        ])
-    except OSError as exc:
-        for fd in (in_read, in_write, out_read, out_write):
-            os.close(fd)
-        raise CniError(ERR_INTERNAL, f"cannot run {path}: {exc.strerror}") from None
-    os.close(in_read)
-    os.close(out_write)
-    # Plugins read all of stdin before writing, and a config is far below the 64 KiB
-    # pipe buffer, so writing first and reading after cannot deadlock.
-    try:
-        view = memoryview(stdin)
-        while view:
-            view = view[os.write(in_write, view):]
-    except BrokenPipeError:
-        pass  # the plugin exited without reading; its status says why
-    finally:
-        os.close(in_write)
-    chunks = []
-    while chunk := os.read(out_read, 65536):
-        chunks.append(chunk)
-    os.close(out_read)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks)
+class Delegate:
+    """A delegate plugin run with our stderr and CNI_COMMAND=`command`, started before
+    its config is ready so that its start-up (the Go runtime's own, a few ms) overlaps
+    with ours: ADD's config save and fsync. A plugin reads all of stdin before it acts,
+    so nothing happens until finish() writes the config and closes the pipe; abandon()
+    kills it before that (as does our own death, which closes the pipe empty)."""
+
+    def __init__(self, command: str, plugin: str, environ: Mapping[str, str]) -> None:
+        self.command = command
+        self.plugin = plugin
+        path = find_plugin(plugin, environ.get("CNI_PATH", ""))
+        env = dict(environ)
+        env["CNI_COMMAND"] = command
+        # os.pipe() fds are close-on-exec: the plugin gets only the two dup2()ed ends.
+        in_read, self._stdin = os.pipe()
+        self._stdout, out_write = os.pipe()
+        try:
+            # posix_spawn is vfork+exec: no copy of our memory, no Python in the child.
+            self.pid = os.posix_spawn(path, [path], env, file_actions=[
+                (os.POSIX_SPAWN_DUP2, in_read, 0),
+                (os.POSIX_SPAWN_DUP2, out_write, 1),
+            ])
+        except OSError as exc:
+            os.close(self._stdin)
+            os.close(self._stdout)
+            raise CniError(ERR_INTERNAL, f"cannot run {path}: {exc.strerror}") from None
+        finally:
+            os.close(in_read)
+            os.close(out_write)
+
+    def abandon(self) -> None:
+        """Stop the plugin before it was given a config (it has done nothing)."""
+        os.close(self._stdin)
+        os.close(self._stdout)
+        os.kill(self.pid, 9)  # SIGKILL; the `signal` module would cost an import of enum
+        os.waitpid(self.pid, 0)
+
+    def finish(self, config: bytes) -> bytes:
+        """Give the plugin its config; return its stdout, or raise its own CNI error,
+        prefixed with what we did."""
+        # A config is far below the 64 KiB pipe buffer and plugins read all of stdin
+        # before writing, so writing first and reading after cannot deadlock.
+        try:
+            view = memoryview(config)
+            while view:
+                view = view[os.write(self._stdin, view):]
+        except BrokenPipeError:
+            pass  # the plugin exited without reading; its status says why
+        finally:
+            os.close(self._stdin)
+        chunks = []
+        # EOF comes when the plugin exits (it holds the only write end), so no wait beyond
+        # its own run; waitpid then returns at once.
+        while chunk := os.read(self._stdout, 65536):
+            chunks.append(chunk)
+        os.close(self._stdout)
+        _, wait_status = os.waitpid(self.pid, 0)
+        status = os.waitstatus_to_exitcode(wait_status)
+        output = b"".join(chunks)
+        if status == 0:
+            return output
+        action = f"failed to delegate {self.command.lower()}"
+        try:
+            error = load_json(output)
+        except ValueError:
+            error = None
+        if isinstance(error, dict) and isinstance(error.get("msg"), str):
+            code = error.get("code")
+            details = error.get("details")
+            raise CniError(code if isinstance(code, int) and code > 0 else ERR_INTERNAL,
+                           f"{action}: {self.plugin}: {error['msg']}",
+                           details if isinstance(details, str) else "")
+        text = output.decode("utf-8", "replace").strip()
+        raise CniError(ERR_INTERNAL, f"{action}: {self.plugin} exited with status {status}"
+                       + (f": {text}" if text else ""))
 
 
 def delegate(command: str, plugin: str, config: bytes, environ: Mapping[str, str]) -> bytes:
-    """Run the delegate; on failure raise its own CNI error, prefixed with what we did."""
-    path = find_plugin(plugin, environ.get("CNI_PATH", ""))
-    status, output = run_plugin(path, command, config, environ)
-    if status == 0:
-        return output
-    action = f"failed to delegate {command.lower()}"
-    try:
-        error = load_json(output)
-    except ValueError:
-        error = None
-    if isinstance(error, dict) and isinstance(error.get("msg"), str):
-        code = error.get("code")
-        details = error.get("details")
-        raise CniError(code if isinstance(code, int) and code > 0 else ERR_INTERNAL,
-                       f"{action}: {plugin}: {error['msg']}",
-                       details if isinstance(details, str) else "")
-    text = output.decode("utf-8", "replace").strip()
-    raise CniError(ERR_INTERNAL, f"{action}: {plugin} exited with status {status}"
-                   + (f": {text}" if text else ""))
+    """Run the delegate with `config`; its stdout, or its CNI error raised."""
+    return Delegate(command, plugin, environ).finish(config)
 
 
 # --------------------------------------------------------------------------- commands
@@ -800,12 +823,18 @@ def cmd_add(call: Invocation, netconf: NetConf) -> bytes:
     sys.stderr.write("delegateAdd: netconf sent to delegate plugin:\n")
     sys.stderr.write(rendered.decode("utf-8") + "\n")
     sys.stderr.flush()
+    running = Delegate("ADD", str(config["type"]), call.environ)
     try:
         save_config(netconf.data_dir, call.container_id, rendered)
     except OSError as exc:
+        running.abandon()
         raise CniError(ERR_IO, f"cannot save the delegate config in {netconf.data_dir}: "
                        f"{exc.strerror}") from None
-    return delegate("ADD", str(config["type"]), rendered, call.environ)
+    except BaseException:
+        running.abandon()
+        raise
+    # Saved (durably) before the delegate acts: DEL can always undo what ADD started.
+    return running.finish(rendered)
 
 
 def cmd_del(call: Invocation, netconf: NetConf) -> bytes:
@@ -1008,5 +1037,14 @@ def main() -> int:
     return status
 
 
+def run_and_exit() -> None:
+    """main(), then exit without the interpreter's shutdown (freeing every object and
+    module, a millisecond or more that nobody waits for usefully): all output is flushed
+    and every file we wrote is closed by then."""
+    status = main()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

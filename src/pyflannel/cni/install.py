@@ -121,8 +121,8 @@ def launcher_text(python: str, code_dir: str) -> bytes:
             "# The flannel CNI plugin of pyflannel, written by `pyflannel install-cni`.\n"
             "import sys\n"
             f"sys.path.insert(0, {code_dir!r})\n"
-            f"from {CODE_MODULE} import main\n"
-            "sys.exit(main())\n").encode()
+            f"from {CODE_MODULE} import run_and_exit\n"
+            "run_and_exit()\n").encode()
 
 
 _COMPILE_CHILD = """
