@@ -544,6 +544,49 @@ def test_installed_plugin_runs_from_the_bytecode_compiled_at_install(tmp_path: P
     assert sorted((code / "__pycache__").iterdir()) == cache
 
 
+def test_path_helpers_match_os(tmp_path: Path) -> None:
+    # The plugin avoids importing os; its stand-ins must behave as os.path/os.makedirs.
+    for directory in ("", "/", "/var/lib/cni/flannel", "/var/lib/cni/flannel/", "rel/dir"):
+        assert plugin.join_path(directory, "ctr1") == os.path.join(directory, "ctr1")
+    nested = tmp_path / "a" / "b" / "c"
+    plugin.make_dirs(f"{nested}/", 0o700)
+    plugin.make_dirs(str(nested), 0o700)  # exists: fine
+    assert stat.S_IMODE(nested.stat().st_mode) == 0o700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o777 & ~umask
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        plugin.make_dirs(str(tmp_path / "file"), 0o700)
+    with pytest.raises(NotADirectoryError):
+        plugin.make_dirs(str(tmp_path / "file" / "sub"), 0o700)
+    assert plugin.is_file(str(tmp_path / "file")) and not plugin.is_file(str(nested))
+    assert not plugin.is_file(str(tmp_path / "missing")) and not plugin.is_file("a\0b")
+    assert plugin.environment() == dict(os.environ)
+
+
+def _imported(argv: list[str], stdin: bytes, env: dict[str, str]) -> set[str]:
+    proc = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", *argv], input=stdin,
+                          env=env, capture_output=True, timeout=30)
+    return {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
+            if line.startswith("import time:") and "imported package" not in line}
+
+
+def test_add_and_del_import_only_what_they_need(box: Sandbox) -> None:
+    """Every import is start-up time on every call: beyond what the bare interpreter
+    loads, ADD and DEL load only the C JSON scanner (and the __future__ statement's
+    module); `os`, `json`, `re`, `signal`, `subprocess` would each cost milliseconds."""
+    bare = _imported(["-c", "pass"], b"", {})
+    assert "encodings" in bare  # the probe sees the interpreter's own imports
+    for command in ("ADD", "DEL"):
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/x",
+               "CNI_IFNAME": "eth0", "CNI_PATH": str(box.bin), "FAKE_DIR": str(box.fake),
+               "PATH": "/usr/bin:/bin"}
+        loaded = _imported([str(PLUGIN)], json.dumps(box.config()).encode(), env)
+        assert (box.fake / f"{command}.json").exists()  # it did delegate
+        assert loaded - bare == {"__future__", "_json"}, command
+
+
 def _plugin_release(tmp_path: Path, n: int, text: str | None = None) -> Path:
     source = tmp_path / f"release{n}" / "flannel_plugin.py"
     source.parent.mkdir()
