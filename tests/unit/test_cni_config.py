@@ -587,6 +587,25 @@ def test_add_and_del_import_only_what_they_need(box: Sandbox) -> None:
         assert loaded - bare == {"__future__", "_json"}, command
 
 
+def test_install_for_a_python_not_visible_here(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An init container names the host's python, which it cannot run: the plugin is
+    installed without bytecode, and its first call (on the host) writes the cache."""
+    host_python = tmp_path / "host" / "python3"
+    path = install_plugin(tmp_path / "bin", python=str(host_python))
+    assert "bytecode is written by its first call" in capsys.readouterr().err
+    (code,) = path.parent.glob(CODE_PREFIX + "*")
+    assert (code / "flannel_plugin.py").is_file() and not (code / "__pycache__").exists()
+    assert path.read_text().splitlines()[0] == f"#!{host_python} -IS"
+    host_python.parent.mkdir()
+    host_python.symlink_to(sys.executable)  # now "on the host"
+    proc = subprocess.run([str(path)], input=b"{}", capture_output=True, timeout=30,
+                          env={"CNI_COMMAND": "VERSION"})
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (code / "__pycache__").iterdir()] == [
+        f"flannel_plugin.{sys.implementation.cache_tag}.pyc"]
+
+
 def _plugin_release(tmp_path: Path, n: int, text: str | None = None) -> Path:
     source = tmp_path / f"release{n}" / "flannel_plugin.py"
     source.parent.mkdir()

@@ -153,17 +153,15 @@ def _install_code(dest_dir: Path, host: Path, python: str, compile_with: str | N
         if compile_with is None:
             py_compile.compile(str(temp / module), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-        else:
-            proc = subprocess.run([compile_with, "-I", "-S", "-c", _COMPILE_CHILD,
-                                   str(temp / module)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise InstallError(f"{compile_with} cannot compile the plugin: "
-                                   f"{proc.stderr.strip()[-500:]}")
-        if not list((temp / "__pycache__").glob(f"{CODE_MODULE}.*.pyc")):
-            raise InstallError(f"compiling {module} wrote no bytecode")
-        for path in (temp / module, *(temp / "__pycache__").iterdir()):
+        elif not _compile_with(compile_with, temp / module):
+            # The host's interpreter is not visible here (an init container): the plugin's
+            # first call compiles and caches it beside the source instead (no -B).
+            sys.stderr.write(f"note: {compile_with} cannot be run here, so the plugin's "
+                             "bytecode is written by its first call\n")
+        for path in (temp / module, *(temp / "__pycache__").glob("*")):
             path.chmod(0o644)
-        (temp / "__pycache__").chmod(0o755)
+        if (temp / "__pycache__").exists():
+            (temp / "__pycache__").chmod(0o755)
         _fsync_tree(temp)
         if final.exists():  # a leftover without its module: incomplete, replace it
             shutil.rmtree(final)
@@ -172,6 +170,22 @@ def _install_code(dest_dir: Path, host: Path, python: str, compile_with: str | N
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return name
+
+
+def _compile_with(python: str, source: Path) -> bool:
+    """Compile `source` with `python` (the interpreter that will run it); False if that
+    interpreter cannot be run here at all."""
+    try:
+        proc = subprocess.run([python, "-I", "-S", "-c", _COMPILE_CHILD, str(source)],
+                              capture_output=True, text=True, timeout=120)
+    except OSError:
+        return False
+    if proc.returncode != 0:
+        raise InstallError(f"{python} cannot compile the plugin: "
+                           f"{proc.stderr.strip()[-500:]}")
+    if not list((source.parent / "__pycache__").glob(f"{CODE_MODULE}.*.pyc")):
+        raise InstallError(f"{python} compiled {source.name} but wrote no bytecode")
+    return True
 
 
 def _replace_launcher(dest_dir: Path, host: Path, python: str, code_dir: str,
