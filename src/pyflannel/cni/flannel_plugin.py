@@ -690,7 +690,7 @@ def make_dirs(path: str, mode: int) -> None:
         if not parent or parent == path:
             raise
         make_dirs(parent, 0o777)  # less the umask
-        posix.mkdir(path, mode)
+        make_dirs(path, mode)  # not mkdir: a concurrent ADD may have made it meanwhile
     except FileExistsError:
         if not is_directory(path):
             raise
@@ -816,8 +816,8 @@ class Delegate:
         finally:
             posix.close(self._stdin)
         chunks = []
-        # EOF comes when the plugin exits (it holds the only write end), so no wait beyond
-        # its own run; waitpid then returns at once.
+        # EOF comes when the plugin exits (with anything it handed its stdout to), as
+        # libcni's exec waits too; waitpid then returns at once.
         while chunk := posix.read(self._stdout, 65536):
             chunks.append(chunk)
         posix.close(self._stdout)

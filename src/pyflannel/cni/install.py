@@ -11,11 +11,12 @@ copied loader's host path into the copied interpreter's ELF header, then replace
 runtime an earlier `flannel` used stays until the next upgrade, so a plugin run that
 started before the rename finishes with the files it started with.
 
-Either way `flannel` itself is a five-line launcher: its `#!` starts the interpreter once
-(`-I -S`, nothing to re-exec), and it imports the plugin from `.flannel-plugin-<id>/`, whose
-bytecode is compiled here at install time (unchecked-hash .pyc: the directory is named by
-its content and never changes, so the source is not even stat()ed). Compiling the 1,000
-lines of the plugin on every call was most of its start-up cost."""
+Either way `flannel` itself is a launcher of a few lines: its `#!` starts the interpreter
+once (`-I -S`, nothing to re-exec), and it imports the plugin from `.flannel-plugin-<id>/`,
+whose bytecode is compiled here at install time by the interpreter that runs it
+(unchecked-hash .pyc: the directory is named by its content and never changes, so the
+source is never read). Compiling the 1,000 lines of the plugin on every call was most of
+its start-up cost."""
 
 from __future__ import annotations
 
