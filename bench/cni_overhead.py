@@ -6,11 +6,15 @@ Measures, inside a throw-away node namespace with one pod namespace:
 - the same through the plugin installed with its own runtime (what the image's
   `pyflannel install-cni` writes: copied interpreter, loader and libraries), made here
   from this machine's Debian python3.11 when it and patchelf are present;
-- start-up alone: `python -I -S plugin` answering VERSION, against the Go `bridge`
+- CHECK of the attached pod through our plugin (saved config compared with the one built
+  now, then the delegate's CHECK), against bridge's CHECK given what our plugin hands it;
+- start-up alone: the installed plugin answering VERSION, against the Go `bridge`
   answering VERSION and a bare `python -I -S -c pass`.
-Prints medians, the overhead in ms and as a ratio. Needs root.
+Prints medians, the overhead per call in ms and as a ratio. Needs root. `--python` is the
+host interpreter the plain install runs under (this machine's Debian python3 is what a
+host would have; the default is the one running the bench).
 
-    sudo .venv/bin/python bench/cni_overhead.py [-n 40]
+    sudo .venv/bin/python bench/cni_overhead.py [-n 40] [--python /usr/bin/python3]
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -25,24 +31,45 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
+from pyflannel.cni.flannel_plugin import with_route_gateways
 from pyflannel.cni.install import PLUGIN_SOURCE, install_plugin, install_plugin_with_runtime
 from pyflannel_lab.image.pylayer import build_cni_runtime, host_plugin_modules
 from pyflannel_lab.netns import NetNamespace
 
 CNI_BIN = Path("/usr/lib/cni")
+T = TypeVar("T")
 SUBNET_ENV = ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
               "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
 
 
-def timed(argv: list[str], stdin: bytes, env: dict[str, str]) -> float:
+class Samples:
+    """Per-sample wall time and CPU time (user + system of the plugin and everything it
+    waited for: bridge, host-local). Wall time is what kubelet waits; CPU time barely
+    moves with the machine's load, so it shows the same difference on a busy machine."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def add(self, *runs: tuple[float, float]) -> None:
+        self.wall.append(sum(run[0] for run in runs))
+        self.cpu.append(sum(run[1] for run in runs))
+
+
+def timed(argv: list[str], stdin: bytes, env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, input=stdin, env=env, capture_output=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} {env.get('CNI_COMMAND')} failed: {proc.stdout!r} "
                            f"{proc.stderr[-400:]!r}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
 def inner(args: argparse.Namespace) -> None:
@@ -56,59 +83,85 @@ def inner(args: argparse.Namespace) -> None:
     env = {"PATH": os.environ["PATH"], "CNI_CONTAINERID": "bench", "CNI_NETNS": args.pod,
            "CNI_IFNAME": "eth0", "CNI_PATH": f"{tmp / 'bin'}:{CNI_BIN}"}
     flannel_stdin = json.dumps(conf).encode()
+    add, delete, check = ({**env, "CNI_COMMAND": c} for c in ("ADD", "DEL", "CHECK"))
 
     # One warm-up ADD gives us the exact delegate config to hand to bridge directly.
-    timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "ADD"})
+    timed([flannel], flannel_stdin, add)
     bridge_stdin = (tmp / "flannel" / "bench").read_bytes()
-    timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "DEL"})
+    timed([flannel], flannel_stdin, delete)
     bridge = str(CNI_BIN / "bridge")
     bundled = tmp / "rbin" / "flannel"
+    plugins = {"flannel plugin": flannel, **({"bundled runtime": str(bundled)}
+                                             if bundled.exists() else {})}
 
-    via_flannel: list[float] = []
-    via_bundled: list[float] = []
-    direct: list[float] = []
-    for _ in range(args.n):  # interleaved, so drift in machine load hits all alike
-        via_flannel.append(timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "ADD"})
-                           + timed([flannel], flannel_stdin, {**env, "CNI_COMMAND": "DEL"}))
-        if bundled.exists():
-            via_bundled.append(
-                timed([str(bundled)], flannel_stdin, {**env, "CNI_COMMAND": "ADD"})
-                + timed([str(bundled)], flannel_stdin, {**env, "CNI_COMMAND": "DEL"}))
-        direct.append(timed([bridge], bridge_stdin, {**env, "CNI_COMMAND": "ADD"})
-                      + timed([bridge], bridge_stdin, {**env, "CNI_COMMAND": "DEL"}))
+    # Interleaved, so drift in machine load hits all alike, and in a new random order
+    # each round, so that no figure always runs right after another.
+    direct = {"bridge direct": bridge}
+    stdins = {name: (bridge_stdin if name in direct else flannel_stdin)
+              for name in (*direct, *plugins)}
+    add_del = {name: Samples() for name in stdins}
+    for _ in range(args.n):
+        for name, path in shuffled({**direct, **plugins}):
+            add_del[name].add(timed([path], stdins[name], add),
+                              timed([path], stdins[name], delete))
+
+    # CHECK of an attached pod: ours is given the ADD result as prevResult (as the
+    # runtime does), bridge directly what our plugin hands it.
+    add_result = json.loads(subprocess.run([flannel], input=flannel_stdin, capture_output=True,
+                                           env=add, check=True).stdout)
+    check_stdin = json.dumps({**conf, "prevResult": add_result}).encode()
+    bridge_check = json.dumps({**json.loads(bridge_stdin),
+                               "prevResult": with_route_gateways(add_result)}).encode()
+    checks = {name: Samples() for name in stdins}
+    for _ in range(args.n):
+        for name, path in shuffled({**direct, **plugins}):
+            checks[name].add(timed([path], bridge_check if name in direct else check_stdin,
+                                   check))
+    timed([flannel], flannel_stdin, delete)
 
     version = b'{"cniVersion":"1.0.0"}'
     venv = {"PATH": os.environ["PATH"], "CNI_COMMAND": "VERSION"}
-    startup: dict[str, list[float]] = {"plugin VERSION": [], "bridge VERSION": [],
-                                       "python -I -S -c pass": []}
-    if bundled.exists():
-        startup["bundled plugin VERSION"] = []
+    startup = {f"{name} VERSION": Samples() for name in (*plugins, "bridge")}
+    startup["python -I -S -c pass"] = Samples()
+    bare = {"python -I -S -c pass": [args.python, "-I", "-S", "-c", "pass"]}
     for _ in range(args.n):
-        startup["plugin VERSION"].append(timed([flannel], version, venv))
-        if bundled.exists():
-            startup["bundled plugin VERSION"].append(timed([str(bundled)], version, venv))
-        startup["bridge VERSION"].append(timed([bridge], version, venv))
-        startup["python -I -S -c pass"].append(
-            timed([args.python, "-I", "-S", "-c", "pass"], b"", venv))
+        for name, argv in shuffled({**{f"{n} VERSION": [p] for n, p in plugins.items()},
+                                    "bridge VERSION": [bridge], **bare}):
+            startup[name].add(timed(argv, version, venv))
 
     def ms(samples: list[float]) -> float:
         return statistics.median(samples) * 1000
 
-    print(f"python: {args.python}; n = {args.n} per figure; medians")
-    print(f"ADD+DEL via flannel plugin     {ms(via_flannel):7.1f} ms")
-    print(f"ADD+DEL bridge direct          {ms(direct):7.1f} ms")
-    print(f"  overhead                     {ms(via_flannel) - ms(direct):7.1f} ms  "
-          f"ratio {ms(via_flannel) / ms(direct):.2f}x")
-    if via_bundled:
-        print(f"ADD+DEL via bundled runtime    {ms(via_bundled):7.1f} ms")
-        print(f"  overhead                     {ms(via_bundled) - ms(direct):7.1f} ms  "
-              f"ratio {ms(via_bundled) / ms(direct):.2f}x")
+    def table(title: str, figures: dict[str, Samples], calls: int) -> None:
+        base = figures["bridge direct"]
+        print(f"{title}: {'wall':>8} {'overhead':>9} {'per call':>9} {'ratio':>6}   "
+              f"{'CPU':>7} {'overhead':>9} {'per call':>9}")
+        for name, ours in figures.items():
+            wall, cpu = ms(ours.wall) - ms(base.wall), ms(ours.cpu) - ms(base.cpu)
+            print(f"  {name:16} {ms(ours.wall):6.1f} ms {wall:6.1f} ms {wall / calls:6.1f} ms "
+                  f"{ms(ours.wall) / ms(base.wall):5.2f}x   {ms(ours.cpu):5.1f} ms "
+                  f"{cpu:6.1f} ms {cpu / calls:6.1f} ms")
+
+    print(f"python: {args.python}; n = {args.n} per figure; medians; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    table("ADD+DEL", add_del, 2)
+    table("CHECK  ", checks, 1)
     for name, samples in startup.items():
-        print(f"start-up: {name:22} {ms(samples):7.1f} ms")
-    plugin_startup = ms(startup["plugin VERSION"])
-    bare = ms(startup["python -I -S -c pass"])
-    print(f"  plugin start-up over bare interpreter {plugin_startup - bare:5.1f} ms "
-          f"(ratio {plugin_startup / bare:.2f}x)")
+        print(f"start-up: {name:26} {ms(samples.wall):6.1f} ms   CPU {ms(samples.cpu):5.1f} ms")
+    plugin_startup = ms(startup["flannel plugin VERSION"].wall)
+    interpreter = ms(startup["python -I -S -c pass"].wall)
+    print(f"  plugin start-up over bare interpreter {plugin_startup - interpreter:5.1f} ms "
+          f"(ratio {plugin_startup / interpreter:.2f}x; the plugin skips the shutdown)")
+    # bridge runs (and starts) in both figures: what the plugin adds is one interpreter
+    # process per call before it, so that is the floor of the overhead.
+    print(f"  floor of the overhead, one interpreter start per call: {interpreter:.1f} ms "
+          f"per call, {2 * interpreter:.1f} ms per ADD+DEL")
+
+
+def shuffled(figures: dict[str, T]) -> list[tuple[str, T]]:
+    items = list(figures.items())
+    random.shuffle(items)
+    return items
 
 
 def outer(args: argparse.Namespace) -> None:

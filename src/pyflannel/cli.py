@@ -11,12 +11,12 @@ from pathlib import Path
 def _install_cni(args: argparse.Namespace) -> int:
     from pyflannel.cni.install import install_plugin, install_plugin_with_runtime
 
+    host_dir = Path(args.host_dir) if args.host_dir else None
     if args.python:
-        path = install_plugin(Path(args.dest), python=args.python)
+        path = install_plugin(Path(args.dest), python=args.python, host_dir=host_dir)
         print(f"installed {path} (runs under {args.python})")
         return 0
-    path = install_plugin_with_runtime(Path(args.dest), Path(args.runtime),
-                                       Path(args.host_dir) if args.host_dir else None)
+    path = install_plugin_with_runtime(Path(args.dest), Path(args.runtime), host_dir)
     print(f"installed {path} with its own runtime (needs no Python on the host)")
     return 0
 

@@ -18,7 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyflannel.cni import flannel_plugin as plugin
-from pyflannel.cni.install import install_conf, install_plugin, plugin_text
+from pyflannel.cni import install
+from pyflannel.cni.install import (
+    CODE_PREFIX,
+    InstallError,
+    install_conf,
+    install_plugin,
+    launcher_text,
+)
 
 PLUGIN = Path(plugin.__file__)
 
@@ -217,6 +224,18 @@ def test_delegate_validation(box: Sandbox, delegate: dict[str, object], message:
     assert result.json["cniVersion"] == "0.3.1"
     assert not box.data_dir.exists()  # nothing saved, nothing delegated
     assert not (box.fake / "ADD.json").exists()
+
+
+def test_add_that_cannot_save_its_config_gives_the_delegate_nothing(box: Sandbox) -> None:
+    """The delegate is started before the config is saved (its start-up overlaps the
+    fsync), so a failed save must stop it before it gets a config."""
+    box.data_dir.write_text("a file where the data directory should be")
+    result = box.run("ADD", box.config())
+    code, msg = error_of(result)
+    assert code == 5 and msg.startswith(f"cannot save the delegate config in {box.data_dir}")
+    # The fake writes its CNI_* variables only after stdin ended: it was killed first.
+    assert not (box.fake / "ADD.env").exists()
+    assert not (box.fake / "ADD.json").exists() or box.sent() == ""
 
 
 # ----------------------------------------------------------------- subnet.env
@@ -499,12 +518,132 @@ def test_install_plugin(tmp_path: Path, box: Sandbox) -> None:
     assert path.name == "flannel"
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert path.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["flannel"]
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert len(names) == 2 and names[0].startswith(CODE_PREFIX) and names[1] == "flannel"
+    code = path.parent / names[0]
+    assert (code / "flannel_plugin.py").read_bytes() == PLUGIN.read_bytes()
+    assert [p.name for p in (code / "__pycache__").iterdir()] == [
+        f"flannel_plugin.{sys.implementation.cache_tag}.pyc"]
     proc = subprocess.run([str(path)], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
                           env={"CNI_COMMAND": "VERSION"}, timeout=30)
     assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
     with pytest.raises(ValueError, match="whitespace"):
-        plugin_text("/opt/my python/bin/python3")
+        launcher_text("/opt/my python/bin/python3", str(code))
+
+
+def test_installed_plugin_runs_from_the_bytecode_compiled_at_install(tmp_path: Path) -> None:
+    path = install_plugin(tmp_path / "bin", python=sys.executable)
+    (code,) = path.parent.glob(CODE_PREFIX + "*")
+    # Were the source compiled (or even read) at run time, this would be what runs.
+    (code / "flannel_plugin.py").write_text("raise SystemExit('the source was compiled')\n")
+    cache = sorted((code / "__pycache__").iterdir())
+    proc = subprocess.run([str(path)], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
+                          env={"CNI_COMMAND": "VERSION"}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
+    assert sorted((code / "__pycache__").iterdir()) == cache
+
+
+def test_path_helpers_match_os(tmp_path: Path) -> None:
+    # The plugin avoids importing os; its stand-ins must behave as os.path/os.makedirs.
+    for directory in ("", "/", "/var/lib/cni/flannel", "/var/lib/cni/flannel/", "rel/dir"):
+        assert plugin.join_path(directory, "ctr1") == os.path.join(directory, "ctr1")
+    nested = tmp_path / "a" / "b" / "c"
+    plugin.make_dirs(f"{nested}/", 0o700)
+    plugin.make_dirs(str(nested), 0o700)  # exists: fine
+    assert stat.S_IMODE(nested.stat().st_mode) == 0o700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o777 & ~umask
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        plugin.make_dirs(str(tmp_path / "file"), 0o700)
+    with pytest.raises(NotADirectoryError):
+        plugin.make_dirs(str(tmp_path / "file" / "sub"), 0o700)
+    assert plugin.is_file(str(tmp_path / "file")) and not plugin.is_file(str(nested))
+    assert not plugin.is_file(str(tmp_path / "missing")) and not plugin.is_file("a\0b")
+    assert plugin.environment() == dict(os.environ)
+
+
+def _imported(argv: list[str], stdin: bytes, env: dict[str, str]) -> set[str]:
+    proc = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", *argv], input=stdin,
+                          env=env, capture_output=True, timeout=30)
+    return {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
+            if line.startswith("import time:") and "imported package" not in line}
+
+
+def test_add_and_del_import_only_what_they_need(box: Sandbox) -> None:
+    """Every import is start-up time on every call: beyond what the bare interpreter
+    loads, ADD and DEL load only the C JSON scanner (and the __future__ statement's
+    module); `os`, `json`, `re`, `signal`, `subprocess` would each cost milliseconds."""
+    bare = _imported(["-c", "pass"], b"", {})
+    assert "encodings" in bare  # the probe sees the interpreter's own imports
+    for command in ("ADD", "DEL"):
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/x",
+               "CNI_IFNAME": "eth0", "CNI_PATH": str(box.bin), "FAKE_DIR": str(box.fake),
+               "PATH": "/usr/bin:/bin"}
+        loaded = _imported([str(PLUGIN)], json.dumps(box.config()).encode(), env)
+        assert (box.fake / f"{command}.json").exists()  # it did delegate
+        assert loaded - bare == {"__future__", "_json"}, command
+
+
+def test_install_for_a_python_not_visible_here(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An init container names the host's python, which it cannot run: the plugin is
+    installed without bytecode, and its first call (on the host) writes the cache."""
+    host_python = tmp_path / "host" / "python3"
+    path = install_plugin(tmp_path / "bin", python=str(host_python))
+    assert "bytecode is written by its first call" in capsys.readouterr().err
+    (code,) = path.parent.glob(CODE_PREFIX + "*")
+    assert (code / "flannel_plugin.py").is_file() and not (code / "__pycache__").exists()
+    assert path.read_text().splitlines()[0] == f"#!{host_python} -IS"
+    host_python.parent.mkdir()
+    host_python.symlink_to(sys.executable)  # now "on the host"
+    proc = subprocess.run([str(path)], input=b"{}", capture_output=True, timeout=30,
+                          env={"CNI_COMMAND": "VERSION"})
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (code / "__pycache__").iterdir()] == [
+        f"flannel_plugin.{sys.implementation.cache_tag}.pyc"]
+
+
+def _plugin_release(tmp_path: Path, n: int, text: str | None = None) -> Path:
+    source = tmp_path / f"release{n}" / "flannel_plugin.py"
+    source.parent.mkdir()
+    source.write_text(text if text is not None else PLUGIN.read_text() + f"# release {n}\n")
+    return source
+
+
+def test_upgrade_keeps_the_code_in_use_and_drops_older(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    seen = []
+    for n in range(3):
+        monkeypatch.setattr(install, "PLUGIN_SOURCE", _plugin_release(tmp_path, n))
+        install_plugin(bin_dir, python=sys.executable)
+        seen.append(sorted(p.name for p in bin_dir.glob(CODE_PREFIX + "*")))
+        assert not list(bin_dir.glob("*.tmp*")) and not list(bin_dir.glob(".*.tmp*"))
+        runs = subprocess.run([str(bin_dir / "flannel")], input=b"{}", capture_output=True,
+                              env={"CNI_COMMAND": "VERSION"}, timeout=30)
+        assert runs.returncode == 0, runs.stderr
+    assert len(seen[0]) == 1
+    assert len(seen[1]) == 2 and seen[0][0] in seen[1]
+    # The third install keeps the second (the previous launcher used it), drops the first.
+    assert len(seen[2]) == 2 and seen[0][0] not in seen[2]
+    (current,) = set(seen[2]) - set(seen[1])
+    assert f"{bin_dir}/{current}" in (bin_dir / "flannel").read_text()
+
+
+def test_a_plugin_that_does_not_compile_is_not_installed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    install_plugin(bin_dir, python=sys.executable)
+    before = (bin_dir / "flannel").read_bytes()
+    monkeypatch.setattr(install, "PLUGIN_SOURCE", _plugin_release(tmp_path, 0, "def (:\n"))
+    with pytest.raises(InstallError, match="cannot compile the plugin"):
+        install_plugin(bin_dir, python=sys.executable)
+    assert (bin_dir / "flannel").read_bytes() == before
+    assert len(list(bin_dir.glob(CODE_PREFIX + "*"))) == 1
+    assert not list(bin_dir.glob(".*.tmp*"))
 
 
 def test_packaged_script_reexecs_under_isolated_python(tmp_path: Path) -> None:

@@ -9,16 +9,26 @@ plugin as `.flannel-runtime-<id>/` (a complete directory renamed into place), wr
 copied loader's host path into the copied interpreter's ELF header, then replaces
 `flannel` (write, fsync, rename) with the plugin whose `#!` names that interpreter. The
 runtime an earlier `flannel` used stays until the next upgrade, so a plugin run that
-started before the rename finishes with the files it started with."""
+started before the rename finishes with the files it started with.
+
+Either way `flannel` itself is a launcher of a few lines: its `#!` starts the interpreter
+once (`-I -S`, nothing to re-exec), and it imports the plugin from `.flannel-plugin-<id>/`,
+whose bytecode is compiled here at install time by the interpreter that runs it
+(unchecked-hash .pyc: the directory is named by its content and never changes, so the
+source is never read). Compiling the 1,000 lines of the plugin on every call was most of
+its start-up cost."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import py_compile
+import re
 import secrets
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +37,8 @@ PLUGIN_NAME = "flannel"
 IMAGE_RUNTIME = Path("/usr/lib/pyflannel/cni-runtime")
 RUNTIME_MANIFEST = "MANIFEST.json"
 RUNTIME_PREFIX = ".flannel-runtime-"
+CODE_PREFIX = ".flannel-plugin-"
+CODE_MODULE = "flannel_plugin"
 LOADER_NAME = "ld-linux-x86-64.so.2"
 # The image's runtime interpreter has this ELF interpreter path, a valid but long
 # spelling of the loader's, so install can write a host path of up to its length.
@@ -94,35 +106,135 @@ def _write_atomically(dest: Path, content: bytes, mode: int, temp_name: str) -> 
         os.close(dir_fd)
 
 
-def plugin_text(python: str = sys.executable) -> bytes:
-    """The plugin source with a `#!<python> -IS` shebang in place of its sh one."""
+def _check_interpreter_path(python: str) -> None:
     if not python or any(ch.isspace() for ch in python) or not os.path.isabs(python):
         # A shebang cannot quote: a path with spaces would split into arguments.
         raise ValueError(f"python must be an absolute path without whitespace: {python!r}")
+
+
+def launcher_text(python: str, code_dir: str) -> bytes:
+    """`flannel`: start `python` once, isolated and without site, and run the plugin
+    from `code_dir` (its host path), imported from the bytecode compiled there."""
+    _check_interpreter_path(python)
+    # -I leaves the script's directory off sys.path; code_dir goes first, so the import
+    # looks in no other directory (it holds nothing but the plugin).
+    return (f"#!{python} -IS\n"
+            "# The flannel CNI plugin of pyflannel, written by `pyflannel install-cni`.\n"
+            "import sys\n"
+            f"sys.path.insert(0, {code_dir!r})\n"
+            f"from {CODE_MODULE} import run_and_exit\n"
+            "run_and_exit()\n").encode()
+
+
+_COMPILE_CHILD = """
+import py_compile, sys
+from importlib.util import cache_from_source
+py_compile.compile(sys.argv[1], cfile=cache_from_source(sys.argv[1]), doraise=True,
+                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def _install_code(dest_dir: Path, host: Path, python: str, compile_with: str | None) -> str:
+    """Put the plugin and its bytecode in `<dest_dir>/.flannel-plugin-<id>/` (complete
+    before it is renamed into place); return the directory's name.
+
+    The bytecode must be for the interpreter that runs the plugin: `compile_with` is that
+    interpreter as the installer can run it, or None when it is our own version."""
     source = PLUGIN_SOURCE.read_bytes()
-    _, _, rest = source.partition(b"\n")
-    return f"#!{python} -IS\n".encode() + rest
+    ident = hashlib.sha256(source + b"\0" + python.encode() + b"\0" + str(host).encode())
+    name = CODE_PREFIX + ident.hexdigest()[:16]
+    final = dest_dir / name
+    module = f"{CODE_MODULE}.py"
+    if (final / module).is_file():
+        return name  # complete: it is renamed into place only once compiled
+    temp = dest_dir / f"{name}.tmp-{secrets.token_hex(4)}"
+    try:
+        temp.mkdir(mode=0o755)
+        (temp / module).write_bytes(source)
+        if compile_with is None:
+            py_compile.compile(str(temp / module), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        elif not _compile_with(compile_with, temp / module):
+            # The host's interpreter is not visible here (an init container): the plugin's
+            # first call compiles and caches it beside the source instead (no -B).
+            sys.stderr.write(f"note: {compile_with} cannot be run here, so the plugin's "
+                             "bytecode is written by its first call\n")
+        for path in (temp / module, *(temp / "__pycache__").glob("*")):
+            path.chmod(0o644)
+        if (temp / "__pycache__").exists():
+            (temp / "__pycache__").chmod(0o755)
+        _fsync_tree(temp)
+        if final.exists():  # a leftover without its module: incomplete, replace it
+            shutil.rmtree(final)
+        os.rename(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return name
 
 
-def install_plugin(dest_dir: Path, python: str = sys.executable) -> Path:
-    """Write the plugin to `<dest_dir>/flannel` (mode 0755) atomically; return its path.
+def _compile_with(python: str, source: Path) -> bool:
+    """Compile `source` with `python` (the interpreter that will run it); False if that
+    interpreter cannot be run here at all."""
+    try:
+        proc = subprocess.run([python, "-I", "-S", "-c", _COMPILE_CHILD, str(source)],
+                              capture_output=True, text=True, timeout=120)
+    except OSError:
+        return False
+    if proc.returncode != 0:
+        raise InstallError(f"{python} cannot compile the plugin: "
+                           f"{proc.stderr.strip()[-500:]}")
+    if not list((source.parent / "__pycache__").glob(f"{CODE_MODULE}.*.pyc")):
+        raise InstallError(f"{python} compiled {source.name} but wrote no bytecode")
+    return True
+
+
+def _replace_launcher(dest_dir: Path, host: Path, python: str, code_dir: str,
+                      runtime_dir: str | None = None) -> Path:
+    """Write `flannel` (write, fsync, rename) running the plugin in `code_dir`, then drop
+    the runtimes and plugin directories that neither it nor the `flannel` it replaced
+    uses (a call that started before the rename still finds its files)."""
+    plugin = dest_dir / PLUGIN_NAME
+    keep = {code_dir, *([runtime_dir] if runtime_dir else []), *_referenced_dirs(plugin)}
+    _write_atomically(plugin, launcher_text(python, str(host / code_dir)), 0o755,
+                      f".{PLUGIN_NAME}.tmp")
+    for old in (*dest_dir.glob(RUNTIME_PREFIX + "*"), *dest_dir.glob(CODE_PREFIX + "*")):
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return plugin
+
+
+def install_plugin(dest_dir: Path, python: str = sys.executable,
+                   host_dir: Path | None = None) -> Path:
+    """Install `<dest_dir>/flannel` (mode 0755) to run under the host's `python`, with
+    its bytecode compiled by that interpreter; return its path.
 
     `-IS` (isolated, no site) keeps the root-run plugin clear of PYTHON* variables and
     site-packages hooks and saves most of the interpreter's start-up time."""
+    _check_interpreter_path(python)
+    host = _host_path(dest_dir, host_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / PLUGIN_NAME
-    _write_atomically(dest, plugin_text(python), 0o755, f".{PLUGIN_NAME}.tmp")
-    return dest
+    code = _install_code(dest_dir, host, python, python)
+    return _replace_launcher(dest_dir, host, python, code)
 
 
-def _shebang_target(plugin: Path) -> str | None:
+def _host_path(dest_dir: Path, host_dir: Path | None) -> Path:
+    host = host_dir if host_dir is not None else dest_dir.absolute()
+    if not host.is_absolute():
+        raise InstallError(f"--host-dir must be an absolute path: {str(host)!r}")
+    return host
+
+
+def _referenced_dirs(plugin: Path) -> set[str]:
+    """The runtime and plugin directories the installed `flannel` names (none for a
+    plugin installed as one file, as before the launcher)."""
     try:
         with plugin.open("rb") as f:
-            first = f.readline(512)
+            head = f.read(4096)
     except OSError:
-        return None
-    return first[2:].split()[0].decode() if first.startswith(b"#!") and first[2:].split() \
-        else None
+        return set()
+    names = re.findall(rb"\.flannel-(?:runtime|plugin)-[0-9a-f]{16}(?![0-9a-f.])", head)
+    return {name.decode() for name in names}
 
 
 def _fsync_tree(top: Path) -> None:
@@ -148,9 +260,7 @@ def install_plugin_with_runtime(dest_dir: Path, runtime: Path = IMAGE_RUNTIME,
         raise InstallError(f"no usable CNI runtime at {runtime} ({exc}); this is not the "
                            "pyflannel image: pass --python to install a plugin that runs "
                            "under that interpreter") from None
-    host = host_dir if host_dir is not None else dest_dir
-    if not host.is_absolute():
-        raise InstallError(f"--host-dir must be an absolute path: {str(host)!r}")
+    host = _host_path(dest_dir, host_dir)
     ident = hashlib.sha256(manifest_path.read_bytes() + str(host).encode()).hexdigest()[:16]
     name = RUNTIME_PREFIX + ident
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -172,16 +282,14 @@ def install_plugin_with_runtime(dest_dir: Path, runtime: Path = IMAGE_RUNTIME,
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-    plugin = dest_dir / PLUGIN_NAME
-    previous = _shebang_target(plugin)
-    _write_atomically(plugin, plugin_text(interpreter), 0o755, f".{PLUGIN_NAME}.tmp")
-    keep = {name}
-    if previous and previous.startswith(f"{host}/{RUNTIME_PREFIX}"):
-        keep.add(previous.removeprefix(f"{host}/").split("/")[0])
-    for old in dest_dir.glob(RUNTIME_PREFIX + "*"):
-        if old.name not in keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return plugin
+    # The runtime is a copy of the interpreter this installer runs on (the image's), so
+    # the bytecode compiled here is the runtime's; anything else is a broken image.
+    runtime_lib = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not (final / "lib" / runtime_lib).is_dir():
+        raise InstallError(f"the runtime at {runtime} is not for {runtime_lib}, the Python "
+                           "this installer runs on; the image is inconsistent")
+    code = _install_code(dest_dir, host, interpreter, None)
+    return _replace_launcher(dest_dir, host, interpreter, code, name)
 
 
 def _sha256(path: Path) -> str:
