@@ -108,11 +108,7 @@ def test_kubectl_logs_show_upstreams_lines(lab: object) -> None:
     assert isinstance(lab, KubeLab)
     for node, p in lab.flannel.pods().items():
         log = lab.flannel.logs(p["metadata"]["name"])
-        missing = missing_log_lines(log, node, lab.backend)
-        # Known gaps of the daemon's output, reported to the lead (see the report).
-        known = {f"Created subnet manager: Kubernetes Subnet Manager - {node}",
-                 "Watching for new subnet leases"}
-        assert set(missing) <= known, log
+        assert missing_log_lines(log, node, lab.backend) == [], log
         other = next(o for o in lab.cluster.nodes.values() if o.name != node)
         assert f"via {other.addr}" in log or lab.backend == "vxlan"
 
