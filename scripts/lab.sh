@@ -4,7 +4,7 @@
 # (e.g. --nodes 5, --backend vxlan, --store kube).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The kube-apiserver takes ~11 minutes to build on a new machine: only when asked for.
+# The Kubernetes binaries take ~12-15 minutes to build on a new machine: only when asked for.
 case " $* " in
   *" kube "*|*"--store=kube"*) ;;
   *) export PYFLANNEL_SKIP_KUBE_APISERVER="${PYFLANNEL_SKIP_KUBE_APISERVER:-1}" ;;
