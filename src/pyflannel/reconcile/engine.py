@@ -1,10 +1,22 @@
 """The running half of reconciliation: KernelReconciler keeps the kernel's routes,
 nexthops, neighbours and FDB entries equal to the desired ones, through a RoutePort.
 
-It runs `plan` (reconcile/plan.py, pure) after every change of the desired state, after a
-netlink event that contradicts it (someone deleted or altered one of our objects: drift,
-repaired within milliseconds), and periodically as a safety net. The traffic rules ride on
-the same driver (`RuleSync`): ensured at start and every --iptables-resync seconds.
+It runs `plan` (reconcile/plan.py, pure) after every change of the desired state and after
+a netlink event that contradicts it (someone deleted or altered one of our objects: drift,
+repaired within milliseconds). A pass costs O(changes): it looks only at the keys that
+changed (the DesiredState records them; events name theirs) and compares them with an
+ObservedCache (reconcile/cache.py) of what we own in the kernel, kept current from our own
+results and the kernel's notifications; it never dumps. There is no debounce: the first
+change is applied at once, and whatever arrives during a pass is coalesced into the next.
+
+A full pass (dump, refill the cache, `plan` over everything) runs at start, after lost
+notifications (overflow), when one of our devices changes, and every `resync_interval`
+seconds as the safety net; a cache that disagrees with that dump is logged, one line per
+difference, and repaired. At 10k peers a full pass costs tens of milliseconds of CPU
+(bench/lease_latency.py prints it), so the 10 s period costs well under 1 % of one core.
+
+The traffic rules ride on the same driver (`RuleSync`): ensured at start and every
+--iptables-resync seconds.
 """
 
 from __future__ import annotations
@@ -30,16 +42,20 @@ from pyflannel.netlink import (
     Route,
     RtEvent,
 )
+from pyflannel.reconcile.cache import ObservedCache
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
     NHID_BASE,
     NHID_SPAN,
+    ChangedKeys,
     DesiredState,
     KernelScope,
     Observed,
     fdb_key,
     neighbour_key,
+    nh_key,
     plan,
+    route_key,
     same_neighbour,
 )
 from pyflannel.traffic import TrafficConfig, TrafficRules
@@ -95,6 +111,9 @@ class ReconcileStats:
     changes: int = 0
     drift_repairs: int = 0
     failures: int = 0
+    full_runs: int = 0  # passes that dumped (start, safety net, lost notifications)
+    cache_repairs: int = 0  # differences between the cache and a safety-net dump
+    last_full_duration: float = 0.0
     last_duration: float = 0.0
     last_success: float = 0.0
     routes: int = 0
@@ -119,12 +138,10 @@ class KernelReconciler:
     PYFLANNEL_NEXTHOP_OBJECTS once); a kernel without them falls back by itself."""
 
     def __init__(self, port: RoutePort, scope: KernelScope, *, resync_interval: float = 10.0,
-                 debounce: float = 0.02, nexthops: bool = True,
-                 rules: RuleSync | None = None) -> None:
+                 nexthops: bool = True, rules: RuleSync | None = None) -> None:
         self.port = port
         self.scope = scope
         self.resync_interval = resync_interval
-        self.debounce = debounce
         self.nexthops = nexthops
         self.rules = rules
         self.on_links: LinkHook | None = None
@@ -136,18 +153,36 @@ class KernelReconciler:
         self._drift_pending = False
         self._echo: dict[tuple[object, ...], float] = {}  # change signature -> deadline
         self._failing: dict[tuple[object, ...], int] = {}  # op signature -> errno logged
+        self._cache: ObservedCache | None = None  # None: the next pass dumps
+        self._kernel_dirty = ChangedKeys()  # keys named by contradicting events
+        self._retry = ChangedKeys()  # keys whose ops failed: retried with the next pass
+        self._whole = True  # diff every key against the cache (a new DesiredState)
+        self._next_full = 0.0  # monotonic time of the next safety-net pass
+        # Which of our nexthops each desired route uses, and who uses each nexthop: an
+        # incremental pass knows when a nexthop is no longer needed without a scan.
+        self._route_nh: dict[str, int] = {}
+        self._nh_users: dict[int, set[str]] = {}
 
     # -- inputs -------------------------------------------------------------------------
 
     def set_desired(self, desired: DesiredState) -> None:
         """Takes ownership of `desired` (no copy: the caller builds a new one or keeps
         mutating this one between passes)."""
+        if desired is not self._desired:
+            self._whole = True
         self._desired = desired
         self._have_desired = True
         self._dirty.set()
 
     def set_scope(self, scope: KernelScope) -> None:
+        if scope != self.scope:
+            self._cache = None  # other devices: what we own is dumped again
         self.scope = scope
+        self._dirty.set()
+
+    def resync(self) -> None:
+        """Dump and diff everything with the next pass (at once)."""
+        self._cache = None
         self._dirty.set()
 
     def mark_dirty(self, *, drift: bool = False) -> None:
@@ -161,6 +196,7 @@ class KernelReconciler:
         now = time.monotonic()
         drifts = 0
         for ev in events:
+            affected = self._observe(ev)
             if self._is_echo(ev, now):
                 continue
             reason = self._contradiction(ev)
@@ -168,10 +204,64 @@ class KernelReconciler:
                 drifts += 1
                 if drifts <= DRIFT_LOG_LIMIT:
                     log.warning("Drift: %s; repairing", reason)
+                self._mark_kernel(ev, affected)
         if drifts > DRIFT_LOG_LIMIT:
             log.warning("Drift: ... and %d more changes in this batch", drifts - DRIFT_LOG_LIMIT)
         if drifts:
             self.mark_dirty(drift=True)
+
+    def _observe(self, ev: RtEvent) -> set[str]:
+        """Keep the cache current; returns the prefixes of routes the event removed along
+        with a nexthop (no notification of their own)."""
+        c, o, scope = self._cache, ev.obj, self.scope
+        if ev.kind == "overflow":
+            self._cache = None  # notifications were lost: dump again
+            return set()
+        if c is None:
+            return set()
+        if isinstance(o, Route):
+            if ev.kind == "route_del":
+                c.drop_route(o)
+            else:
+                c.put_route(o, scope)
+        elif isinstance(o, Nexthop):
+            if ev.kind == "nexthop_del":
+                return c.drop_nexthop(o.id)
+            gone = c.routes_using(o.id) if o.id in c.nexthops else set()
+            c.put_nexthop(o, scope)
+            return gone
+        elif isinstance(o, Neighbour):
+            if o.ifindex in scope.neighbour_ifindexes:
+                if ev.kind == "neigh_del":
+                    c.drop_neighbour(o)
+                else:
+                    c.put_neighbour(o, scope)
+        elif isinstance(o, FdbEntry):
+            if o.ifindex in scope.neighbour_ifindexes:
+                if ev.kind == "neigh_del":
+                    c.drop_fdb(o)
+                else:
+                    c.put_fdb(o, scope)
+        elif o is not None and ev.kind in ("link_new", "link_del"):
+            idx = getattr(o, "ifindex", None)
+            if idx in scope.route_oifs or idx in scope.neighbour_ifindexes:
+                # The kernel flushes a device's routes without notifications.
+                self._cache = None
+                self._dirty.set()
+        return set()
+
+    def _mark_kernel(self, ev: RtEvent, affected: set[str]) -> None:
+        """The keys a contradicting event touches, for the next pass."""
+        o, kd = ev.obj, self._kernel_dirty
+        if isinstance(o, Route):
+            kd.routes.add(route_key(o))
+        elif isinstance(o, Nexthop):
+            kd.routes |= affected
+            kd.routes |= self._nh_users.get(o.id, set())
+        elif isinstance(o, Neighbour):
+            kd.neighbours.add(neighbour_key(o))
+        elif isinstance(o, FdbEntry):
+            kd.fdb.add(fdb_key(o))
 
     def _is_echo(self, ev: RtEvent, now: float) -> bool:
         if not self._echo or ev.obj is None:
@@ -267,20 +357,27 @@ class KernelReconciler:
                 log.error("Failed to ensure %s rules: %s", rs.rules.mode, e)
 
     async def _passes(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            with contextlib.suppress(TimeoutError):  # a timeout means: periodic safety-net pass
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.resync_interval)
+            wait = self._next_full - loop.time()
+            if wait > 0 and not self._dirty.is_set():
+                # A timeout means: the periodic safety-net pass.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             if not self._have_desired:
                 self._dirty.clear()
+                self._next_full = loop.time() + self.resync_interval
                 continue
-            # Coalesce bursts (a snapshot, a flurry of events) into one pass.
-            await asyncio.sleep(self.debounce)
+            # No debounce: whatever arrived so far goes into this pass, whatever arrives
+            # while it runs into the next one.
             self._dirty.clear()
             drift, self._drift_pending = self._drift_pending, False
+            periodic = loop.time() >= self._next_full
             try:
-                await self.reconcile_once(drift=drift)
+                await self.reconcile_once(drift=drift, full=periodic or None)
             except OSError as e:
                 self.stats.failures += 1
+                self._cache = None
                 log.error("Reconcile failed: %s (retrying in 1 s)", e)
                 await asyncio.sleep(1)
                 self._dirty.set()
@@ -289,18 +386,23 @@ class KernelReconciler:
         """Our objects in the kernel (streamed and filtered by the port)."""
         return await self.port.dump(self.scope, nexthops=self.nexthops)
 
-    async def reconcile_once(self, *, drift: bool = False) -> int:
-        """One full pass; returns the number of changes applied."""
+    async def reconcile_once(self, *, drift: bool = False, full: bool | None = None) -> int:
+        """One pass; returns the number of changes applied. full=None: a full pass (dump)
+        only when the cache is not filled yet; True: always (the safety net: the cache is
+        checked against the dump)."""
         start = time.monotonic()
         desired = self._desired
-        ops = plan(desired, await self.observe(), self.scope, nexthops=self.nexthops)
-        results = await self.port.apply(ops) if ops else []
-        self._expect_echoes(results)
+        whole = full is True or self._cache is None
+        if whole:
+            results = await self._full_pass(check=full is True and self._cache is not None)
+        else:
+            results = await self._incremental_pass()
         if self.nexthops and self._nexthops_unsupported(results):
             log.warning("This kernel does not support nexthop objects; using classic routes")
             self.nexthops = False
+            self._cache = None
             return await self.reconcile_once(drift=drift)
-        changed = self._account(results)
+        changed = self._account(results, whole=whole)
         if drift and changed:
             self.stats.drift_repairs += changed
         s = self.stats
@@ -310,10 +412,178 @@ class KernelReconciler:
         s.neighbours = len(desired.neighbours)
         s.fdb = len(desired.fdb)
         s.last_duration = time.monotonic() - start
+        if whole:
+            s.full_runs += 1
+            s.last_full_duration = s.last_duration
         s.last_success = time.time()
         if self.on_pass is not None:
             self.on_pass(s)
         return changed
+
+    async def _full_pass(self, *, check: bool) -> list[OpResult]:
+        """Dump, refill the cache (logging what it had wrong when `check`), plan it all."""
+        self._next_full = asyncio.get_running_loop().time() + self.resync_interval
+        obs = await self.observe()
+        fresh = ObservedCache.from_observed(obs, self.scope)
+        if check and self._cache is not None:
+            self._report_differences(self._cache.differences(fresh))
+        self._cache = fresh
+        desired = self._desired
+        desired.changed.drain()  # covered: the plan looks at everything
+        self._kernel_dirty.drain()
+        self._retry.drain()
+        self._whole = False
+        ops = plan(desired, obs, self.scope, nexthops=self.nexthops)
+        del obs  # the cache holds the same objects; the lists go
+        results = await self.port.apply(ops) if ops else []
+        self._after_apply(results)
+        self._index_nexthops()
+        return results
+
+    def _report_differences(self, diffs: list[str]) -> None:
+        self.stats.cache_repairs += len(diffs)
+        for line in diffs[:LOG_EACH_LIMIT]:
+            log.warning("Kernel state differed from what notifications said: %s; repaired",
+                        line)
+        if len(diffs) > LOG_EACH_LIMIT:
+            log.warning("... and %d more differences (repaired)", len(diffs) - LOG_EACH_LIMIT)
+
+    def _index_nexthops(self) -> None:
+        """After a full pass: which nexthop each desired route uses, from the cache."""
+        c = self._cache
+        self._route_nh = {}
+        self._nh_users = {}
+        if not self.nexthops or c is None:
+            return
+        for k, r in self._desired.routes.items():
+            if r.type == RTN_UNICAST:
+                nhid = c.nexthop_id(nh_key(r))
+                if nhid is not None:
+                    self._route_nh[k] = nhid
+                    self._nh_users.setdefault(nhid, set()).add(k)
+
+    def _changed_keys(self) -> ChangedKeys:
+        keys = self._desired.changed.drain()
+        keys.update(self._kernel_dirty.drain())
+        keys.update(self._retry.drain())
+        if self._whole:
+            self._whole = False
+            c, d = self._cache, self._desired
+            assert c is not None
+            keys.routes |= d.routes.keys() | c.routes.keys()
+            keys.neighbours |= d.neighbours.keys() | c.neighbours.keys()
+            keys.fdb |= d.fdb.keys() | c.fdb.keys()
+        return keys
+
+    async def _incremental_pass(self) -> list[OpResult]:
+        """`plan` over the changed keys only, against the cache: O(changes)."""
+        c = self._cache
+        assert c is not None
+        keys = self._changed_keys()
+        if not keys:
+            return []
+        d = self._desired
+        want_routes: dict[str, Route] = {}
+        nh_adds: list[Op] = []
+        freed: set[int] = set()
+        pending: dict[object, int] = {}
+        for k in keys.routes:
+            r = d.routes.get(k)
+            if self.nexthops:
+                old = self._route_nh.pop(k, None)
+                if old is not None:
+                    users = self._nh_users.get(old)
+                    if users is not None:
+                        users.discard(k)
+                        if not users:
+                            del self._nh_users[old]
+                            freed.add(old)
+                if r is not None and r.type == RTN_UNICAST:
+                    r = self._with_nexthop(k, r, pending, nh_adds)
+            if r is not None:
+                want_routes[k] = r
+        observed = c.observed(keys.routes, keys.neighbours, keys.fdb)
+        if self.nexthops:
+            for have in observed.routes:  # a stale route's nexthop may be unused now
+                if have.nhid is not None and have.nhid not in self._nh_users:
+                    freed.add(have.nhid)
+        nh_gone = {i for i in freed if i not in self._nh_users and i in c.nexthops}
+        sub = DesiredState(
+            routes=want_routes,
+            neighbours={k: n for k in keys.neighbours if (n := d.neighbours.get(k))},
+            fdb={k: f for k in keys.fdb if (f := d.fdb.get(k))})
+        # The nexthops are ours to derive here; plan diffs the routes (by nhid), the
+        # neighbours and the FDB entries of these keys.
+        ops = plan(sub, observed, self.scope, nexthops=False)
+        if nh_gone:
+            # Deleting a nexthop takes its IPv4 routes along: no separate route delete.
+            ops = [op for op in ops if not (
+                op.action == "delete" and isinstance(op.obj, Route) and op.obj.nhid in nh_gone
+                and op.obj.dst.version == 4)]
+            ops.extend(Op("delete", c.nexthops[i]) for i in sorted(nh_gone))
+        ops = nh_adds + ops
+        results = await self.port.apply(ops) if ops else []
+        self._after_apply(results)
+        return results
+
+    def _with_nexthop(self, k: str, r: Route, pending: dict[object, int],
+                      nh_adds: list[Op]) -> Route:
+        """`r` pointing at our nexthop for its (gateway, device): the existing one, or a new
+        one with the lowest free id (deterministic, as `plan` allocates)."""
+        c = self._cache
+        assert c is not None
+        key = nh_key(r)
+        nhid = pending.get(key)
+        if nhid is None:
+            nhid = c.nexthop_id(key)
+        if nhid is None:
+            nhid = c.free_nexthop_id(set(pending.values()) | self._nh_users.keys())
+            pending[key] = nhid
+            nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
+                                                 r.onlink)))
+        self._route_nh[k] = nhid
+        self._nh_users.setdefault(nhid, set()).add(k)
+        return Route(dst=r.dst, gateway=r.gateway, oif=r.oif, table=r.table,
+                     protocol=r.protocol, onlink=r.onlink, scope=r.scope, type=r.type,
+                     nhid=nhid)
+
+    def _after_apply(self, results: Sequence[OpResult]) -> None:
+        """Our changes into the cache at once (their notifications confirm them later);
+        failed keys are retried with the next pass."""
+        self._expect_echoes(results)
+        c, scope, retry = self._cache, self.scope, self._retry
+        if c is None:
+            return
+        for res in results:
+            op, o = res.op, res.op.obj
+            gone = op.action == "delete" and (res.errno == 0 or res.errno in GONE)
+            if res.errno and not gone:
+                if isinstance(o, Route):
+                    retry.routes.add(route_key(o))
+                elif isinstance(o, Neighbour):
+                    retry.neighbours.add(neighbour_key(o))
+                elif isinstance(o, FdbEntry):
+                    retry.fdb.add(fdb_key(o))
+                continue
+            if isinstance(o, Route):
+                if gone:
+                    c.drop_route(o)
+                else:
+                    c.put_route(o, scope)
+            elif isinstance(o, Nexthop):
+                if gone:
+                    c.drop_nexthop(o.id)
+                else:
+                    c.put_nexthop(o, scope)
+            elif isinstance(o, Neighbour):
+                if gone:
+                    c.drop_neighbour(o)
+                else:
+                    c.put_neighbour(o, scope)
+            elif gone:
+                c.drop_fdb(o)
+            else:
+                c.put_fdb(o, scope)
 
     @staticmethod
     def _nexthops_unsupported(results: Iterable[OpResult]) -> bool:
@@ -322,7 +592,7 @@ class KernelReconciler:
                 return res.errno in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
         return False
 
-    def _account(self, results: Sequence[OpResult]) -> int:
+    def _account(self, results: Sequence[OpResult], *, whole: bool = True) -> int:
         changed = 0
         logged = 0
         verbose_all = log.isEnabledFor(logging.DEBUG)
@@ -375,7 +645,12 @@ class KernelReconciler:
         if logged > LOG_EACH_LIMIT and not verbose_all:
             log.info("... and %d more changes (%d in this pass; -v=2 lists each)",
                      logged - LOG_EACH_LIMIT, logged)
-        for key in self.stats.unreachable - unreachable:
+        before = self.stats.unreachable
+        if not whole:
+            # An incremental pass retried only some routes: the others' state stands.
+            looked = {str(r.op.obj.dst) for r in results if isinstance(r.op.obj, Route)}
+            unreachable |= {k for k in before - looked if k in self._desired.routes}
+        for key in before - unreachable:
             if key in self._desired.routes:
                 log.info("Route to %s recovered: peer reachable again", key)
         self.stats.unreachable = unreachable

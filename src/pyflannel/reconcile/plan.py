@@ -84,22 +84,53 @@ class KernelScope:
         return tuple(sorted(fams))
 
 
-@dataclass
+@dataclass(slots=True)
+class ChangedKeys:
+    """Keys of a DesiredState (or of the kernel) that changed since the engine last looked:
+    what an incremental pass works on, so it costs O(changes)."""
+
+    routes: set[str] = field(default_factory=set)
+    neighbours: set[tuple[int, str]] = field(default_factory=set)
+    fdb: set[tuple[int, str]] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.routes or self.neighbours or self.fdb)
+
+    def update(self, other: ChangedKeys) -> None:
+        self.routes |= other.routes
+        self.neighbours |= other.neighbours
+        self.fdb |= other.fdb
+
+    def drain(self) -> ChangedKeys:
+        """The keys so far, leaving this set empty."""
+        out = ChangedKeys(self.routes, self.neighbours, self.fdb)
+        self.routes, self.neighbours, self.fdb = set(), set(), set()
+        return out
+
+
+@dataclass(slots=True)
 class DesiredState:
     """Everything the backend wants, keyed for cheap diffs. Routes are in classic form
-    (gateway + oif); nexthop objects are derived from them here."""
+    (gateway + oif); nexthop objects are derived from them here. Whoever mutates the dicts
+    records the key in `changed` (DesiredTable does), so the engine can look at those keys
+    only; a new DesiredState handed to the engine is diffed whole."""
 
     routes: dict[str, Route] = field(default_factory=dict)
     neighbours: dict[tuple[int, str], Neighbour] = field(default_factory=dict)
     fdb: dict[tuple[int, str], FdbEntry] = field(default_factory=dict)
+    changed: ChangedKeys = field(default_factory=ChangedKeys, compare=False, repr=False)
 
 
-@dataclass
+@dataclass(slots=True)
 class Observed:
     routes: list[Route] = field(default_factory=list)
     nexthops: list[Nexthop] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
     fdb: list[FdbEntry] = field(default_factory=list)
+
+
+def route_key(r: Route) -> str:
+    return str(r.dst)
 
 
 def neighbour_key(n: Neighbour) -> tuple[int, str]:
