@@ -40,29 +40,41 @@ def peer(i: int) -> tuple[IPv4Network, IPv4Address]:
     return subnet, gw
 
 
-async def seed(endpoint: str, n: int) -> None:
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def peer_lease(i: int, backend: str = "host-gw") -> tuple[str, str]:
+    """(etcd key, value) of the i-th peer's lease, as upstream's flanneld writes it."""
+    subnet, gw = peer(i)
+    key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+    attrs: dict[str, object] = {"PublicIP": str(gw), "PublicIPv6": None, "BackendType": backend}
+    if backend == "vxlan":
+        attrs["BackendData"] = {"VNI": 1, "VtepMAC": vtep_mac(i)}
+    return key, json.dumps(attrs, separators=(",", ":"))
+
+
+def vtep_mac(i: int) -> str:
+    return f"0e:00:{(i >> 24) & 255:02x}:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+async def seed(endpoint: str, n: int, backend: str = "host-gw") -> None:
     """Writes N leases as upstream nodes would (one shared etcd lease for speed)."""
     import httpx
-
-    def b64(s: str) -> str:
-        return base64.b64encode(s.encode()).decode()
 
     async with httpx.AsyncClient(base_url=endpoint, timeout=30) as c:
         lease = (await c.post("/v3/lease/grant", json={"TTL": 86400})).json()["ID"]
         ops = []
         for i in range(n):
-            subnet, gw = peer(i)
-            key = f"{PREFIX}/subnets/{subnet.network_address}-24"
-            val = json.dumps({"PublicIP": str(gw), "PublicIPv6": None,
-                              "BackendType": "host-gw"}, separators=(",", ":"))
+            key, val = peer_lease(i, backend)
             ops.append({"requestPut": {"key": b64(key), "value": b64(val), "lease": lease}})
         for i in range(0, len(ops), 128):  # etcd's default --max-txn-ops
             r = await c.post("/v3/kv/txn", json={"success": ops[i:i + 128]})
             r.raise_for_status()
 
 
-def count_routes(ns: NetNamespace) -> int:
-    out = ns.ip("-4", "route", "show", "dev", "eth0").stdout
+def count_routes(ns: NetNamespace, dev: str = "eth0") -> int:
+    out = ns.ip("-4", "route", "show", "dev", dev, check=False).stdout  # dev may be coming
     return sum(1 for line in out.splitlines() if line.startswith("10.") and " via " in line)
 
 
@@ -131,8 +143,8 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--seed":
-        asyncio.run(seed(sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--seed":
+        asyncio.run(seed(sys.argv[2], int(sys.argv[3]), *sys.argv[4:]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000")

@@ -515,12 +515,9 @@ class KernelReconciler:
         # The nexthops are ours to derive here; plan diffs the routes (by nhid), the
         # neighbours and the FDB entries of these keys.
         ops = plan(sub, observed, self.scope, nexthops=False)
-        if nh_gone:
-            # Deleting a nexthop takes its IPv4 routes along: no separate route delete.
-            ops = [op for op in ops if not (
-                op.action == "delete" and isinstance(op.obj, Route) and op.obj.nhid in nh_gone
-                and op.obj.dst.version == 4)]
-            ops.extend(Op("delete", c.nexthops[i]) for i in sorted(nh_gone))
+        # Routes go before their nexthops (plan's order): deleting a nexthop that routes
+        # still use takes them along, but measured 2-8x slower at 10k (a FIB flush each).
+        ops.extend(Op("delete", c.nexthops[i]) for i in sorted(nh_gone))
         ops = nh_adds + ops
         results = await self.port.apply(ops) if ops else []
         self._after_apply(results)
