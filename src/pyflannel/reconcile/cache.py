@@ -13,7 +13,7 @@ that use it along without a notification, so its routes leave the cache with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
 from pyflannel.reconcile.plan import (
@@ -37,16 +37,19 @@ def metric_of(r: Route) -> int:
 
 
 class ObservedCache:
-    __slots__ = ("routes", "nexthops", "neighbours", "fdb", "_nh_ids", "_nh_routes",
+    # Slots, and no per-entry containers for the common case (one route per prefix, one
+    # route per nexthop): at 10k peers this is the daemon's largest table.
+    __slots__ = ("routes", "extra", "nexthops", "neighbours", "fdb", "_nh_ids", "_nh_routes",
                  "_free_hint")
 
     def __init__(self) -> None:
-        self.routes: dict[str, dict[int, Route]] = {}  # prefix -> metric -> route
+        self.routes: dict[str, Route] = {}  # prefix -> the route at the kernel's default metric
+        self.extra: dict[str, dict[int, Route]] = {}  # prefix -> other metric -> route
         self.nexthops: dict[int, Nexthop] = {}  # ours only
         self.neighbours: dict[NeighKey, Neighbour] = {}
         self.fdb: dict[NeighKey, FdbEntry] = {}
         self._nh_ids: dict[NhKey, set[int]] = {}  # (gateway, oif, onlink) -> ids
-        self._nh_routes: dict[int, set[str]] = {}  # nhid -> prefixes of cached routes
+        self._nh_routes: dict[int, str | set[str]] = {}  # nhid -> prefix(es) of its routes
         self._free_hint = NHID_BASE  # no id below it is free
 
     @classmethod
@@ -70,33 +73,51 @@ class ObservedCache:
             self.drop_route(r)
             return
         k = route_key(r)
-        metric = metric_of(r)
-        per = self.routes.setdefault(k, {})
-        old = per.get(metric)
+        default = metric_of(r) == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
+        old = self.routes.get(k) if default else self.extra.get(k, {}).get(metric_of(r))
+        if old is not None and _route_facts(old) == _route_facts(r):
+            return  # keep the object we have (shared with the desired state)
+        if default:
+            self.routes[k] = r
+        else:
+            self.extra.setdefault(k, {})[metric_of(r)] = r
         if old is not None and old.nhid is not None and old.nhid != r.nhid:
-            self._unlink(old.nhid, k, per, metric)
-        per[metric] = r
+            self._unlink(old.nhid, k)
         if r.nhid is not None:
-            self._nh_routes.setdefault(r.nhid, set()).add(k)
+            self._link(r.nhid, k)
 
     def drop_route(self, r: Route) -> None:
         k = route_key(r)
-        per = self.routes.get(k)
-        if per is None:
-            return
         metric = metric_of(r)
-        old = per.pop(metric, None)
+        if metric == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC):
+            old = self.routes.pop(k, None)
+        else:
+            per = self.extra.get(k)
+            old = per.pop(metric, None) if per else None
+            if per is not None and not per:
+                del self.extra[k]
         if old is not None and old.nhid is not None:
-            self._unlink(old.nhid, k, per, metric)
-        if not per:
-            del self.routes[k]
+            self._unlink(old.nhid, k)
 
-    def _unlink(self, nhid: int, k: str, per: dict[int, Route], metric: int) -> None:
-        users = self._nh_routes.get(nhid)
-        if users is not None and not any(m != metric and r.nhid == nhid
-                                         for m, r in per.items()):
-            users.discard(k)
-            if not users:
+    def _link(self, nhid: int, k: str) -> None:
+        have = self._nh_routes.get(nhid)
+        if have is None:
+            self._nh_routes[nhid] = k
+        elif isinstance(have, str):
+            if have != k:
+                self._nh_routes[nhid] = {have, k}
+        else:
+            have.add(k)
+
+    def _unlink(self, nhid: int, k: str) -> None:
+        if any(r.nhid == nhid for r in self.routes_at(k)):
+            return  # another metric of this prefix still uses it
+        have = self._nh_routes.get(nhid)
+        if have == k:
+            del self._nh_routes[nhid]
+        elif isinstance(have, set):
+            have.discard(k)
+            if not have:
                 del self._nh_routes[nhid]
 
     def put_nexthop(self, nh: Nexthop, scope: KernelScope) -> None:
@@ -116,15 +137,18 @@ class ObservedCache:
         if old is not None:
             self._forget_key(old)
             self._free_hint = min(self._free_hint, nhid)
-        gone = self._nh_routes.pop(nhid, set()) if routes else set()
+        gone = self.routes_using(nhid) if routes else set()
+        self._nh_routes.pop(nhid, None)
         for k in gone:
-            per = self.routes.get(k)
-            if per is None:
-                continue
-            for m in [m for m, r in per.items() if r.nhid == nhid]:
-                del per[m]
-            if not per:
+            r = self.routes.get(k)
+            if r is not None and r.nhid == nhid:
                 del self.routes[k]
+            per = self.extra.get(k)
+            if per:
+                for m in [m for m, x in per.items() if x.nhid == nhid]:
+                    del per[m]
+                if not per:
+                    del self.extra[k]
         return gone
 
     def _forget_key(self, nh: Nexthop) -> None:
@@ -160,25 +184,42 @@ class ObservedCache:
         ids = self._nh_ids.get(key)
         return min(ids) if ids else None
 
-    def free_nexthop_id(self, taken: set[int]) -> int:
-        """The lowest id of our range that neither the kernel nor `taken` uses (as `plan`
-        allocates)."""
+    def free_nexthop_id(self, taken: Iterable[Container[int]]) -> int:
+        """The lowest id of our range that neither the kernel nor any of `taken` uses (as
+        `plan` allocates)."""
         i = self._free_hint
-        while i in self.nexthops or i in taken:
+        while i in self.nexthops:
+            i += 1
+        self._free_hint = i  # every id below is the kernel's: the next search starts here
+        taken = tuple(taken)
+        while i in self.nexthops or any(i in t for t in taken):
             i += 1
         if i >= NHID_BASE + (1 << 20):
             raise RuntimeError("out of nexthop ids")
         return i
 
     def routes_using(self, nhid: int) -> set[str]:
-        return set(self._nh_routes.get(nhid, ()))
+        have = self._nh_routes.get(nhid)
+        if have is None:
+            return set()
+        return {have} if isinstance(have, str) else set(have)
+
+    def route_prefixes(self) -> set[str]:
+        return self.routes.keys() | self.extra.keys()
 
     def routes_at(self, k: str) -> Iterator[Route]:
         """The routes to prefix `k`, lowest metric first (as a dump lists them)."""
-        per = self.routes.get(k)
-        if per:
-            for m in sorted(per):
-                yield per[m]
+        r = self.routes.get(k)
+        per = self.extra.get(k)
+        if not per:
+            if r is not None:
+                yield r
+            return
+        both = dict(per)
+        if r is not None:
+            both[metric_of(r)] = r
+        for m in sorted(both):
+            yield both[m]
 
     def observed(self, routes: Iterable[str], neighbours: Iterable[NeighKey],
                  fdb: Iterable[NeighKey]) -> Observed:
@@ -196,8 +237,9 @@ class ObservedCache:
         what `plan` looks at (an object we put is cached as sent; the kernel may report
         fields `plan` ignores differently)."""
         out: list[str] = []
-        for k in self.routes.keys() | truth.routes.keys():
-            mine, real = self.routes.get(k, {}), truth.routes.get(k, {})
+        for k in self.route_prefixes() | truth.route_prefixes():
+            mine = {metric_of(r): r for r in self.routes_at(k)}
+            real = {metric_of(r): r for r in truth.routes_at(k)}
             for m in mine.keys() | real.keys():
                 a, b = mine.get(m), real.get(m)
                 if _route_facts(a) != _route_facts(b):

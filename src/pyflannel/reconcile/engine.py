@@ -158,10 +158,10 @@ class KernelReconciler:
         self._retry = ChangedKeys()  # keys whose ops failed: retried with the next pass
         self._whole = True  # diff every key against the cache (a new DesiredState)
         self._next_full = 0.0  # monotonic time of the next safety-net pass
-        # Which of our nexthops each desired route uses, and who uses each nexthop: an
+        # Which of our nexthops each desired route uses, and how many use each: an
         # incremental pass knows when a nexthop is no longer needed without a scan.
         self._route_nh: dict[str, int] = {}
-        self._nh_users: dict[int, set[str]] = {}
+        self._nh_refs: dict[int, int] = {}  # nhid -> desired routes using it
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -257,7 +257,8 @@ class KernelReconciler:
             kd.routes.add(route_key(o))
         elif isinstance(o, Nexthop):
             kd.routes |= affected
-            kd.routes |= self._nh_users.get(o.id, set())
+            # and the desired routes mapped to it (rare: someone changed our nexthop)
+            kd.routes.update(k for k, i in self._route_nh.items() if i == o.id)
         elif isinstance(o, Neighbour):
             kd.neighbours.add(neighbour_key(o))
         elif isinstance(o, FdbEntry):
@@ -438,6 +439,8 @@ class KernelReconciler:
         results = await self.port.apply(ops) if ops else []
         self._after_apply(results)
         self._index_nexthops()
+        # The period counts from the end: a long first pass is not followed by another.
+        self._next_full = asyncio.get_running_loop().time() + self.resync_interval
         return results
 
     def _report_differences(self, diffs: list[str]) -> None:
@@ -452,7 +455,7 @@ class KernelReconciler:
         """After a full pass: which nexthop each desired route uses, from the cache."""
         c = self._cache
         self._route_nh = {}
-        self._nh_users = {}
+        self._nh_refs = {}
         if not self.nexthops or c is None:
             return
         for k, r in self._desired.routes.items():
@@ -460,7 +463,7 @@ class KernelReconciler:
                 nhid = c.nexthop_id(nh_key(r))
                 if nhid is not None:
                     self._route_nh[k] = nhid
-                    self._nh_users.setdefault(nhid, set()).add(k)
+                    self._nh_refs[nhid] = self._nh_refs.get(nhid, 0) + 1
 
     def _changed_keys(self) -> ChangedKeys:
         keys = self._desired.changed.drain()
@@ -470,7 +473,7 @@ class KernelReconciler:
             self._whole = False
             c, d = self._cache, self._desired
             assert c is not None
-            keys.routes |= d.routes.keys() | c.routes.keys()
+            keys.routes |= d.routes.keys() | c.route_prefixes()
             keys.neighbours |= d.neighbours.keys() | c.neighbours.keys()
             keys.fdb |= d.fdb.keys() | c.fdb.keys()
         return keys
@@ -492,12 +495,12 @@ class KernelReconciler:
             if self.nexthops:
                 old = self._route_nh.pop(k, None)
                 if old is not None:
-                    users = self._nh_users.get(old)
-                    if users is not None:
-                        users.discard(k)
-                        if not users:
-                            del self._nh_users[old]
-                            freed.add(old)
+                    refs = self._nh_refs.get(old, 0) - 1
+                    if refs > 0:
+                        self._nh_refs[old] = refs
+                    else:
+                        self._nh_refs.pop(old, None)
+                        freed.add(old)
                 if r is not None and r.type == RTN_UNICAST:
                     r = self._with_nexthop(k, r, pending, nh_adds)
             if r is not None:
@@ -505,9 +508,9 @@ class KernelReconciler:
         observed = c.observed(keys.routes, keys.neighbours, keys.fdb)
         if self.nexthops:
             for have in observed.routes:  # a stale route's nexthop may be unused now
-                if have.nhid is not None and have.nhid not in self._nh_users:
+                if have.nhid is not None and have.nhid not in self._nh_refs:
                     freed.add(have.nhid)
-        nh_gone = {i for i in freed if i not in self._nh_users and i in c.nexthops}
+        nh_gone = {i for i in freed if i not in self._nh_refs and i in c.nexthops}
         sub = DesiredState(
             routes=want_routes,
             neighbours={k: n for k in keys.neighbours if (n := d.neighbours.get(k))},
@@ -534,12 +537,12 @@ class KernelReconciler:
         if nhid is None:
             nhid = c.nexthop_id(key)
         if nhid is None:
-            nhid = c.free_nexthop_id(set(pending.values()) | self._nh_users.keys())
+            nhid = c.free_nexthop_id((pending.values(), self._nh_refs))
             pending[key] = nhid
             nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
                                                  r.onlink)))
         self._route_nh[k] = nhid
-        self._nh_users.setdefault(nhid, set()).add(k)
+        self._nh_refs[nhid] = self._nh_refs.get(nhid, 0) + 1
         return Route(dst=r.dst, gateway=r.gateway, oif=r.oif, table=r.table,
                      protocol=r.protocol, onlink=r.onlink, scope=r.scope, type=r.type,
                      nhid=nhid)

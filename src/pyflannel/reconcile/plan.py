@@ -56,18 +56,27 @@ class KernelScope:
     table: int = 254
     # --ip-blackhole-route: our own subnet(s), as `blackhole <subnet>` routes.
     blackholes: frozenset[IPv4Network | IPv6Network] = frozenset()
+    # networks as (version, prefix length, mask, address) integers, derived
+    _nets: tuple[tuple[int, int, int, int], ...] = field(
+        default=(), init=False, compare=False, repr=False)
 
     def owns_route(self, r: Route) -> bool:
         if r.table != self.table:
             return False
         if r.type == RTN_BLACKHOLE:
             return r.dst in self.blackholes
-        return (
-            r.type == RTN_UNICAST
-            and r.oif in self.route_oifs
-            and any(r.dst.version == n.version and r.dst.subnet_of(n)  # type: ignore[arg-type]
-                    for n in self.networks)
-        )
+        if r.type != RTN_UNICAST or r.oif not in self.route_oifs:
+            return False
+        # subnet_of by integers: called for every dumped route (50k at start-up).
+        d = r.dst
+        addr, plen, version = int(d.network_address), d.prefixlen, d.version
+        return any(version == v and plen >= nlen and addr & mask == net
+                   for v, nlen, mask, net in self._nets)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_nets", tuple(
+            (n.version, n.prefixlen, int(n.netmask), int(n.network_address))
+            for n in self.networks))
 
     def owns_nexthop(self, nh: Nexthop) -> bool:
         return NHID_BASE <= nh.id < NHID_BASE + NHID_SPAN and nh.oif in self.route_oifs
