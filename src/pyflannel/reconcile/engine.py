@@ -154,6 +154,7 @@ class KernelReconciler:
         self._echo: dict[tuple[object, ...], float] = {}  # change signature -> deadline
         self._failing: dict[tuple[object, ...], int] = {}  # op signature -> errno logged
         self._cache: ObservedCache | None = None  # None: the next pass dumps
+        self._full_reason = "start"
         self._kernel_dirty = ChangedKeys()  # keys named by contradicting events
         self._retry = ChangedKeys()  # keys whose ops failed: retried with the next pass
         self._whole = True  # diff every key against the cache (a new DesiredState)
@@ -176,14 +177,19 @@ class KernelReconciler:
 
     def set_scope(self, scope: KernelScope) -> None:
         if scope != self.scope:
-            self._cache = None  # other devices: what we own is dumped again
+            self._drop_cache("devices changed")  # what we own is dumped again
         self.scope = scope
         self._dirty.set()
 
     def resync(self) -> None:
         """Dump and diff everything with the next pass (at once)."""
-        self._cache = None
+        self._drop_cache("asked to")
         self._dirty.set()
+
+    def _drop_cache(self, why: str) -> None:
+        if self._cache is not None:
+            self._full_reason = why
+        self._cache = None
 
     def mark_dirty(self, *, drift: bool = False) -> None:
         self._drift_pending = self._drift_pending or drift
@@ -197,6 +203,13 @@ class KernelReconciler:
         drifts = 0
         for ev in events:
             affected = self._observe(ev)
+            if ev.kind == "overflow":
+                # Not drift: after a big batch of our own (a cold start at 50k peers) the
+                # kernel drops our echoes first. The dump covers whatever was lost.
+                log.info("Netlink notifications were lost (receive queue overflowed); "
+                         "resyncing from a full dump")
+                self._dirty.set()
+                continue
             if self._is_echo(ev, now):
                 continue
             reason = self._contradiction(ev)
@@ -215,7 +228,7 @@ class KernelReconciler:
         with a nexthop (no notification of their own)."""
         c, o, scope = self._cache, ev.obj, self.scope
         if ev.kind == "overflow":
-            self._cache = None  # notifications were lost: dump again
+            self._drop_cache("netlink notifications were lost")
             return set()
         if c is None:
             return set()
@@ -246,7 +259,7 @@ class KernelReconciler:
             idx = getattr(o, "ifindex", None)
             if idx in scope.route_oifs or idx in scope.neighbour_ifindexes:
                 # The kernel flushes a device's routes without notifications.
-                self._cache = None
+                self._drop_cache(f"device #{idx} changed")
                 self._dirty.set()
         return set()
 
@@ -282,8 +295,6 @@ class KernelReconciler:
 
     def _contradiction(self, ev: RtEvent) -> str | None:
         d, o = self._desired, ev.obj
-        if ev.kind == "overflow":
-            return "netlink event queue overflowed"
         if isinstance(o, Route):
             want = d.routes.get(str(o.dst)) if o.table == self.scope.table else None
             if ev.kind == "route_del":
@@ -359,6 +370,7 @@ class KernelReconciler:
 
     async def _passes(self) -> None:
         loop = asyncio.get_running_loop()
+        self._next_full = loop.time() + self.resync_interval
         while True:
             wait = self._next_full - loop.time()
             if wait > 0 and not self._dirty.is_set():
@@ -378,7 +390,7 @@ class KernelReconciler:
                 await self.reconcile_once(drift=drift, full=periodic or None)
             except OSError as e:
                 self.stats.failures += 1
-                self._cache = None
+                self._drop_cache("the last pass failed")
                 log.error("Reconcile failed: %s (retrying in 1 s)", e)
                 await asyncio.sleep(1)
                 self._dirty.set()
@@ -394,6 +406,7 @@ class KernelReconciler:
         start = time.monotonic()
         desired = self._desired
         whole = full is True or self._cache is None
+        reason = "periodic check" if full is True else self._full_reason
         if whole:
             results = await self._full_pass(check=full is True and self._cache is not None)
         else:
@@ -401,7 +414,7 @@ class KernelReconciler:
         if self.nexthops and self._nexthops_unsupported(results):
             log.warning("This kernel does not support nexthop objects; using classic routes")
             self.nexthops = False
-            self._cache = None
+            self._drop_cache("nexthop objects unsupported")
             return await self.reconcile_once(drift=drift)
         changed = self._account(results, whole=whole)
         if drift and changed:
@@ -416,6 +429,9 @@ class KernelReconciler:
         if whole:
             s.full_runs += 1
             s.last_full_duration = s.last_duration
+            log.log(logging.INFO if changed or s.full_runs == 1 else logging.DEBUG,
+                    "Full pass (%s): %d routes ours, %d changes, %.3f s", reason,
+                    len(self._cache.routes) if self._cache else 0, changed, s.last_duration)
         s.last_success = time.time()
         if self.on_pass is not None:
             self.on_pass(s)
