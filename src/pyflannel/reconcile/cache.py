@@ -48,7 +48,7 @@ class ObservedCache:
         self.nexthops: dict[int, Nexthop] = {}  # ours only
         self.neighbours: dict[NeighKey, Neighbour] = {}
         self.fdb: dict[NeighKey, FdbEntry] = {}
-        self._nh_ids: dict[NhKey, set[int]] = {}  # (gateway, oif, onlink) -> ids
+        self._nh_ids: dict[NhKey, int | set[int]] = {}  # (gateway, oif, onlink) -> id(s)
         self._nh_routes: dict[int, str | set[str]] = {}  # nhid -> prefix(es) of its routes
         self._free_hint = NHID_BASE  # no id below it is free
 
@@ -67,16 +67,18 @@ class ObservedCache:
 
     # -- updates (from op results and notifications alike) ------------------------------
 
-    def put_route(self, r: Route, scope: KernelScope) -> None:
-        """A route as the kernel now has it: cached when the dump would list it."""
+    def put_route(self, r: Route, scope: KernelScope, *, ours: bool = False) -> None:
+        """A route as the kernel now has it: cached when the dump would list it. `ours`:
+        the object we sent (shares its parts with the desired state): kept in preference
+        to a decoded notification that says the same."""
         if r.table != scope.table or not (r.nhid is not None or scope.owns_route(r)):
             self.drop_route(r)
             return
         k = route_key(r)
         default = metric_of(r) == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
         old = self.routes.get(k) if default else self.extra.get(k, {}).get(metric_of(r))
-        if old is not None and _route_facts(old) == _route_facts(r):
-            return  # keep the object we have (shared with the desired state)
+        if old is not None and not ours and _route_facts(old) == _route_facts(r):
+            return  # keep the object we have (ours, shared with the desired state)
         if default:
             self.routes[k] = r
         else:
@@ -120,15 +122,25 @@ class ObservedCache:
             if not have:
                 del self._nh_routes[nhid]
 
-    def put_nexthop(self, nh: Nexthop, scope: KernelScope) -> None:
+    def put_nexthop(self, nh: Nexthop, scope: KernelScope, *, ours: bool = False) -> None:
         if not scope.owns_nexthop(nh):
             self.drop_nexthop(nh.id, routes=False)
             return
         old = self.nexthops.get(nh.id)
         if old is not None:
+            if not ours and nh_key(old) == nh_key(nh):
+                return
             self._forget_key(old)
         self.nexthops[nh.id] = nh
-        self._nh_ids.setdefault(nh_key(nh), set()).add(nh.id)
+        k = nh_key(nh)
+        have = self._nh_ids.get(k)
+        if have is None:
+            self._nh_ids[k] = nh.id
+        elif isinstance(have, int):
+            if have != nh.id:
+                self._nh_ids[k] = {have, nh.id}
+        else:
+            have.add(nh.id)
 
     def drop_nexthop(self, nhid: int, *, routes: bool = True) -> set[str]:
         """Forget nexthop `nhid`; with `routes`, also the routes that used it (the kernel
@@ -152,11 +164,14 @@ class ObservedCache:
         return gone
 
     def _forget_key(self, nh: Nexthop) -> None:
-        ids = self._nh_ids.get(nh_key(nh))
-        if ids is not None:
+        k = nh_key(nh)
+        ids = self._nh_ids.get(k)
+        if ids == nh.id:
+            del self._nh_ids[k]
+        elif isinstance(ids, set):
             ids.discard(nh.id)
             if not ids:
-                del self._nh_ids[nh_key(nh)]
+                del self._nh_ids[k]
 
     def put_neighbour(self, n: Neighbour, scope: KernelScope) -> None:
         if scope.owns_neighbour(n):
@@ -182,6 +197,8 @@ class ObservedCache:
         """Our nexthop for (gateway, oif, onlink), the lowest id when there are several
         (as `plan` picks from a dump, which lists them by id)."""
         ids = self._nh_ids.get(key)
+        if ids is None or isinstance(ids, int):
+            return ids
         return min(ids) if ids else None
 
     def free_nexthop_id(self, taken: Iterable[Container[int]]) -> int:

@@ -284,14 +284,20 @@ class KernelReconciler:
         deadline = self._echo.pop(sig, None)
         return deadline is not None and deadline >= now
 
-    def _expect_echoes(self, results: Iterable[OpResult]) -> None:
-        """Remember what we just changed, so its notifications are not taken for drift."""
+    def _expect_echoes(self, ops: Iterable[Op]) -> None:
+        """Remember what we are about to change, so its notifications (which can arrive
+        while the batch is still being applied) are not taken for drift."""
         deadline = time.monotonic() + ECHO_WINDOW
         if len(self._echo) > ECHO_MAX:
             self._echo.clear()
-        for res in results:
-            if res.errno == 0:
-                self._echo[_signature(res.op.action == "delete", res.op.obj)] = deadline
+        for op in ops:
+            self._echo[_signature(op.action == "delete", op.obj)] = deadline
+
+    async def _apply(self, ops: list[Op]) -> list[OpResult]:
+        if not ops:
+            return []
+        self._expect_echoes(ops)
+        return await self.port.apply(ops)
 
     def _contradiction(self, ev: RtEvent) -> str | None:
         d, o = self._desired, ev.obj
@@ -452,7 +458,7 @@ class KernelReconciler:
         self._whole = False
         ops = plan(desired, obs, self.scope, nexthops=self.nexthops)
         del obs  # the cache holds the same objects; the lists go
-        results = await self.port.apply(ops) if ops else []
+        results = await self._apply(ops)
         self._after_apply(results)
         self._index_nexthops()
         # The period counts from the end: a long first pass is not followed by another.
@@ -537,8 +543,7 @@ class KernelReconciler:
         # Routes go before their nexthops (plan's order): deleting a nexthop that routes
         # still use takes them along, but measured 2-8x slower at 10k (a FIB flush each).
         ops.extend(Op("delete", c.nexthops[i]) for i in sorted(nh_gone))
-        ops = nh_adds + ops
-        results = await self.port.apply(ops) if ops else []
+        results = await self._apply(nh_adds + ops)
         self._after_apply(results)
         return results
 
@@ -566,13 +571,14 @@ class KernelReconciler:
     def _after_apply(self, results: Sequence[OpResult]) -> None:
         """Our changes into the cache at once (their notifications confirm them later);
         failed keys are retried with the next pass."""
-        self._expect_echoes(results)
         c, scope, retry = self._cache, self.scope, self._retry
         if c is None:
             return
         for res in results:
             op, o = res.op, res.op.obj
             gone = op.action == "delete" and (res.errno == 0 or res.errno in GONE)
+            if res.errno:
+                self._echo.pop(_signature(op.action == "delete", o), None)  # no echo comes
             if res.errno and not gone:
                 if isinstance(o, Route):
                     retry.routes.add(route_key(o))
@@ -585,12 +591,12 @@ class KernelReconciler:
                 if gone:
                     c.drop_route(o)
                 else:
-                    c.put_route(o, scope)
+                    c.put_route(o, scope, ours=True)
             elif isinstance(o, Nexthop):
                 if gone:
                     c.drop_nexthop(o.id)
                 else:
-                    c.put_nexthop(o, scope)
+                    c.put_nexthop(o, scope, ours=True)
             elif isinstance(o, Neighbour):
                 if gone:
                     c.drop_neighbour(o)
