@@ -19,6 +19,7 @@ from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
     NHID_BASE,
+    ChangedKeys,
     KernelScope,
     NhKey,
     Observed,
@@ -249,11 +250,13 @@ class ObservedCache:
         obs.fdb = [f for f in (self.fdb.get(k) for k in fdb) if f is not None]
         return obs
 
-    def differences(self, truth: ObservedCache) -> list[str]:
-        """How this cache differs from `truth` (a fresh dump), one line each. Compared is
-        what `plan` looks at (an object we put is cached as sent; the kernel may report
-        fields `plan` ignores differently)."""
+    def differences(self, truth: ObservedCache) -> tuple[list[str], ChangedKeys, set[int]]:
+        """How this cache differs from `truth` (a fresh dump): one line each, the keys that
+        differ, and the nexthop ids that differ. Compared is what `plan` looks at (an object
+        we put is cached as sent; the kernel may report fields `plan` ignores differently)."""
         out: list[str] = []
+        keys = ChangedKeys()
+        nhids: set[int] = set()
         for k in self.route_prefixes() | truth.route_prefixes():
             mine = {metric_of(r): r for r in self.routes_at(k)}
             real = {metric_of(r): r for r in truth.routes_at(k)}
@@ -261,21 +264,25 @@ class ObservedCache:
                 a, b = mine.get(m), real.get(m)
                 if _route_facts(a) != _route_facts(b):
                     out.append(f"route to {k} metric {m}: cached {_show(a)}, kernel {_show(b)}")
+                    keys.routes.add(k)
         for i in self.nexthops.keys() | truth.nexthops.keys():
             a2, b2 = self.nexthops.get(i), truth.nexthops.get(i)
             if (a2 and nh_key(a2)) != (b2 and nh_key(b2)):
                 out.append(f"nexthop {i}: cached {_show(a2)}, kernel {_show(b2)}")
+                nhids.add(i)
         for nk in self.neighbours.keys() | truth.neighbours.keys():
             a3, b3 = self.neighbours.get(nk), truth.neighbours.get(nk)
             if (a3 and a3.lladdr.lower()) != (b3 and b3.lladdr.lower()):
                 out.append(f"neighbour {nk[1]} on #{nk[0]}: cached {_show(a3)}, "
                            f"kernel {_show(b3)}")
+                keys.neighbours.add(nk)
         for fk in self.fdb.keys() | truth.fdb.keys():
             a4, b4 = self.fdb.get(fk), truth.fdb.get(fk)
             if (a4 and a4.dst) != (b4 and b4.dst):
                 out.append(f"FDB entry {fk[1]} on #{fk[0]}: cached {_show(a4)}, "
                            f"kernel {_show(b4)}")
-        return out
+                keys.fdb.add(fk)
+        return out, keys, nhids
 
 
 def _route_facts(r: Route | None) -> tuple[object, ...] | None:
