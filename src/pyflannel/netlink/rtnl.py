@@ -261,11 +261,6 @@ class RtNetlink(_NetlinkSocket):
                 count = min(window, len(messages) - first)
                 base = (base_all + first) & 0xFFFFFFFF
                 batch = b"".join(messages[first:first + count])
-                if first:
-                    # One loop turn per window: sendall and the ACKs rarely block, so a big
-                    # batch would otherwise starve the event monitor until its queue
-                    # overflows (each of our changes is echoed), forcing a full resync.
-                    await asyncio.sleep(0)
                 await loop.sock_sendall(self._sock, batch)
                 pending = count
                 while pending:
