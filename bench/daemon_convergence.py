@@ -2,12 +2,15 @@
 
 Measures, in the same run and topology (a node namespace on a /16 segment, so every
 peer gateway is on-link, and a real etcd in a switch namespace):
-  * baseline: `ip -batch` adding the same N routes (the kernel's own cost; distinct
-    gateways make it quadratic in the kernel, see performance-facts.md §1.2);
+  * floor: `ip -batch` adding the same N peers as the daemon does, one nexthop object and
+    one `nhid` route each (the kernel's own cost for the same objects);
+  * classic: `ip -batch` adding N plain `via` routes (upstream's form; distinct gateways
+    make it quadratic in the kernel, performance-facts.md §1.2), up to --classic-max;
   * flanneld: from process start until the kernel holds all N routes, and its peak RSS.
-Prints medians over the repetitions and the ratio flanneld / ip -batch.
+Prints medians over the repetitions and the ratios flanneld / floor and flanneld / classic.
 
-Run as root:  .venv/bin/python bench/daemon_convergence.py [--sizes 1000,10000] [--reps 3]
+Run as root:  .venv/bin/python bench/daemon_convergence.py [--sizes 1000,10000,50000]
+              [--reps 3] [--classic-max 10000]
 """
 
 from __future__ import annotations
@@ -40,34 +43,47 @@ def peer(i: int) -> tuple[IPv4Network, IPv4Address]:
     return subnet, gw
 
 
-async def seed(endpoint: str, n: int) -> None:
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def peer_lease(i: int, backend: str = "host-gw") -> tuple[str, str]:
+    """(etcd key, value) of the i-th peer's lease, as upstream's flanneld writes it."""
+    subnet, gw = peer(i)
+    key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+    attrs: dict[str, object] = {"PublicIP": str(gw), "PublicIPv6": None, "BackendType": backend}
+    if backend == "vxlan":
+        attrs["BackendData"] = {"VNI": 1, "VtepMAC": vtep_mac(i)}
+    return key, json.dumps(attrs, separators=(",", ":"))
+
+
+def vtep_mac(i: int) -> str:
+    return f"0e:00:{(i >> 24) & 255:02x}:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+async def seed(endpoint: str, n: int, backend: str = "host-gw") -> None:
     """Writes N leases as upstream nodes would (one shared etcd lease for speed)."""
     import httpx
-
-    def b64(s: str) -> str:
-        return base64.b64encode(s.encode()).decode()
 
     async with httpx.AsyncClient(base_url=endpoint, timeout=30) as c:
         lease = (await c.post("/v3/lease/grant", json={"TTL": 86400})).json()["ID"]
         ops = []
         for i in range(n):
-            subnet, gw = peer(i)
-            key = f"{PREFIX}/subnets/{subnet.network_address}-24"
-            val = json.dumps({"PublicIP": str(gw), "PublicIPv6": None,
-                              "BackendType": "host-gw"}, separators=(",", ":"))
+            key, val = peer_lease(i, backend)
             ops.append({"requestPut": {"key": b64(key), "value": b64(val), "lease": lease}})
         for i in range(0, len(ops), 128):  # etcd's default --max-txn-ops
             r = await c.post("/v3/kv/txn", json={"success": ops[i:i + 128]})
             r.raise_for_status()
 
 
-def count_routes(ns: NetNamespace) -> int:
-    out = ns.ip("-4", "route", "show", "dev", "eth0").stdout
+def count_routes(ns: NetNamespace, dev: str = "eth0") -> int:
+    out = ns.ip("-4", "route", "show", "dev", dev, check=False).stdout  # dev may be coming
     return sum(1 for line in out.splitlines() if line.startswith("10.") and " via " in line)
 
 
-def ip_batch_baseline(n: int) -> float:
-    """Seconds for `ip -batch` to add the N routes in a fresh namespace."""
+def ip_batch_baseline(n: int, *, nexthops: bool = False) -> float:
+    """Seconds for `ip -batch` to add the N routes in a fresh namespace (with `nexthops`:
+    one nexthop object per peer and the route on it, in one batch)."""
     a = NetNamespace.create("pfb-ipb")
     b = NetNamespace.create("pfb-ipp")
     try:
@@ -76,7 +92,13 @@ def ip_batch_baseline(n: int) -> float:
         with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
             for i in range(n):
                 subnet, gw = peer(i)
-                f.write(f"route add {subnet} via {gw} dev eth0\n")
+                if nexthops:
+                    f.write(f"nexthop add id {i + 1} via {gw} dev eth0\n")
+                else:
+                    f.write(f"route add {subnet} via {gw} dev eth0\n")
+            if nexthops:
+                for i in range(n):
+                    f.write(f"route add {peer(i)[0]} nhid {i + 1}\n")
         t0 = time.perf_counter()
         subprocess.run(["ip", "-n", a.name, "-batch", f.name], check=True)
         took = time.perf_counter() - t0
@@ -131,29 +153,36 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--seed":
-        asyncio.run(seed(sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--seed":
+        asyncio.run(seed(sys.argv[2], int(sys.argv[3]), *sys.argv[4:]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--sizes", default="1000,10000,50000")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--classic-max", type=int, default=10000,
+                    help="largest N for the classic-route baseline (quadratic: 50k ~200 s)")
     args = ap.parse_args()
-    print(f"{'N':>6} {'ip -batch s':>12} {'flanneld s':>11} {'ratio':>6} "
-          f"{'first route s':>14} {'peak RSS MiB':>13}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print(f"{'N':>6} {'floor s':>8} {'classic s':>10} {'flanneld s':>11} {'/floor':>7} "
+          f"{'/classic':>9} {'first route s':>14} {'peak RSS MiB':>13}")
     for n in (int(x) for x in args.sizes.split(",")):
-        base, ours, first, rss = [], [], [], []
-        for _ in range(args.reps):  # interleaved, so load drift hits both alike
-            base.append(ip_batch_baseline(n))
+        floor, base, ours, first, rss = [], [], [], [], []
+        for _ in range(args.reps):  # interleaved, so load drift hits all alike
+            floor.append(ip_batch_baseline(n, nexthops=True))
+            if n <= args.classic_max:
+                base.append(ip_batch_baseline(n))
             t, f0, h = flanneld_run(n)
             ours.append(t)
             first.append(f0)
             rss.append(h)
-        mb, mo = statistics.median(base), statistics.median(ours)
-        print(f"{n:>6} {mb:>12.3f} {mo:>11.3f} {mo / mb:>6.2f} {statistics.median(first):>14.3f} "
-              f"{max(rss):>13.1f}", flush=True)
-        print(f"        runs: ip -batch {[round(x, 3) for x in base]}  "
-              f"flanneld {[round(x, 3) for x in ours]}  RSS {[round(x, 1) for x in rss]}",
-              flush=True)
+        mf, mo = statistics.median(floor), statistics.median(ours)
+        mb = statistics.median(base) if base else float("nan")
+        print(f"{n:>6} {mf:>8.3f} {mb:>10.3f} {mo:>11.3f} {mo / mf:>7.2f} {mo / mb:>9.2f} "
+              f"{statistics.median(first):>14.3f} {max(rss):>13.1f}", flush=True)
+        print(f"        runs: floor {[round(x, 3) for x in floor]}  classic "
+              f"{[round(x, 3) for x in base]}  flanneld {[round(x, 3) for x in ours]}  "
+              f"RSS {[round(x, 1) for x in rss]}", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

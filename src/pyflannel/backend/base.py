@@ -89,25 +89,35 @@ class DesiredTable:
         if old is None:
             return
         st = self.state
+        ch = st.changed
         for r in old.routes:
-            _pop_if(st.routes, str(r.dst), r)
+            _pop_if(st.routes, str(r.dst), r, ch.routes)
         for n in old.neighbours:
-            _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n)
+            _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n, ch.neighbours)
         for f in old.fdb:
-            _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f)
+            _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f, ch.fdb)
 
     def put(self, key: str, peer: PeerState) -> None:
         self.remove(key)
         self.peers[key] = peer
+        st = self.state
+        ch = st.changed
         for r in peer.routes:
-            self.state.routes[str(r.dst)] = r
+            k = str(r.dst)
+            st.routes[k] = r
+            ch.routes.add(k)
         for n in peer.neighbours:
-            self.state.neighbours[(n.ifindex, str(n.ip))] = n
+            nk = (n.ifindex, str(n.ip))
+            st.neighbours[nk] = n
+            ch.neighbours.add(nk)
         for f in peer.fdb:
-            self.state.fdb[(f.ifindex, f.lladdr.lower())] = f
+            fk = (f.ifindex, f.lladdr.lower())
+            st.fdb[fk] = f
+            ch.fdb.add(fk)
 
 
-def _pop_if(table: dict[K, V], key: K, entry: V) -> None:
+def _pop_if(table: dict[K, V], key: K, entry: V, changed: set[K]) -> None:
     # `is`: the very object this peer put; an equal-keyed entry of another peer stays.
     if table.get(key) is entry:
         del table[key]
+        changed.add(key)

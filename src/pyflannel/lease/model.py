@@ -157,9 +157,16 @@ class Lease:
     # etcd's mod revision / the Node's resourceVersion: refusals are logged once each.
     revision: int = field(default=0, compare=False)
 
+    # subnet_key, computed once: the table, the data plane and the logs ask for it often.
+    _key: str = field(default="", init=False, compare=False, repr=False)
+
     @property
     def key(self) -> str:
-        return subnet_key(self.subnet, self.ipv6_subnet)
+        k = self._key
+        if not k:
+            k = subnet_key(self.subnet, self.ipv6_subnet)
+            object.__setattr__(self, "_key", k)
+        return k
 
     @property
     def ident(self) -> str:

@@ -1,10 +1,24 @@
 """The running half of reconciliation: KernelReconciler keeps the kernel's routes,
 nexthops, neighbours and FDB entries equal to the desired ones, through a RoutePort.
 
-It runs `plan` (reconcile/plan.py, pure) after every change of the desired state, after a
-netlink event that contradicts it (someone deleted or altered one of our objects: drift,
-repaired within milliseconds), and periodically as a safety net. The traffic rules ride on
-the same driver (`RuleSync`): ensured at start and every --iptables-resync seconds.
+It runs `plan` (reconcile/plan.py, pure) after every change of the desired state and after
+a netlink event that contradicts it (someone deleted or altered one of our objects: drift,
+repaired within milliseconds). A pass costs O(changes): it looks only at the keys that
+changed (the DesiredState records them; events name theirs) and compares them with an
+ObservedCache (reconcile/cache.py) of what we own in the kernel, kept current from our own
+results and the kernel's notifications; it never dumps. There is no debounce: the first
+change is applied at once, and whatever arrives during a pass is coalesced into the next.
+
+A full pass (dump, refill the cache, `plan` over everything) runs at start, after lost
+notifications (overflow), and when one of our devices changes. The safety net, every
+`resync_interval` (10 s) seconds, dumps and compares with the cache: each difference is
+logged and repaired by an incremental pass over the keys that differ (no plan over
+everything, which would hold the events behind it). Its cost is the dump: at 10k peers
+(10k routes + 10k nexthops) ~30-60 ms of CPU on the 2-vCPU lab machine, under 1 % of a
+core at that period.
+
+The traffic rules ride on the same driver (`RuleSync`): ensured at start and every
+--iptables-resync seconds.
 """
 
 from __future__ import annotations
@@ -30,16 +44,20 @@ from pyflannel.netlink import (
     Route,
     RtEvent,
 )
+from pyflannel.reconcile.cache import ObservedCache
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
     NHID_BASE,
     NHID_SPAN,
+    ChangedKeys,
     DesiredState,
     KernelScope,
     Observed,
     fdb_key,
     neighbour_key,
+    nh_key,
     plan,
+    route_key,
     same_neighbour,
 )
 from pyflannel.traffic import TrafficConfig, TrafficRules
@@ -95,6 +113,9 @@ class ReconcileStats:
     changes: int = 0
     drift_repairs: int = 0
     failures: int = 0
+    full_runs: int = 0  # passes that dumped (start, safety net, lost notifications)
+    cache_repairs: int = 0  # differences between the cache and a safety-net dump
+    last_full_duration: float = 0.0
     last_duration: float = 0.0
     last_success: float = 0.0
     routes: int = 0
@@ -119,12 +140,10 @@ class KernelReconciler:
     PYFLANNEL_NEXTHOP_OBJECTS once); a kernel without them falls back by itself."""
 
     def __init__(self, port: RoutePort, scope: KernelScope, *, resync_interval: float = 10.0,
-                 debounce: float = 0.02, nexthops: bool = True,
-                 rules: RuleSync | None = None) -> None:
+                 nexthops: bool = True, rules: RuleSync | None = None) -> None:
         self.port = port
         self.scope = scope
         self.resync_interval = resync_interval
-        self.debounce = debounce
         self.nexthops = nexthops
         self.rules = rules
         self.on_links: LinkHook | None = None
@@ -136,19 +155,44 @@ class KernelReconciler:
         self._drift_pending = False
         self._echo: dict[tuple[object, ...], float] = {}  # change signature -> deadline
         self._failing: dict[tuple[object, ...], int] = {}  # op signature -> errno logged
+        self._cache: ObservedCache | None = None  # None: the next pass dumps
+        self._full_reason = "start"
+        self._kernel_dirty = ChangedKeys()  # keys named by contradicting events
+        self._retry = ChangedKeys()  # keys whose ops failed: retried with the next pass
+        self._orphans: set[int] = set()  # our nexthops nothing uses, found by a check
+        self._whole = True  # diff every key against the cache (a new DesiredState)
+        self._next_full = 0.0  # monotonic time of the next safety-net pass
+        # Which of our nexthops each desired route uses, and how many use each: an
+        # incremental pass knows when a nexthop is no longer needed without a scan.
+        self._route_nh: dict[str, int] = {}
+        self._nh_refs: dict[int, int] = {}  # nhid -> desired routes using it
 
     # -- inputs -------------------------------------------------------------------------
 
     def set_desired(self, desired: DesiredState) -> None:
         """Takes ownership of `desired` (no copy: the caller builds a new one or keeps
         mutating this one between passes)."""
+        if desired is not self._desired:
+            self._whole = True
         self._desired = desired
         self._have_desired = True
         self._dirty.set()
 
     def set_scope(self, scope: KernelScope) -> None:
+        if scope != self.scope:
+            self._drop_cache("devices changed")  # what we own is dumped again
         self.scope = scope
         self._dirty.set()
+
+    def resync(self) -> None:
+        """Dump and diff everything with the next pass (at once)."""
+        self._drop_cache("asked to")
+        self._dirty.set()
+
+    def _drop_cache(self, why: str) -> None:
+        if self._cache is not None:
+            self._full_reason = why
+        self._cache = None
 
     def mark_dirty(self, *, drift: bool = False) -> None:
         self._drift_pending = self._drift_pending or drift
@@ -161,6 +205,14 @@ class KernelReconciler:
         now = time.monotonic()
         drifts = 0
         for ev in events:
+            affected = self._observe(ev)
+            if ev.kind == "overflow":
+                # Not drift: after a big batch of our own (a cold start at 50k peers) the
+                # kernel drops our echoes first. The dump covers whatever was lost.
+                log.info("Netlink notifications were lost (receive queue overflowed); "
+                         "resyncing from a full dump")
+                self._dirty.set()
+                continue
             if self._is_echo(ev, now):
                 continue
             reason = self._contradiction(ev)
@@ -168,10 +220,65 @@ class KernelReconciler:
                 drifts += 1
                 if drifts <= DRIFT_LOG_LIMIT:
                     log.warning("Drift: %s; repairing", reason)
+                self._mark_kernel(ev, affected)
         if drifts > DRIFT_LOG_LIMIT:
             log.warning("Drift: ... and %d more changes in this batch", drifts - DRIFT_LOG_LIMIT)
         if drifts:
             self.mark_dirty(drift=True)
+
+    def _observe(self, ev: RtEvent) -> set[str]:
+        """Keep the cache current; returns the prefixes of routes the event removed along
+        with a nexthop (no notification of their own)."""
+        c, o, scope = self._cache, ev.obj, self.scope
+        if ev.kind == "overflow":
+            self._drop_cache("netlink notifications were lost")
+            return set()
+        if c is None:
+            return set()
+        if isinstance(o, Route):
+            if ev.kind == "route_del":
+                c.drop_route(o)
+            else:
+                c.put_route(o, scope)
+        elif isinstance(o, Nexthop):
+            if ev.kind == "nexthop_del":
+                return c.drop_nexthop(o.id)
+            gone = c.routes_using(o.id) if o.id in c.nexthops else set()
+            c.put_nexthop(o, scope)
+            return gone
+        elif isinstance(o, Neighbour):
+            if o.ifindex in scope.neighbour_ifindexes:
+                if ev.kind == "neigh_del":
+                    c.drop_neighbour(o)
+                else:
+                    c.put_neighbour(o, scope)
+        elif isinstance(o, FdbEntry):
+            if o.ifindex in scope.neighbour_ifindexes:
+                if ev.kind == "neigh_del":
+                    c.drop_fdb(o)
+                else:
+                    c.put_fdb(o, scope)
+        elif o is not None and ev.kind in ("link_new", "link_del"):
+            idx = getattr(o, "ifindex", None)
+            if idx in scope.route_oifs or idx in scope.neighbour_ifindexes:
+                # The kernel flushes a device's routes without notifications.
+                self._drop_cache(f"device #{idx} changed")
+                self._dirty.set()
+        return set()
+
+    def _mark_kernel(self, ev: RtEvent, affected: set[str]) -> None:
+        """The keys a contradicting event touches, for the next pass."""
+        o, kd = ev.obj, self._kernel_dirty
+        if isinstance(o, Route):
+            kd.routes.add(route_key(o))
+        elif isinstance(o, Nexthop):
+            kd.routes |= affected
+            # and the desired routes mapped to it (rare: someone changed our nexthop)
+            kd.routes.update(k for k, i in self._route_nh.items() if i == o.id)
+        elif isinstance(o, Neighbour):
+            kd.neighbours.add(neighbour_key(o))
+        elif isinstance(o, FdbEntry):
+            kd.fdb.add(fdb_key(o))
 
     def _is_echo(self, ev: RtEvent, now: float) -> bool:
         if not self._echo or ev.obj is None:
@@ -180,19 +287,23 @@ class KernelReconciler:
         deadline = self._echo.pop(sig, None)
         return deadline is not None and deadline >= now
 
-    def _expect_echoes(self, results: Iterable[OpResult]) -> None:
-        """Remember what we just changed, so its notifications are not taken for drift."""
+    def _expect_echoes(self, ops: Iterable[Op]) -> None:
+        """Remember what we are about to change, so its notifications (which can arrive
+        while the batch is still being applied) are not taken for drift."""
         deadline = time.monotonic() + ECHO_WINDOW
         if len(self._echo) > ECHO_MAX:
             self._echo.clear()
-        for res in results:
-            if res.errno == 0:
-                self._echo[_signature(res.op.action == "delete", res.op.obj)] = deadline
+        for op in ops:
+            self._echo[_signature(op.action == "delete", op.obj)] = deadline
+
+    async def _apply(self, ops: list[Op]) -> list[OpResult]:
+        if not ops:
+            return []
+        self._expect_echoes(ops)
+        return await self.port.apply(ops)
 
     def _contradiction(self, ev: RtEvent) -> str | None:
         d, o = self._desired, ev.obj
-        if ev.kind == "overflow":
-            return "netlink event queue overflowed"
         if isinstance(o, Route):
             want = d.routes.get(str(o.dst)) if o.table == self.scope.table else None
             if ev.kind == "route_del":
@@ -267,20 +378,28 @@ class KernelReconciler:
                 log.error("Failed to ensure %s rules: %s", rs.rules.mode, e)
 
     async def _passes(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._next_full = loop.time() + self.resync_interval
         while True:
-            with contextlib.suppress(TimeoutError):  # a timeout means: periodic safety-net pass
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.resync_interval)
+            wait = self._next_full - loop.time()
+            if wait > 0 and not self._dirty.is_set():
+                # A timeout means: the periodic safety-net pass.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             if not self._have_desired:
                 self._dirty.clear()
+                self._next_full = loop.time() + self.resync_interval
                 continue
-            # Coalesce bursts (a snapshot, a flurry of events) into one pass.
-            await asyncio.sleep(self.debounce)
+            # No debounce: whatever arrived so far goes into this pass, whatever arrives
+            # while it runs into the next one.
             self._dirty.clear()
             drift, self._drift_pending = self._drift_pending, False
+            periodic = loop.time() >= self._next_full
             try:
-                await self.reconcile_once(drift=drift)
+                await self.reconcile_once(drift=drift, full=periodic or None)
             except OSError as e:
                 self.stats.failures += 1
+                self._drop_cache("the last pass failed")
                 log.error("Reconcile failed: %s (retrying in 1 s)", e)
                 await asyncio.sleep(1)
                 self._dirty.set()
@@ -289,18 +408,27 @@ class KernelReconciler:
         """Our objects in the kernel (streamed and filtered by the port)."""
         return await self.port.dump(self.scope, nexthops=self.nexthops)
 
-    async def reconcile_once(self, *, drift: bool = False) -> int:
-        """One full pass; returns the number of changes applied."""
+    async def reconcile_once(self, *, drift: bool = False, full: bool | None = None) -> int:
+        """One pass; returns the number of changes applied. A full pass (dump, plan of
+        everything) when the cache is not filled; else full=True: the safety net (a dump
+        checked against the cache, then the differences); else an incremental pass."""
         start = time.monotonic()
         desired = self._desired
-        ops = plan(desired, await self.observe(), self.scope, nexthops=self.nexthops)
-        results = await self.port.apply(ops) if ops else []
-        self._expect_echoes(results)
+        whole = self._cache is None
+        reason = self._full_reason
+        if whole:
+            results = await self._full_pass()
+        elif full:
+            results = await self._check_pass()
+            self.stats.full_runs += 1
+        else:
+            results = await self._incremental_pass()
         if self.nexthops and self._nexthops_unsupported(results):
             log.warning("This kernel does not support nexthop objects; using classic routes")
             self.nexthops = False
+            self._drop_cache("nexthop objects unsupported")
             return await self.reconcile_once(drift=drift)
-        changed = self._account(results)
+        changed = self._account(results, whole=whole)
         if drift and changed:
             self.stats.drift_repairs += changed
         s = self.stats
@@ -310,10 +438,203 @@ class KernelReconciler:
         s.neighbours = len(desired.neighbours)
         s.fdb = len(desired.fdb)
         s.last_duration = time.monotonic() - start
+        if whole:
+            s.full_runs += 1
+            s.last_full_duration = s.last_duration
+            log.log(logging.INFO if changed or s.full_runs == 1 else logging.DEBUG,
+                    "Full pass (%s): %d routes ours, %d changes, %.3f s", reason,
+                    len(self._cache.routes) if self._cache else 0, changed, s.last_duration)
         s.last_success = time.time()
         if self.on_pass is not None:
             self.on_pass(s)
         return changed
+
+    async def _check_pass(self) -> list[OpResult]:
+        """The safety net, every `resync_interval` s: dump, compare with the cache (each
+        difference logged), repair it, and an incremental pass over what differed. No plan
+        over everything: that would hold every event behind it (tens of ms at 10k)."""
+        old = self._cache
+        assert old is not None
+        fresh = ObservedCache.from_observed(await self.observe(), self.scope)
+        diffs, keys, nhids = old.differences(fresh)
+        self._report_differences(diffs)
+        self._cache = fresh
+        if nhids:
+            for c in (old, fresh):
+                for i in nhids:
+                    keys.routes |= c.routes_using(i)
+            keys.routes.update(k for k, i in self._route_nh.items() if i in nhids)
+            # ours in the kernel but no desired route uses it: deleted by the next pass
+            self._orphans |= {i for i in nhids if i in fresh.nexthops and i not in self._nh_refs}
+        self._kernel_dirty.update(keys)
+        results = await self._incremental_pass()
+        self._next_full = asyncio.get_running_loop().time() + self.resync_interval
+        return results
+
+    async def _full_pass(self) -> list[OpResult]:
+        """Dump, refill the cache, plan it all."""
+        self._next_full = asyncio.get_running_loop().time() + self.resync_interval
+        obs = await self.observe()
+        self._cache = ObservedCache.from_observed(obs, self.scope)
+        desired = self._desired
+        desired.changed.drain()  # covered: the plan looks at everything
+        self._kernel_dirty.drain()
+        self._retry.drain()
+        self._orphans = set()
+        self._whole = False
+        ops = plan(desired, obs, self.scope, nexthops=self.nexthops)
+        del obs  # the cache holds the same objects; the lists go
+        results = await self._apply(ops)
+        self._after_apply(results)
+        self._index_nexthops()
+        # The period counts from the end: a long first pass is not followed by another.
+        self._next_full = asyncio.get_running_loop().time() + self.resync_interval
+        return results
+
+    def _report_differences(self, diffs: list[str]) -> None:
+        self.stats.cache_repairs += len(diffs)
+        for line in diffs[:LOG_EACH_LIMIT]:
+            log.warning("Kernel state differed from what notifications said: %s; repaired",
+                        line)
+        if len(diffs) > LOG_EACH_LIMIT:
+            log.warning("... and %d more differences (repaired)", len(diffs) - LOG_EACH_LIMIT)
+
+    def _index_nexthops(self) -> None:
+        """After a full pass: which nexthop each desired route uses, from the cache."""
+        c = self._cache
+        self._route_nh = {}
+        self._nh_refs = {}
+        if not self.nexthops or c is None:
+            return
+        for k, r in self._desired.routes.items():
+            if r.type == RTN_UNICAST:
+                nhid = c.nexthop_id(nh_key(r))
+                if nhid is not None:
+                    self._route_nh[k] = nhid
+                    self._nh_refs[nhid] = self._nh_refs.get(nhid, 0) + 1
+
+    def _changed_keys(self) -> ChangedKeys:
+        keys = self._desired.changed.drain()
+        keys.update(self._kernel_dirty.drain())
+        keys.update(self._retry.drain())
+        if self._whole:
+            self._whole = False
+            c, d = self._cache, self._desired
+            assert c is not None
+            keys.routes |= d.routes.keys() | c.route_prefixes()
+            keys.neighbours |= d.neighbours.keys() | c.neighbours.keys()
+            keys.fdb |= d.fdb.keys() | c.fdb.keys()
+        return keys
+
+    async def _incremental_pass(self) -> list[OpResult]:
+        """`plan` over the changed keys only, against the cache: O(changes)."""
+        c = self._cache
+        assert c is not None
+        keys = self._changed_keys()
+        if not keys:
+            return []
+        d = self._desired
+        want_routes: dict[str, Route] = {}
+        nh_adds: list[Op] = []
+        freed: set[int] = set()
+        pending: dict[object, int] = {}
+        for k in keys.routes:
+            r = d.routes.get(k)
+            if self.nexthops:
+                old = self._route_nh.pop(k, None)
+                if old is not None:
+                    refs = self._nh_refs.get(old, 0) - 1
+                    if refs > 0:
+                        self._nh_refs[old] = refs
+                    else:
+                        self._nh_refs.pop(old, None)
+                        freed.add(old)
+                if r is not None and r.type == RTN_UNICAST:
+                    r = self._with_nexthop(k, r, pending, nh_adds)
+            if r is not None:
+                want_routes[k] = r
+        observed = c.observed(keys.routes, keys.neighbours, keys.fdb)
+        if self.nexthops:
+            for have in observed.routes:  # a stale route's nexthop may be unused now
+                if have.nhid is not None and have.nhid not in self._nh_refs:
+                    freed.add(have.nhid)
+        if self._orphans:
+            freed |= self._orphans
+            self._orphans = set()
+        nh_gone = {i for i in freed if i not in self._nh_refs and i in c.nexthops}
+        sub = DesiredState(
+            routes=want_routes,
+            neighbours={k: n for k in keys.neighbours if (n := d.neighbours.get(k))},
+            fdb={k: f for k in keys.fdb if (f := d.fdb.get(k))})
+        # The nexthops are ours to derive here; plan diffs the routes (by nhid), the
+        # neighbours and the FDB entries of these keys.
+        ops = plan(sub, observed, self.scope, nexthops=False)
+        # Routes go before their nexthops (plan's order): deleting a nexthop that routes
+        # still use takes them along, but measured 2-8x slower at 10k (a FIB flush each).
+        ops.extend(Op("delete", c.nexthops[i]) for i in sorted(nh_gone))
+        results = await self._apply(nh_adds + ops)
+        self._after_apply(results)
+        return results
+
+    def _with_nexthop(self, k: str, r: Route, pending: dict[object, int],
+                      nh_adds: list[Op]) -> Route:
+        """`r` pointing at our nexthop for its (gateway, device): the existing one, or a new
+        one with the lowest free id (deterministic, as `plan` allocates)."""
+        c = self._cache
+        assert c is not None
+        key = nh_key(r)
+        nhid = pending.get(key)
+        if nhid is None:
+            nhid = c.nexthop_id(key)
+        if nhid is None:
+            nhid = c.free_nexthop_id((pending.values(), self._nh_refs))
+            pending[key] = nhid
+            nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
+                                                 r.onlink)))
+        self._route_nh[k] = nhid
+        self._nh_refs[nhid] = self._nh_refs.get(nhid, 0) + 1
+        return Route(dst=r.dst, gateway=r.gateway, oif=r.oif, table=r.table,
+                     protocol=r.protocol, onlink=r.onlink, scope=r.scope, type=r.type,
+                     nhid=nhid)
+
+    def _after_apply(self, results: Sequence[OpResult]) -> None:
+        """Our changes into the cache at once (their notifications confirm them later);
+        failed keys are retried with the next pass."""
+        c, scope, retry = self._cache, self.scope, self._retry
+        if c is None:
+            return
+        for res in results:
+            op, o = res.op, res.op.obj
+            gone = op.action == "delete" and (res.errno == 0 or res.errno in GONE)
+            if res.errno:
+                self._echo.pop(_signature(op.action == "delete", o), None)  # no echo comes
+            if res.errno and not gone:
+                if isinstance(o, Route):
+                    retry.routes.add(route_key(o))
+                elif isinstance(o, Neighbour):
+                    retry.neighbours.add(neighbour_key(o))
+                elif isinstance(o, FdbEntry):
+                    retry.fdb.add(fdb_key(o))
+                continue
+            if isinstance(o, Route):
+                if gone:
+                    c.drop_route(o)
+                else:
+                    c.put_route(o, scope, ours=True)
+            elif isinstance(o, Nexthop):
+                if gone:
+                    c.drop_nexthop(o.id)
+                else:
+                    c.put_nexthop(o, scope, ours=True)
+            elif isinstance(o, Neighbour):
+                if gone:
+                    c.drop_neighbour(o)
+                else:
+                    c.put_neighbour(o, scope)
+            elif gone:
+                c.drop_fdb(o)
+            else:
+                c.put_fdb(o, scope)
 
     @staticmethod
     def _nexthops_unsupported(results: Iterable[OpResult]) -> bool:
@@ -322,7 +643,7 @@ class KernelReconciler:
                 return res.errno in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
         return False
 
-    def _account(self, results: Sequence[OpResult]) -> int:
+    def _account(self, results: Sequence[OpResult], *, whole: bool = True) -> int:
         changed = 0
         logged = 0
         verbose_all = log.isEnabledFor(logging.DEBUG)
@@ -375,7 +696,12 @@ class KernelReconciler:
         if logged > LOG_EACH_LIMIT and not verbose_all:
             log.info("... and %d more changes (%d in this pass; -v=2 lists each)",
                      logged - LOG_EACH_LIMIT, logged)
-        for key in self.stats.unreachable - unreachable:
+        before = self.stats.unreachable
+        if not whole:
+            # An incremental pass retried only some routes: the others' state stands.
+            looked = {str(r.op.obj.dst) for r in results if isinstance(r.op.obj, Route)}
+            unreachable |= {k for k in before - looked if k in self._desired.routes}
+        for key in before - unreachable:
             if key in self._desired.routes:
                 log.info("Route to %s recovered: peer reachable again", key)
         self.stats.unreachable = unreachable

@@ -56,18 +56,27 @@ class KernelScope:
     table: int = 254
     # --ip-blackhole-route: our own subnet(s), as `blackhole <subnet>` routes.
     blackholes: frozenset[IPv4Network | IPv6Network] = frozenset()
+    # networks as (version, prefix length, mask, address) integers, derived
+    _nets: tuple[tuple[int, int, int, int], ...] = field(
+        default=(), init=False, compare=False, repr=False)
 
     def owns_route(self, r: Route) -> bool:
         if r.table != self.table:
             return False
         if r.type == RTN_BLACKHOLE:
             return r.dst in self.blackholes
-        return (
-            r.type == RTN_UNICAST
-            and r.oif in self.route_oifs
-            and any(r.dst.version == n.version and r.dst.subnet_of(n)  # type: ignore[arg-type]
-                    for n in self.networks)
-        )
+        if r.type != RTN_UNICAST or r.oif not in self.route_oifs:
+            return False
+        # subnet_of by integers: called for every dumped route (50k at start-up).
+        d = r.dst
+        addr, plen, version = int(d.network_address), d.prefixlen, d.version
+        return any(version == v and plen >= nlen and addr & mask == net
+                   for v, nlen, mask, net in self._nets)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_nets", tuple(
+            (n.version, n.prefixlen, int(n.netmask), int(n.network_address))
+            for n in self.networks))
 
     def owns_nexthop(self, nh: Nexthop) -> bool:
         return NHID_BASE <= nh.id < NHID_BASE + NHID_SPAN and nh.oif in self.route_oifs
@@ -84,22 +93,53 @@ class KernelScope:
         return tuple(sorted(fams))
 
 
-@dataclass
+@dataclass(slots=True)
+class ChangedKeys:
+    """Keys of a DesiredState (or of the kernel) that changed since the engine last looked:
+    what an incremental pass works on, so it costs O(changes)."""
+
+    routes: set[str] = field(default_factory=set)
+    neighbours: set[tuple[int, str]] = field(default_factory=set)
+    fdb: set[tuple[int, str]] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.routes or self.neighbours or self.fdb)
+
+    def update(self, other: ChangedKeys) -> None:
+        self.routes |= other.routes
+        self.neighbours |= other.neighbours
+        self.fdb |= other.fdb
+
+    def drain(self) -> ChangedKeys:
+        """The keys so far, leaving this set empty."""
+        out = ChangedKeys(self.routes, self.neighbours, self.fdb)
+        self.routes, self.neighbours, self.fdb = set(), set(), set()
+        return out
+
+
+@dataclass(slots=True)
 class DesiredState:
     """Everything the backend wants, keyed for cheap diffs. Routes are in classic form
-    (gateway + oif); nexthop objects are derived from them here."""
+    (gateway + oif); nexthop objects are derived from them here. Whoever mutates the dicts
+    records the key in `changed` (DesiredTable does), so the engine can look at those keys
+    only; a new DesiredState handed to the engine is diffed whole."""
 
     routes: dict[str, Route] = field(default_factory=dict)
     neighbours: dict[tuple[int, str], Neighbour] = field(default_factory=dict)
     fdb: dict[tuple[int, str], FdbEntry] = field(default_factory=dict)
+    changed: ChangedKeys = field(default_factory=ChangedKeys, compare=False, repr=False)
 
 
-@dataclass
+@dataclass(slots=True)
 class Observed:
     routes: list[Route] = field(default_factory=list)
     nexthops: list[Nexthop] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
     fdb: list[FdbEntry] = field(default_factory=list)
+
+
+def route_key(r: Route) -> str:
+    return str(r.dst)
 
 
 def neighbour_key(n: Neighbour) -> tuple[int, str]:

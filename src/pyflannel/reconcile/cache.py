@@ -1,0 +1,306 @@
+"""ObservedCache: what the engine owns in the kernel, as last seen, so a pass never dumps.
+
+Filled from a dump (start-up, the periodic safety net, after lost notifications) and kept
+current from two sources: the results of our own changes (at once, so the next pass sees
+them even before their notifications arrive) and the kernel's notifications, ours and
+foreign alike (they carry the full objects). Replaying a notification whose change is
+already here is harmless: per key, the last notification describes the latest state.
+
+Kernel rules the cache follows: routes are keyed by prefix and metric (a second metric for
+one of our prefixes is a second route); deleting a nexthop object takes the IPv4 routes
+that use it along without a notification, so its routes leave the cache with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Iterator
+
+from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
+from pyflannel.reconcile.plan import (
+    IPV6_DEFAULT_METRIC,
+    NHID_BASE,
+    ChangedKeys,
+    KernelScope,
+    NhKey,
+    Observed,
+    fdb_key,
+    neighbour_key,
+    nh_key,
+    route_key,
+)
+
+NeighKey = tuple[int, str]
+
+
+def metric_of(r: Route) -> int:
+    """The metric the kernel files `r` under (ours are sent without one)."""
+    return r.priority or (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
+
+
+class ObservedCache:
+    # Slots, and no per-entry containers for the common case (one route per prefix, one
+    # route per nexthop): at 10k peers this is the daemon's largest table.
+    __slots__ = ("routes", "extra", "nexthops", "neighbours", "fdb", "_nh_ids", "_nh_routes",
+                 "_free_hint")
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}  # prefix -> the route at the kernel's default metric
+        self.extra: dict[str, dict[int, Route]] = {}  # prefix -> other metric -> route
+        self.nexthops: dict[int, Nexthop] = {}  # ours only
+        self.neighbours: dict[NeighKey, Neighbour] = {}
+        self.fdb: dict[NeighKey, FdbEntry] = {}
+        self._nh_ids: dict[NhKey, int | set[int]] = {}  # (gateway, oif, onlink) -> id(s)
+        self._nh_routes: dict[int, str | set[str]] = {}  # nhid -> prefix(es) of its routes
+        self._free_hint = NHID_BASE  # no id below it is free
+
+    @classmethod
+    def from_observed(cls, obs: Observed, scope: KernelScope) -> ObservedCache:
+        c = cls()
+        for nh in obs.nexthops:
+            c.put_nexthop(nh, scope)
+        for r in obs.routes:
+            c.put_route(r, scope)
+        for n in obs.neighbours:
+            c.put_neighbour(n, scope)
+        for f in obs.fdb:
+            c.put_fdb(f, scope)
+        return c
+
+    # -- updates (from op results and notifications alike) ------------------------------
+
+    def put_route(self, r: Route, scope: KernelScope, *, ours: bool = False) -> None:
+        """A route as the kernel now has it: cached when the dump would list it. `ours`:
+        the object we sent (shares its parts with the desired state): kept in preference
+        to a decoded notification that says the same."""
+        if r.table != scope.table or not (r.nhid is not None or scope.owns_route(r)):
+            self.drop_route(r)
+            return
+        k = route_key(r)
+        default = metric_of(r) == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
+        old = self.routes.get(k) if default else self.extra.get(k, {}).get(metric_of(r))
+        if old is not None and not ours and _route_facts(old) == _route_facts(r):
+            return  # keep the object we have (ours, shared with the desired state)
+        if default:
+            self.routes[k] = r
+        else:
+            self.extra.setdefault(k, {})[metric_of(r)] = r
+        if old is not None and old.nhid is not None and old.nhid != r.nhid:
+            self._unlink(old.nhid, k)
+        if r.nhid is not None:
+            self._link(r.nhid, k)
+
+    def drop_route(self, r: Route) -> None:
+        k = route_key(r)
+        metric = metric_of(r)
+        if metric == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC):
+            old = self.routes.pop(k, None)
+        else:
+            per = self.extra.get(k)
+            old = per.pop(metric, None) if per else None
+            if per is not None and not per:
+                del self.extra[k]
+        if old is not None and old.nhid is not None:
+            self._unlink(old.nhid, k)
+
+    def _link(self, nhid: int, k: str) -> None:
+        have = self._nh_routes.get(nhid)
+        if have is None:
+            self._nh_routes[nhid] = k
+        elif isinstance(have, str):
+            if have != k:
+                self._nh_routes[nhid] = {have, k}
+        else:
+            have.add(k)
+
+    def _unlink(self, nhid: int, k: str) -> None:
+        if any(r.nhid == nhid for r in self.routes_at(k)):
+            return  # another metric of this prefix still uses it
+        have = self._nh_routes.get(nhid)
+        if have == k:
+            del self._nh_routes[nhid]
+        elif isinstance(have, set):
+            have.discard(k)
+            if not have:
+                del self._nh_routes[nhid]
+
+    def put_nexthop(self, nh: Nexthop, scope: KernelScope, *, ours: bool = False) -> None:
+        if not scope.owns_nexthop(nh):
+            self.drop_nexthop(nh.id, routes=False)
+            return
+        old = self.nexthops.get(nh.id)
+        if old is not None:
+            if not ours and nh_key(old) == nh_key(nh):
+                return
+            self._forget_key(old)
+        self.nexthops[nh.id] = nh
+        k = nh_key(nh)
+        have = self._nh_ids.get(k)
+        if have is None:
+            self._nh_ids[k] = nh.id
+        elif isinstance(have, int):
+            if have != nh.id:
+                self._nh_ids[k] = {have, nh.id}
+        else:
+            have.add(nh.id)
+
+    def drop_nexthop(self, nhid: int, *, routes: bool = True) -> set[str]:
+        """Forget nexthop `nhid`; with `routes`, also the routes that used it (the kernel
+        removed them). Returns their prefixes."""
+        old = self.nexthops.pop(nhid, None)
+        if old is not None:
+            self._forget_key(old)
+            self._free_hint = min(self._free_hint, nhid)
+        gone = self.routes_using(nhid) if routes else set()
+        self._nh_routes.pop(nhid, None)
+        for k in gone:
+            r = self.routes.get(k)
+            if r is not None and r.nhid == nhid:
+                del self.routes[k]
+            per = self.extra.get(k)
+            if per:
+                for m in [m for m, x in per.items() if x.nhid == nhid]:
+                    del per[m]
+                if not per:
+                    del self.extra[k]
+        return gone
+
+    def _forget_key(self, nh: Nexthop) -> None:
+        k = nh_key(nh)
+        ids = self._nh_ids.get(k)
+        if ids == nh.id:
+            del self._nh_ids[k]
+        elif isinstance(ids, set):
+            ids.discard(nh.id)
+            if not ids:
+                del self._nh_ids[k]
+
+    def put_neighbour(self, n: Neighbour, scope: KernelScope) -> None:
+        if scope.owns_neighbour(n):
+            self.neighbours[neighbour_key(n)] = n
+        else:
+            self.neighbours.pop(neighbour_key(n), None)
+
+    def drop_neighbour(self, n: Neighbour) -> None:
+        self.neighbours.pop(neighbour_key(n), None)
+
+    def put_fdb(self, f: FdbEntry, scope: KernelScope) -> None:
+        if scope.owns_fdb(f):
+            self.fdb[fdb_key(f)] = f
+        else:
+            self.fdb.pop(fdb_key(f), None)
+
+    def drop_fdb(self, f: FdbEntry) -> None:
+        self.fdb.pop(fdb_key(f), None)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def nexthop_id(self, key: NhKey) -> int | None:
+        """Our nexthop for (gateway, oif, onlink), the lowest id when there are several
+        (as `plan` picks from a dump, which lists them by id)."""
+        ids = self._nh_ids.get(key)
+        if ids is None or isinstance(ids, int):
+            return ids
+        return min(ids) if ids else None
+
+    def free_nexthop_id(self, taken: Iterable[Container[int]]) -> int:
+        """The lowest id of our range that neither the kernel nor any of `taken` uses (as
+        `plan` allocates)."""
+        i = self._free_hint
+        while i in self.nexthops:
+            i += 1
+        self._free_hint = i  # every id below is the kernel's: the next search starts here
+        taken = tuple(taken)
+        while i in self.nexthops or any(i in t for t in taken):
+            i += 1
+        if i >= NHID_BASE + (1 << 20):
+            raise RuntimeError("out of nexthop ids")
+        return i
+
+    def routes_using(self, nhid: int) -> set[str]:
+        have = self._nh_routes.get(nhid)
+        if have is None:
+            return set()
+        return {have} if isinstance(have, str) else set(have)
+
+    def route_prefixes(self) -> set[str]:
+        return self.routes.keys() | self.extra.keys()
+
+    def routes_at(self, k: str) -> Iterator[Route]:
+        """The routes to prefix `k`, lowest metric first (as a dump lists them)."""
+        r = self.routes.get(k)
+        per = self.extra.get(k)
+        if not per:
+            if r is not None:
+                yield r
+            return
+        both = dict(per)
+        if r is not None:
+            both[metric_of(r)] = r
+        for m in sorted(both):
+            yield both[m]
+
+    def observed(self, routes: Iterable[str], neighbours: Iterable[NeighKey],
+                 fdb: Iterable[NeighKey]) -> Observed:
+        """The part of the kernel at these keys, as `plan` takes it."""
+        obs = Observed()
+        for k in routes:
+            obs.routes.extend(self.routes_at(k))
+        obs.neighbours = [n for n in (self.neighbours.get(k) for k in neighbours)
+                          if n is not None]
+        obs.fdb = [f for f in (self.fdb.get(k) for k in fdb) if f is not None]
+        return obs
+
+    def differences(self, truth: ObservedCache) -> tuple[list[str], ChangedKeys, set[int]]:
+        """How this cache differs from `truth` (a fresh dump): one line each, the keys that
+        differ, and the nexthop ids that differ. Compared is what `plan` looks at (an object
+        we put is cached as sent; the kernel may report fields `plan` ignores differently)."""
+        out: list[str] = []
+        keys = ChangedKeys()
+        nhids: set[int] = set()
+        for k in self.route_prefixes() | truth.route_prefixes():
+            mine = {metric_of(r): r for r in self.routes_at(k)}
+            real = {metric_of(r): r for r in truth.routes_at(k)}
+            for m in mine.keys() | real.keys():
+                a, b = mine.get(m), real.get(m)
+                if _route_facts(a) != _route_facts(b):
+                    out.append(f"route to {k} metric {m}: cached {_show(a)}, kernel {_show(b)}")
+                    keys.routes.add(k)
+        for i in self.nexthops.keys() | truth.nexthops.keys():
+            a2, b2 = self.nexthops.get(i), truth.nexthops.get(i)
+            if (a2 and nh_key(a2)) != (b2 and nh_key(b2)):
+                out.append(f"nexthop {i}: cached {_show(a2)}, kernel {_show(b2)}")
+                nhids.add(i)
+        for nk in self.neighbours.keys() | truth.neighbours.keys():
+            a3, b3 = self.neighbours.get(nk), truth.neighbours.get(nk)
+            if (a3 and a3.lladdr.lower()) != (b3 and b3.lladdr.lower()):
+                out.append(f"neighbour {nk[1]} on #{nk[0]}: cached {_show(a3)}, "
+                           f"kernel {_show(b3)}")
+                keys.neighbours.add(nk)
+        for fk in self.fdb.keys() | truth.fdb.keys():
+            a4, b4 = self.fdb.get(fk), truth.fdb.get(fk)
+            if (a4 and a4.dst) != (b4 and b4.dst):
+                out.append(f"FDB entry {fk[1]} on #{fk[0]}: cached {_show(a4)}, "
+                           f"kernel {_show(b4)}")
+                keys.fdb.add(fk)
+        return out, keys, nhids
+
+
+def _route_facts(r: Route | None) -> tuple[object, ...] | None:
+    if r is None:
+        return None
+    if r.nhid is not None:
+        return (r.type, r.nhid)
+    return (r.type, r.gateway, r.oif, r.onlink)
+
+
+def _show(o: Route | Nexthop | Neighbour | FdbEntry | None) -> str:
+    if o is None:
+        return "none"
+    if isinstance(o, Route):
+        nh = f" nhid {o.nhid}" if o.nhid is not None else ""
+        return f"via {o.gateway} dev #{o.oif} type {o.type}{nh}"
+    if isinstance(o, Nexthop):
+        return f"via {o.gateway} dev #{o.oif}{' onlink' if o.onlink else ''}"
+    if isinstance(o, Neighbour):
+        return f"lladdr {o.lladdr} state {o.state:#x}"
+    return f"dst {o.dst}"
