@@ -59,7 +59,7 @@ def kube_apiserver_binary() -> Path | None:
 
 
 MISSING_BINARY = ("kube-apiserver not installed: run scripts/build-kubernetes.sh as root "
-                  f"(about 11 minutes, once per machine) or set {KUBE_APISERVER_ENV}")
+                  f"(about 12-15 minutes, once per machine) or set {KUBE_APISERVER_ENV}")
 
 
 def flannel_rbac_objects() -> list[dict[str, Any]]:
