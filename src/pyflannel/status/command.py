@@ -28,7 +28,7 @@ from pyflannel.platform import Platform
 from pyflannel.reconcile.plan import plan
 from pyflannel.status.report import describe_plan, lease_rows, table
 from pyflannel.status.svg import GraphEdge, GraphNode, render_svg
-from pyflannel.subnet.base import StoreError, SubnetManager
+from pyflannel.subnet.base import NodeConfig, StoreError, SubnetManager
 from pyflannel.subnet.etcd.manager import EtcdSubnetManager
 from pyflannel.subnet.select import make_subnet_manager
 from pyflannel.subnet.subnetenv import SubnetEnv, read_subnet_env
@@ -74,6 +74,19 @@ async def first_snapshot(mgr: SubnetManager, timeout: float = 15) -> LeaseSnapsh
         return await asyncio.wait_for(get(), timeout)
     except TimeoutError:
         raise StatusError(f"no answer from the {mgr.name} store within {timeout:.0f} s") from None
+
+
+async def _node_config(mgr: SubnetManager, attempts: int = 4) -> NodeConfig:
+    """The store's config, asked again for a few seconds when the store is briefly out of
+    reach (a loaded machine can make one connect time out); the daemon retries the same."""
+    for attempt in range(attempts):
+        try:
+            return await mgr.node_config()
+        except StoreError as e:
+            if not e.retryable or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 async def expirations(mgr: SubnetManager, leases: Sequence[Lease]) -> dict[str, int] | None:
@@ -157,7 +170,7 @@ async def status(argv: Sequence[str]) -> int:
     env = read_subnet_env(Path(flags.subnet_file))
     mgr = make_subnet_manager(flags, env)
     try:
-        nc = (await mgr.node_config()).netconf
+        nc = (await _node_config(mgr)).netconf
         snap = await first_snapshot(mgr)
         ttls = await expirations(mgr, snap.leases)
         print(f"{len(snap.leases)} leases in the {mgr.name} store; network {nc.network or '-'}"
