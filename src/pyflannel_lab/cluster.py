@@ -179,7 +179,8 @@ class EtcdLabStore:
 
     def start(self, cluster: Cluster) -> None:
         assert cluster.switch is not None
-        self.etcd = EtcdServer(netns=cluster.switch, host=str(cluster.segments[0].switch_addr))
+        self.etcd = EtcdServer(netns=cluster.switch, host=str(cluster.segments[0].switch_addr),
+                               base=cluster.workdir)
         self.etcd.start()
 
     @property

@@ -87,7 +87,7 @@ class ControlPlane:
 
     def __init__(self, ns: NetNamespace, host: str, workdir: Path) -> None:
         self.ns, self.workdir = ns, workdir
-        self.api = KubeApiServer(ns, host)
+        self.api = KubeApiServer(ns, host, base=workdir)
         self.certs = Certificates(self.api)
         self.components: dict[str, _Component] = {}
 

@@ -90,7 +90,8 @@ class EtcdServer(OwnedProcess):
 
     def __init__(self, *, host: str = "127.0.0.1", netns: NetNamespace | None = None,
                  tls: EtcdTLSFiles | None = None, name: str = "pyflannel",
-                 ports: tuple[int, int] | None = None, initial_cluster: str = "") -> None:
+                 ports: tuple[int, int] | None = None, initial_cluster: str = "",
+                 base: Path | None = None) -> None:
         """`ports` (client, peer): fixed instead of picked, for members of a cluster whose
         peers must know them in advance; `initial_cluster`: etcd's `name=peer-url,...` of
         all members (default: this one alone). With `tls` the peers use it too."""
@@ -100,7 +101,9 @@ class EtcdServer(OwnedProcess):
         self.netns = netns
         self.tls = tls
         self.name = name
-        self._tmp = Path(tempfile.mkdtemp(prefix="pyflannel-etcd-"))
+        # Under `base` (a lab's work directory) when given, so removing that directory after
+        # a crash also removes etcd's data.
+        self._tmp = Path(tempfile.mkdtemp(prefix="pyflannel-etcd-", dir=base))
         self.data_dir = self._tmp / "data"
         self.log_path = self._tmp / "etcd.log"
         self.fixed_ports = ports

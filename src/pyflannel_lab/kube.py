@@ -238,17 +238,17 @@ class KubeAdmin:
 class KubeApiServer(OwnedProcess):
     """etcd + kube-apiserver in `netns` on `host`. start(), then close() (always)."""
 
-    def __init__(self, netns: NetNamespace, host: str) -> None:
+    def __init__(self, netns: NetNamespace, host: str, base: Path | None = None) -> None:
         binary = kube_apiserver_binary()
         if binary is None:
             raise KubeApiServerError(MISSING_BINARY)
         self.binary = binary
         self.netns = netns
         self.host = host
-        self.dir = Path(tempfile.mkdtemp(prefix="pyflannel-kas-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="pyflannel-kas-", dir=base))
         self.port = 0
         self.admin_token = secrets.token_hex(16)
-        self.etcd = EtcdServer(netns=netns, host=host, name="kube")
+        self.etcd = EtcdServer(netns=netns, host=host, name="kube", base=self.dir)
         self.log_path = self.dir / "kube-apiserver.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.admin: KubeAdmin | None = None
@@ -463,7 +463,8 @@ class KubeLabStore:
         assert cluster.switch is not None
         self.workdir = cluster.workdir / "kube"
         self.workdir.mkdir(exist_ok=True)
-        self.server = KubeApiServer(cluster.switch, str(cluster.segments[0].switch_addr))
+        self.server = KubeApiServer(cluster.switch, str(cluster.segments[0].switch_addr),
+                                    base=cluster.workdir)
         self.server.start()
         self.applied = self.admin.apply(
             manifest_objects(self.manifest) if self.manifest else flannel_rbac_objects())
