@@ -287,7 +287,11 @@ class Cluster(Daemons, Checks):
         sw = self.switch
         first = self.segments[0]
         for seg in self.segments:
-            sw.ip("link", "add", seg.bridge, "type", "bridge")
+            # A fixed MAC: a bridge without one takes its lowest port's, so a node leaving
+            # would change it and the other nodes' ARP entries for the switch's servers
+            # would point nowhere until they expire (~30 s of etcd unreachable).
+            sw.ip("link", "add", seg.bridge, "address", f"02:fa:00:00:00:{seg.index:02x}",
+                  "type", "bridge")
             sw.ip("link", "set", seg.bridge, "up")
         sw.ip("addr", "add", f"{first.switch_addr}/{first.net.prefixlen}", "dev", first.bridge)
         if first.net6 is not None:
