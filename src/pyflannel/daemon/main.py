@@ -289,13 +289,10 @@ class Daemon:
             self._subnet_env_problem = f"cannot write {path}: {e.strerror or e}"
 
     async def _keep_subnet_env(self, path: Path, env: SubnetEnv) -> None:
-        want = render_subnet_env(env)
         while True:
             await asyncio.sleep(self.flags.iptables_resync)
-            # A small file: read and compared off the loop, so a slow disk never stalls it.
-            have = await asyncio.to_thread(_read_or_none, path)
-            if have != want or self._subnet_env_problem:
-                await asyncio.to_thread(self._sync_subnet_env, path, env)
+            # Read, compared and rewritten off the loop: a slow disk never stalls it.
+            await asyncio.to_thread(self._sync_subnet_env, path, env)
 
     async def _stop_waiter(self) -> None:
         await self._stop.wait()
@@ -338,13 +335,6 @@ class Daemon:
         if s.drift_repairs > self._drift_seen:
             m.drift_repairs.labels(kind="kernel").inc(s.drift_repairs - self._drift_seen)
             self._drift_seen = s.drift_repairs
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 class _Stopping(Exception):

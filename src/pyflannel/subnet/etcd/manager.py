@@ -131,12 +131,11 @@ class EtcdSubnetManager:
                 out.append(_StoredLease(lease, kv))
         return out, rev
 
-    def _remembered(self, mine: list[_StoredLease]) -> StoredNodeState:
+    def _remembered(self, nc: NetConf, mine: list[_StoredLease]) -> StoredNodeState:
         """The backend data of our previous lease (keeps our VTEP MAC stable across
         restarts, so peers' neighbour entries stay valid): the one subnet.env records,
         else any lease with our public IP (upstream's order)."""
-        recorded = next((s for s in mine if s.lease.subnet == self.previous_subnet
-                         and s.lease.ipv6_subnet == self.previous_ipv6_subnet), None)
+        recorded = self._recorded_lease(nc, mine)
         for s in [recorded] if recorded is not None else mine:
             return StoredNodeState(backend_data=s.lease.attrs.backend_data,
                                    backend_v6_data=s.lease.attrs.backend_v6_data)
@@ -288,10 +287,10 @@ class EtcdSubnetManager:
             stored, rev = await self._read_leases()
 
             mine = [s for s in stored if self._same_node(s.lease, attrs)]
-            if ready is None:
-                ready = attrs if setup is None else await setup(self._remembered(mine))
-            attrs = ready
             recorded = self._recorded_lease(netconf, mine)
+            if ready is None:
+                ready = attrs if setup is None else await setup(self._remembered(netconf, mine))
+            attrs = ready
             if recorded is not None:
                 for s in mine:
                     if s is not recorded:
