@@ -172,7 +172,7 @@ class UserspaceWgPort:
 
     @property
     def implementation(self) -> str:
-        return f"userspace ({self.binary})"
+        return f"userspace implementation (wireguard-go, {self.binary})"
 
     def sock(self, name: str) -> Path:
         return self.socket_dir / f"{name}.sock"
@@ -307,7 +307,7 @@ class KernelWgPort:
 
     @property
     def implementation(self) -> str:
-        return "kernel"
+        return "kernel implementation"
 
     async def _iproute(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -422,7 +422,7 @@ class AutoWgPort:
         if self.chosen is None:
             return ""
         impl = self.chosen.implementation
-        return f"{impl}; kernel: {self._why_not_kernel}" if self._why_not_kernel else impl
+        return f"{impl}, as {self._why_not_kernel}" if self._why_not_kernel else impl
 
     def describe(self, name: str) -> str:
         if isinstance(self.chosen, UserspaceWgPort):
