@@ -212,7 +212,7 @@ class UserspaceWgPort:
                             dev.name, self.sock(dev.name))
                 await _delete_link(dev.name)
             index = await self._start_retrying(dev.name)
-        await self.update(dev.name, private_key=dev.private_key, listen_port=dev.listen_port)
+        await _configure(self, dev)
         return index
 
     async def _start_retrying(self, name: str, attempts: int = 5) -> int:
@@ -278,6 +278,17 @@ class UserspaceWgPort:
     async def aclose(self) -> None:
         # wireguard-go keeps running: see the module docstring.
         self._reap()
+
+
+async def _configure(port: UserspaceWgPort | KernelWgPort, dev: WgDevice) -> None:
+    """dev's key and port, set only when they differ: setting them on an adopted device
+    would make every peer handshake again."""
+    st = await port.state(dev.name)
+    want = encode_key(public_key(decode_key(dev.private_key)))
+    key = dev.private_key if st is None or st.public_key != want else None
+    listen = dev.listen_port if st is None or st.listen_port != dev.listen_port else None
+    if key is not None or listen is not None:
+        await port.update(dev.name, private_key=key, listen_port=listen)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -347,7 +358,7 @@ class KernelWgPort:
                     raise WgUnsupported("the kernel has no wireguard module") from None
                 raise WgError(f"could not create {dev.name}: {e}") from None
             found = await ipr.link_lookup(ifname=dev.name)
-        await self.update(dev.name, private_key=dev.private_key, listen_port=dev.listen_port)
+        await _configure(self, dev)
         return int(found[0])
 
     async def state(self, name: str) -> WgState | None:
