@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iptables nftables etcd-server etcd-client containernetworking-plugins
-              iperf3 openssl procps kmod python3-venv librsvg2-bin
+              iperf3 openssl procps kmod python3-venv librsvg2-bin iputils-ping
+              wireguard-go wireguard-tools tcpdump
               mmdebstrap skopeo gpg gpgconf containerd runc patchelf util-linux)
 # mmdebstrap, skopeo, gpg, patchelf: the image (scripts/image.sh); containerd, runc: its
 # `ctr run` test and the kubelet lab's nodes (pyflannel lab up --kubernetes). Where systemd starts Debian's containerd, it is left alone: the tests
