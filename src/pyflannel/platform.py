@@ -1,5 +1,6 @@
 """What flanneld and `pyflannel status` use outside Python, in one place: the kernel
-(route and link ports, interface lookup, br_netfilter), the firewall and the store.
+(route and link ports, interface lookup, br_netfilter), the firewall, the store, and
+the extension backend's commands.
 `Platform.real()` is this machine; unit tests build one from fakes (tests/fakes/)."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pyflannel.config.flags import Flags
 from pyflannel.iface.select import ExternalInterface, find_external_interface
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
 from pyflannel.kernel.ports import LinkPort, RoutePort
+from pyflannel.reconcile.hookrunner import SubprocessCommands
+from pyflannel.reconcile.hooks import CommandPort
 from pyflannel.subnet.base import SubnetManager
 from pyflannel.subnet.select import make_subnet_manager
 from pyflannel.subnet.subnetenv import SubnetEnv
@@ -35,6 +38,7 @@ class Platform:
     make_store: Callable[[Flags, SubnetEnv | None], SubnetManager]
     br_netfilter: Callable[[bool, bool], str | None] = check_br_netfilter
     nexthops: bool = field(default_factory=nexthops_wanted)
+    commands: CommandPort = field(default_factory=SubprocessCommands)  # extension's
 
     @classmethod
     def real(cls) -> Platform:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyflannel import __version__
 from pyflannel.backend.base import Backend, BackendError, BackendSetup
-from pyflannel.backend.registry import BACKENDS
+from pyflannel.backend.registry import BACKENDS, make_backend, unknown_backend_message
 from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
@@ -36,6 +36,7 @@ from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
 from pyflannel.netlink import LinkEvent, RtEvent
 from pyflannel.platform import Platform
 from pyflannel.reconcile.engine import KernelReconciler, ReconcileStats, RuleSync
+from pyflannel.reconcile.hookrunner import HookRunner
 from pyflannel.subnet.base import LeaseRevoked, StoreError, SubnetManager
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
@@ -152,12 +153,9 @@ class Daemon:
         if not (nc.enable_ipv4 or nc.enable_ipv6):
             raise StartupError("none defined stack: enable EnableIPv4 and/or EnableIPv6 in "
                                "net-conf.json")
-        backend_cls = BACKENDS.get(nc.backend_type)
-        if backend_cls is None:
-            raise StartupError(
-                f"Backend.Type: unknown backend type: {nc.backend_type} (this version of "
-                f"pyflannel supports {', '.join(BACKENDS)})")
-        backend: Backend = backend_cls()
+        if nc.backend_type not in BACKENDS:
+            raise StartupError(unknown_backend_message(nc.backend_type))
+        backend: Backend = make_backend(nc.backend_type, commands=self.platform.commands)
         if not nc.enable_nftables:
             problem = self.platform.br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
             if problem:
@@ -213,11 +211,18 @@ class Daemon:
                                   rules=rules_sync)
         engine.on_pass = self._record_pass
         engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine)
+        hooks = HookRunner(self.platform.commands)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_leases(mgr, dataplane, engine))
+                if backend_setup.watch_peers:
+                    tg.create_task(self._watch_leases(mgr, dataplane, engine, hooks=hooks))
+                    tg.create_task(hooks.run())
+                else:  # alloc: no data path, peers are never asked for
+                    log.info("Backend %s has no data path: not watching peers' leases",
+                             nc.backend_type)
+                    engine.set_desired(dataplane.desired)
                 tg.create_task(engine.run())
                 tg.create_task(self._keep_subnet_env(subnet_file, env))
                 tg.create_task(mgr.keep_lease(lease))
@@ -299,7 +304,8 @@ class Daemon:
         raise _Stopping
 
     async def _watch_leases(self, mgr: SubnetManager, dataplane: NodeDataplane,
-                            engine: KernelReconciler) -> None:
+                            engine: KernelReconciler, *, hooks: HookRunner | None = None
+                            ) -> None:
         log.info("Watching for new subnet leases")
         async for update in mgr.updates():
             delta = await dataplane.apply(update)
@@ -309,6 +315,8 @@ class Daemon:
             self.metrics.observe_reconnects(mgr.watch_reconnects)
             if delta.changed or not engine.stats.runs:
                 engine.set_desired(dataplane.desired)
+            if hooks is not None and (changed := dataplane.take_hook_changes()):
+                hooks.update(dataplane.hooks, changed)
 
     async def _on_links(self, batch: list[RtEvent], backend: Backend,
                         dataplane: NodeDataplane, engine: KernelReconciler) -> None:
