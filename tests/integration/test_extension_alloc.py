@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
-from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.cluster import Cluster, LabNode
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -37,7 +39,7 @@ SCRIPT = """#!/bin/sh
 set -e
 me=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
 case "$1" in
-pre)  echo "data of $me <&>"; echo "on stderr" >&2 ;;
+pre)  echo "data of $me <&>"; echo "on stderr" >&2; echo ran >> "$OUT/pre-$me" ;;
 post) env | grep -E '^(NETWORK|SUBNET|IPV6SUBNET|PUBLIC_IP|PUBLIC_IPV6)=' | sort \
           > "$OUT/post-$me" ;;
 add)  ip route replace "$2" via "$3"
@@ -45,6 +47,12 @@ add)  ip route replace "$2" via "$3"
       echo "SUBNET=$SUBNET PUBLIC_IP=$PUBLIC_IP" > "$OUT/env-$me-$(echo "$2" | tr / _)" ;;
 esac
 """
+
+
+def status(cl: Cluster, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
+    return node.ns.run(sys.executable, "-m", "pyflannel.cli", "status", "--check",
+                       f"--etcd-endpoints={cl.etcd_endpoint}",
+                       f"--subnet-file={node.subnet_file}", *args, check=False)
 
 
 @pytest.fixture
@@ -102,6 +110,12 @@ def test_extension_hooks_make_the_data_path(ext_cluster: tuple[Cluster, Path]) -
         assert (out / f"post-{node.addr}").read_text().splitlines() == [
             "IPV6SUBNET=::/0", "NETWORK=10.244.0.0/16", f"PUBLIC_IP={node.addr}",
             "PUBLIC_IPV6=<nil>", f"SUBNET={subnet.network_address}/24"]
+    # `pyflannel status --check` runs no command and finds the node in order (the hooks'
+    # routes are not ours to judge)
+    r = status(cl, nodes[0], "--ip-masq")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 leases in the etcd store" in r.stdout and "backend extension" in r.stdout
+    assert all((out / f"pre-{n.addr}").read_text() == "ran\n" for n in nodes)
     # subnet.env: the interface's MTU
     assert b"FLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n" in nodes[0].subnet_file.read_bytes()
 
@@ -149,6 +163,9 @@ def test_alloc_takes_a_lease_and_programs_nothing() -> None:
             assert cl.routed_subnets(node) == set()
             assert "Watching for new subnet leases" not in node.log()
             assert node.proc is not None and node.proc.poll() is None
+        r = status(cl, nodes[0])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "2 leases in the etcd store" in r.stdout and "backend alloc" in r.stdout
         # a peer that joins later changes nothing on the others either
         cl.add_node()
         cl.wait_until(lambda: len(cl.leases()) == 3, timeout=30, what="the third lease")
