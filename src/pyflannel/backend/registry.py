@@ -17,8 +17,8 @@ _CLOUD = ("programs the routes in the {}'s VPC route table through its API; not 
           "implemented (no such cloud to test against): use host-gw or vxlan")
 # Upstream's other backends, and why pyflannel has none of them.
 REFUSED: dict[str, str] = {
-    "udp": "upstream's debugging backend (amd64 only, a TUN device and a userspace packet "
-           "proxy, slow); not implemented: use vxlan",
+    "udp": "upstream's debugging-only backend (amd64 only, a TUN device and a userspace "
+           "packet proxy); not implemented: use vxlan",
     "ipip": "needs the kernel's ipip tunnel device, and pyflannel implements no ipip "
             "backend: use vxlan (or host-gw on one L2 segment)",
     "ipsec": "needs strongSwan's charon and the kernel's xfrm ESP support; not "
