@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyflannel.backend.base import BackendError
-from pyflannel.backend.registry import BACKENDS
+from pyflannel.backend.registry import BACKENDS, unknown_backend_message
 from pyflannel.backend.wireguard import WireguardBackend
 from pyflannel.config.flags import ConfigError, Flags, parse_flags
 from pyflannel.config.netconf import NetConf
@@ -117,7 +117,7 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
                         "it expired or was deleted; restart flanneld")
     backend_cls = BACKENDS.get(nc.backend_type)
     if backend_cls is None:
-        return problems + [f"unknown backend type {nc.backend_type}"], []
+        return problems + [unknown_backend_message(nc.backend_type)], []
     backend = backend_cls(platform)
     try:
         ext = await platform.find_interface(
