@@ -126,3 +126,19 @@ def test_a_tunnel_on_wireguard_go(pair: tuple[NetNamespace, NetNamespace, str, s
     fresh = drive(a, "ensure", da, encode_key(ka), "51820")
     assert fresh["started"] and fresh["started"] not in pids
     assert drive(a, "state", da)["peers"] == {}
+
+
+def test_auto_falls_back_to_wireguard_go_and_kernel_refuses_clearly(
+        pair: tuple[NetNamespace, NetNamespace, str, str]) -> None:
+    a, _b, da, _db = pair
+    if a.ip("link", "add", "pfwgprobe", "type", "wireguard", check=False).returncode == 0:
+        pytest.skip("this kernel has wireguard: the fallback cannot be shown here")
+    k = encode_key(generate_private_key())
+    kernel = drive(a, "ensure-auto", da, k, "51820", "kernel")
+    assert kernel == {"error": "PYFLANNEL_WIREGUARD=kernel: the kernel has no wireguard "
+                               "module"}
+    assert a.ip("link", "show", da, check=False).returncode != 0  # nothing left behind
+    auto = drive(a, "ensure-auto", da, k, "51820", "auto")
+    assert auto["impl"] == ("userspace implementation (wireguard-go, /usr/bin/wireguard-go), "
+                            "as the kernel has no wireguard module")
+    assert wireguard_go_pids(a)

@@ -9,7 +9,8 @@ import json
 import sys
 from ipaddress import ip_address, ip_network
 
-from pyflannel.kernel.wireguard import UserspaceWgPort
+from pyflannel.kernel.ports import WgError
+from pyflannel.kernel.wireguard import AutoWgPort, UserspaceWgPort
 from pyflannel.reconcile.plan import WgDevice, WgPeer
 
 
@@ -21,6 +22,13 @@ async def main(argv: list[str]) -> dict[str, object]:
         proc = port._procs.get(name)
         return {"index": index, "started": proc.pid if proc else None,
                 "adopted": name in port._adopted, "impl": port.implementation}
+    if cmd == "ensure-auto":  # argv[4]: auto, kernel or userspace
+        auto = AutoWgPort(argv[4])
+        try:
+            index = await auto.ensure(WgDevice(name, argv[2], int(argv[3]), 1420))
+        except WgError as e:
+            return {"error": str(e)}
+        return {"index": index, "impl": auto.implementation}
     if cmd == "update":
         spec = json.loads(argv[2])
         peers = [WgPeer(name, p["key"], (ip_address(p["ip"]), p["port"]),

@@ -353,3 +353,19 @@ async def test_a_restart_keeps_wanted_peers_and_removes_stale_ones(
     assert second.wg.updates == updates + 1  # one removal; the device's key/port are kept
     assert "Removing 1 stale WireGuard peer(s) from flannel-wg" in caplog.text
     assert os.path.exists(os.environ["WIREGUARD_KEY_FILE"])
+
+
+async def test_neither_implementation_is_one_line_naming_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pyflannel.kernel.ports import WgUnsupported
+    from pyflannel.kernel.wireguard import AutoWgPort
+    from pyflannel.reconcile.plan import WgDevice
+
+    monkeypatch.setenv("PYFLANNEL_WIREGUARD_GO", str(tmp_path / "missing"))
+    port = AutoWgPort("userspace")  # never the kernel here: that would touch this namespace
+    with pytest.raises(WgUnsupported, match=r"^no WireGuard implementation available "
+                       r"\(userspace: wireguard-go at .*missing is not executable"):
+        await port.ensure(WgDevice("flannel-wg", encode_key(generate_private_key()), 1, 1420))
+    with pytest.raises(WgUnsupported, match="PYFLANNEL_WIREGUARD=both: expected auto, kernel "
+                                            "or userspace"):
+        await AutoWgPort("both").ensure(WgDevice("x", key(), 1, 1420))

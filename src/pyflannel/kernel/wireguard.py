@@ -192,8 +192,9 @@ class UserspaceWgPort:
         return True
 
     async def ensure(self, dev: WgDevice) -> int:
-        if not self.binary:
-            raise WgUnsupported("wireguard-go not found (install Debian's wireguard-go or set "
+        if not self.binary or not os.access(self.binary, os.X_OK):
+            what = f"at {self.binary} is not executable" if self.binary else "not found"
+            raise WgUnsupported(f"wireguard-go {what} (install Debian's wireguard-go or set "
                                 "PYFLANNEL_WIREGUARD_GO)")
         if not os.path.exists("/dev/net/tun"):
             raise WgUnsupported("/dev/net/tun is missing: wireguard-go needs TUN")
