@@ -26,6 +26,16 @@ def nexthops_wanted() -> bool:
         "off", "false", "0", "no")
 
 
+def nexthop_compat_mode() -> int | None:
+    """net.ipv4.nexthop_compat_mode of this process's network namespace (a per-namespace
+    sysctl); None when the kernel has none (no nexthop objects) or it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/nexthop_compat_mode") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class Platform:
     open_routes: Callable[[], RoutePort]
@@ -35,6 +45,8 @@ class Platform:
     make_store: Callable[[Flags, SubnetEnv | None], SubnetManager]
     br_netfilter: Callable[[bool, bool], str | None] = check_br_netfilter
     nexthops: bool = field(default_factory=nexthops_wanted)
+    # read by the engine before its full passes: 0 makes routes plain (see KernelReconciler)
+    nexthop_compat: Callable[[], int | None] = nexthop_compat_mode
 
     @classmethod
     def real(cls) -> Platform:

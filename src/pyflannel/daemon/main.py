@@ -210,7 +210,7 @@ class Daemon:
             if f.ip_blackhole_route else ()
         dataplane = NodeDataplane(backend, policy, lease.ident, port, blackhole=blackhole)
         engine = KernelReconciler(port, dataplane.scope, nexthops=self.platform.nexthops,
-                                  rules=rules_sync)
+                                  rules=rules_sync, compat_mode=self.platform.nexthop_compat)
         engine.on_pass = self._record_pass
         engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine)
         log.info("Running backend.")
