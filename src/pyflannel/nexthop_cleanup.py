@@ -75,6 +75,8 @@ def plan_handback(nexthops: Iterable[Nexthop], routes: Iterable[Route], *,
     for r in routes:
         if r.nhid is not None and r.nhid in ours:
             users.setdefault(r.nhid, []).append(r)
+    for used in users.values():  # the main table first, then by destination
+        used.sort(key=lambda r: (r.table != 254, r.table, r.dst.version, r.dst))
     out = HandBack()
     for nhid in sorted(ours):
         nh, used = ours[nhid], users.get(nhid, [])
