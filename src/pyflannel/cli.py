@@ -29,6 +29,12 @@ def _install_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cleanup_nexthops(args: argparse.Namespace) -> int:
+    from pyflannel.nexthop_cleanup import main as cleanup_main
+
+    return cleanup_main(convert=not args.unused_only, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyflannel", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("src")
     conf.add_argument("dst")
     conf.set_defaults(func=_install_conf)
+    clean = sub.add_parser(
+        "cleanup-nexthops",
+        help="after going back to upstream flannel: put every route that still uses one of "
+        "pyflannel's nexthop objects in upstream's plain form (in place, no gap), then "
+        "remove those nexthop objects; run on the node, with pyflannel stopped",
+        description="Routes on pyflannel's nexthop objects (ids 253362176-254410751) are "
+        "replaced in place by upstream's form `<subnet> via <gateway> dev <device> "
+        "[onlink]` (an atomic replace: the route is never missing), then the nexthop "
+        "objects no route uses are removed. Exit status: 0 none of ours left, 1 some kept "
+        "or an operation failed, 2 the kernel could not be read.")
+    clean.add_argument("--dry-run", action="store_true",
+                       help="print what would be done, change nothing")
+    clean.add_argument("--unused-only", action="store_true",
+                       help="change no route: remove only the nexthop objects no route uses")
+    clean.set_defaults(func=_cleanup_nexthops)
     return p
 
 

@@ -30,6 +30,16 @@ def nexthops_wanted() -> bool:
         "off", "false", "0", "no")
 
 
+def nexthop_compat_mode() -> int | None:
+    """net.ipv4.nexthop_compat_mode of this process's network namespace (a per-namespace
+    sysctl); None when the kernel has none (no nexthop objects) or it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/nexthop_compat_mode") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class Platform:
     open_routes: Callable[[], RoutePort]
@@ -42,6 +52,8 @@ class Platform:
     # The wireguard backend's devices and peers (nothing happens until it is used).
     wireguard: WgPort = field(default_factory=AutoWgPort)
     commands: CommandPort = field(default_factory=SubprocessCommands)  # extension's
+    # read by the engine before its full passes: 0 makes routes plain (see KernelReconciler)
+    nexthop_compat: Callable[[], int | None] = nexthop_compat_mode
 
     @classmethod
     def real(cls) -> Platform:

@@ -86,6 +86,8 @@ class LabNode:
     extra_args: list[str] = field(default_factory=list)
     segment: int = 0
     addr6: IPv6Address | None = None
+    # the daemon's environment beyond the lab's (PYFLANNEL_NEXTHOP_OBJECTS=off, ...)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -27,7 +27,7 @@ class Daemons:
     def start_daemon(self, node: LabNode) -> None:
         if node.proc is not None and node.proc.poll() is None:
             return
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.store.node_env(node)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.store.node_env(node), **node.env}
         with open(node.log_file, "ab") as logf:
             node.proc = subprocess.Popen(node.ns.exec_args(*self.flanneld_argv(node)),
                                          stdout=logf, stderr=subprocess.STDOUT, env=env)

@@ -3,9 +3,16 @@ missing for a moment between two checks of a test would go unseen otherwise."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import subprocess
+import sys
 import threading
+import time
 
+from pyflannel.netlink import Nexthop, Route, RtMonitor, RtNetlink
 from pyflannel_lab.cluster import Cluster
+from pyflannel_lab.netns import NetNamespace
 
 
 class RouteSampler:
@@ -39,3 +46,171 @@ class RouteSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RouteGapWatch:
+    """Every change to one node's routes and nexthop objects, from its netlink
+    notifications (in order, none missed: an overflow is recorded as a gap), checked
+    against `prefixes`: a route to one of them deleted (RTM_DELROUTE), or the nexthop
+    object a route to one of them uses deleted (the kernel removes such IPv4 routes with
+    no notification of their own), is a gap. A replace (the atomic kind) is none. A
+    thread with its own event loop; use as a context manager around the change. Beside
+    it, `dumps` route dumps are taken back to back and `dump_misses` counts those that
+    lacked one of the prefixes."""
+
+    def __init__(self, netns: str, prefixes: set[str]) -> None:
+        self.netns = netns
+        self.prefixes = set(prefixes)
+        self.gaps: list[str] = []
+        self.changes = 0  # notifications about the watched prefixes' routes
+        self.forms: dict[str, set[str]] = {p: set() for p in prefixes}  # "nhid"/"plain" seen
+        self.dumps = 0
+        self.dump_misses = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="route-gap-watch", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # handed to the test by __exit__
+            self._error = e
+            self._ready.set()
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        with RtMonitor.open(self.netns, routes=True, nexthops=True) as mon, \
+                RtNetlink.open(self.netns) as nl:
+            on: dict[str, int | None] = {}  # watched prefix -> the nexthop its route uses
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                async for r in nl.dump_routes(fam):
+                    if str(r.dst) in self.prefixes:
+                        on[str(r.dst)] = r.nhid
+            if set(on) != self.prefixes:
+                raise AssertionError(f"no route to {sorted(self.prefixes - set(on))} to watch")
+            for p, nhid in on.items():
+                self.forms[p].add("plain" if nhid is None else "nhid")
+            self._ready.set()
+            events = asyncio.ensure_future(self._events(mon, on))
+            dumps = asyncio.ensure_future(self._dumps(nl))
+            await self._stop.wait()
+            await asyncio.sleep(0.2)  # the last notifications
+            for t in (events, dumps):
+                t.cancel()
+            await asyncio.gather(events, dumps, return_exceptions=True)
+
+    async def _events(self, mon: RtMonitor, on: dict[str, int | None]) -> None:
+        async for batch in mon.events():
+            for ev in batch:
+                o = ev.obj
+                if ev.kind == "overflow":
+                    self.gaps.append("notifications lost (overflow): cannot tell")
+                elif isinstance(o, Route) and str(o.dst) in self.prefixes and o.table == 254:
+                    self.changes += 1
+                    if ev.kind == "route_del":
+                        self.gaps.append(f"route to {o.dst} deleted")
+                        on[str(o.dst)] = None
+                    else:
+                        on[str(o.dst)] = o.nhid
+                        self.forms[str(o.dst)].add("plain" if o.nhid is None else "nhid")
+                elif isinstance(o, Nexthop) and ev.kind == "nexthop_del":
+                    self.gaps += [f"nexthop {o.id} deleted under the route to {p}"
+                                  for p, nhid in on.items() if nhid == o.id]
+
+    async def _dumps(self, nl: RtNetlink) -> None:
+        while True:
+            seen = set()
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                async for r in nl.dump_routes(fam):
+                    seen.add(str(r.dst))
+            self.dumps += 1
+            if not self.prefixes <= seen:
+                self.dump_misses += 1
+            await asyncio.sleep(0.001)
+
+    def __enter__(self) -> RouteGapWatch:
+        self._thread.start()
+        self._ready.wait(20)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(20)
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
+# A UDP echo server and a client sending one datagram every 10 ms until its stdin closes,
+# then printing how many came back (no ping on the lab machine: iputils is not installed).
+_ECHO_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
+    "socket.SOCK_DGRAM)\n"
+    "s.bind((sys.argv[1],int(sys.argv[2])))\n"
+    "print('ready',flush=True)\n"
+    "while True:\n"
+    " d,a=s.recvfrom(64);s.sendto(d,a)\n")
+_ECHO_CLIENT = (
+    "import select,socket,sys,time\n"
+    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
+    "socket.SOCK_DGRAM)\n"
+    "s.connect((sys.argv[1],int(sys.argv[2])));s.setblocking(False)\n"
+    "sent=got=0;nxt=time.monotonic();end=None\n"
+    "while end is None or time.monotonic()<end:\n"
+    " r,_,_=select.select([s]+([sys.stdin] if end is None else []),[],[],0.002)\n"
+    " if sys.stdin in r and not sys.stdin.readline():end=time.monotonic()+0.5\n"
+    " if s in r:\n"
+    "  try:\n"
+    "   while s.recv(64):got+=1\n"
+    "  except OSError:pass\n"
+    " if end is None and time.monotonic()>=nxt:\n"
+    "  try:s.send(b'%d'%sent)\n"
+    "  except OSError:pass\n"
+    "  sent+=1;nxt+=0.01\n"
+    "print('sent',sent,'received',got,flush=True)\n")
+
+
+class EchoProbe:
+    """Datagrams every 10 ms from namespace `src` to a UDP echo server at `dst_ip` in
+    namespace `dst` for as long as the context lasts; `sent` and `received` afterwards."""
+
+    def __init__(self, src: NetNamespace, dst: NetNamespace, dst_ip: str,
+                 port: int = 7007) -> None:
+        self.src, self.dst, self.dst_ip, self.port = src, dst, dst_ip, port
+        self.sent = self.received = 0
+        self._server: subprocess.Popen[str] | None = None
+        self._client: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> EchoProbe:
+        self._server = subprocess.Popen(
+            self.dst.exec_args(sys.executable, "-c", _ECHO_SERVER, self.dst_ip, str(self.port)),
+            stdout=subprocess.PIPE, text=True)
+        assert self._server.stdout is not None
+        if self._server.stdout.readline().strip() != "ready":
+            self._server.kill()
+            raise RuntimeError("the UDP echo server did not start")
+        self._client = subprocess.Popen(
+            self.src.exec_args(sys.executable, "-c", _ECHO_CLIENT, self.dst_ip, str(self.port)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._client is not None:
+                time.sleep(0.3)
+                out, _ = self._client.communicate("", timeout=10)  # stdin closed: it stops
+                words = out.split()
+                if words[:1] == ["sent"]:
+                    self.sent, self.received = int(words[1]), int(words[3])
+        finally:
+            for proc in (self._client, self._server):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()  # ours, by its Popen (PID)
+                    proc.wait()

@@ -40,6 +40,9 @@ class FakeKernel:
         self.segment = ip_network(segment)
         self.address = IPv4Address(address)
         self.nexthops_supported = nexthops_supported
+        # net.ipv4.nexthop_compat_mode: 0 reports routes on nexthop objects without their
+        # gateway and device (in dumps and notifications alike)
+        self.compat_mode = 1
         self.routes: dict[RouteKey, Route] = {}
         self.nexthops: dict[int, Nexthop] = {}
         self.neighbours: dict[tuple[int, str], Neighbour] = {}
@@ -89,7 +92,7 @@ class FakeKernel:
         for (table, _d, _m), r in sorted(self.routes.items()):
             if table == scope.table and r.dst.version in fams and (
                     scope.owns_route(r) or r.nhid is not None):
-                obs.routes.append(r)
+                obs.routes.append(self._report(r))
         if nexthops:
             obs.nexthops = [nh for nh in self.nexthops.values() if scope.owns_nexthop(nh)]
         obs.neighbours = [n for n in self.neighbours.values() if scope.owns_neighbour(n)]
@@ -194,13 +197,13 @@ class FakeKernel:
             if have is None or (r.gateway is not None and have.gateway != r.gateway):
                 return errno.ESRCH
             del self.routes[key]
-            events.append(RtEvent("route_del", have))
+            events.append(RtEvent("route_del", self._report(have)))
             return 0
         if r.nhid is not None:
             nh = self.nexthops.get(r.nhid)
             if nh is None:
                 return errno.EINVAL
-            # nexthop_compat_mode=1: the route is reported with the nexthop's gateway/device
+            # kept with the nexthop's gateway/device, as nexthop_compat_mode=1 reports it
             r = Route(dst=r.dst, gateway=nh.gateway, oif=nh.oif, table=r.table,
                       protocol=r.protocol, onlink=nh.onlink, scope=r.scope, type=r.type,
                       nhid=r.nhid, priority=metric)
@@ -211,8 +214,16 @@ class FakeKernel:
                       protocol=r.protocol, onlink=r.onlink, scope=r.scope, type=r.type,
                       priority=metric)
         self.routes[key] = r
-        events.append(RtEvent("route_new", r))
+        events.append(RtEvent("route_new", self._report(r)))
         return 0
+
+    def _report(self, r: Route) -> Route:
+        """`r` as dumps and notifications show it: with nexthop_compat_mode 0 a route on a
+        nexthop object has no gateway, device or onlink flag."""
+        if r.nhid is None or self.compat_mode != 0:
+            return r
+        return Route(dst=r.dst, gateway=None, oif=None, table=r.table, protocol=r.protocol,
+                     scope=r.scope, type=r.type, nhid=r.nhid, priority=r.priority)
 
     def _nexthop(self, action: str, nh: Nexthop, events: list[RtEvent]) -> int:
         if action == "delete":
@@ -254,7 +265,7 @@ class FakeKernel:
             for key in [k for k in table if k[0] == index]:
                 del table[key]
         for key in [k for k, r in self.routes.items() if r.oif == index]:
-            del self.routes[key]
+            del self.routes[key]  # (a route on a nexthop of the device has its oif here)
         for nid in [i for i, nh in self.nexthops.items() if nh.oif == index]:
             del self.nexthops[nid]
         self.up.discard(index)

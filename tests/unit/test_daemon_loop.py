@@ -54,7 +54,7 @@ def platform(kernel: FakeKernel, store: InMemoryStore, rules: FakeRules, *,
     return Platform(open_routes=lambda: kernel, links=kernel,
                     find_interface=kernel.find_interface, make_rules=lambda _nft: rules,
                     make_store=lambda _f, _e: store, br_netfilter=lambda _4, _6: None,
-                    nexthops=nexthops)
+                    nexthops=nexthops, nexthop_compat=lambda: kernel.compat_mode)
 
 
 @pytest.fixture

@@ -291,6 +291,7 @@ async def test_peers_follow_leases_and_drift_is_repaired(
     own = store.leases["10.244.1.0-24"]
     assert json.loads(own.attrs.backend_data) == {"PublicKey": nd.wg.states[
         "flannel-wg"].public_key, "Port": 51820}
+    await until(lambda: nd.kernel.route("10.244.0.0/16") is not None, "the network route")
     route = nd.kernel.route("10.244.0.0/16")
     assert route is not None and route.gateway is None and route.nhid is None
     assert route.oif == nd.kernel.devices["flannel-wg"].index

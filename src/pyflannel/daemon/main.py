@@ -209,7 +209,7 @@ class Daemon:
             if f.ip_blackhole_route else ()
         dataplane = NodeDataplane(backend, policy, lease.ident, port, blackhole=blackhole)
         engine = KernelReconciler(port, dataplane.scope, nexthops=self.platform.nexthops,
-                                  rules=rules_sync)
+                                  rules=rules_sync, compat_mode=self.platform.nexthop_compat)
         engine.on_pass = self._record_pass
         # WireGuard peers have no netlink objects: their own reconciler, same desired state.
         wg = WgReconciler(self.platform.wireguard) if dataplane.desired.wg_devices else None

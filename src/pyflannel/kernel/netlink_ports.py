@@ -4,6 +4,7 @@ path), pyroute2 for devices (the cold path). One long-lived handle each."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net
 from pyflannel.netlink import (
     IFA_F_NODAD,
     IFA_F_NOPREFIXROUTE,
+    NetlinkError,
     Op,
     OpResult,
     Route,
@@ -56,10 +58,14 @@ class NetlinkRoutePort:
                 if scope.owns_route(r) or r.nhid is not None:
                     obs.routes.append(r)
         if nexthops:
-            for oif in scope.route_oifs:
-                async for nh in nl.dump_nexthops(oif=oif):
-                    if scope.owns_nexthop(nh):
-                        obs.nexthops.append(nh)
+            try:
+                for oif in scope.route_oifs:
+                    async for nh in nl.dump_nexthops(oif=oif):
+                        if scope.owns_nexthop(nh):
+                            obs.nexthops.append(nh)
+            except NetlinkError as e:
+                if e.errno != errno.EOPNOTSUPP:  # a kernel without nexthop objects
+                    raise
         for ifindex in scope.neighbour_ifindexes:
             for fam in scope.families:
                 async for n in nl.dump_neighbours(fam, ifindex=ifindex):

@@ -3,12 +3,13 @@ backends want (DesiredState), and `plan`, the diff that turns what is there (Obs
 what is wanted. No I/O, no clock: property-tested on its own (tests/unit/test_route_plan.py)
 and shared by the engine and `pyflannel status --check`.
 
-Ownership. We own the routes in our table, on our interfaces, whose destination lies in
-the cluster network(s) (plus the blackhole routes of --ip-blackhole-route); the permanent
-neighbours and the FDB entries on our own devices (the vxlan device); and the nexthop
-objects in our id range on our interfaces. Owned objects that no lease wants are removed:
-that also clears what nodes that left while the daemon was down left behind (upstream
-#2554).
+Ownership. We own the routes in our table whose destination lies in the cluster
+network(s) and which go through our interfaces or one of our nexthop objects (plus the
+blackhole routes of --ip-blackhole-route); the permanent neighbours and the FDB entries on
+our own devices (the vxlan device); and the nexthop objects in our id range on our
+interfaces. Owned objects that no lease wants are removed: that also clears what nodes that
+left while the daemon was down left behind (upstream #2554), and our nexthop objects when
+routes are plain (PYFLANNEL_NEXTHOP_OBJECTS=off, nexthop_compat_mode=0).
 
 Nexthop objects. With one gateway per route the kernel's fib_info lookup makes classic
 route creation quadratic (10k peers take ~2.5 s, 50k ~200 s). When the kernel supports
@@ -41,6 +42,13 @@ NHID_SPAN = 1 << 20
 IPV6_DEFAULT_METRIC = 1024  # the kernel's metric for an IPv6 route added with none
 
 Gateway = IPv4Address | IPv6Address
+
+
+def is_our_nhid(nhid: int) -> bool:
+    """Nexthop ids in our range are ours: the engine allocates only these, and nobody
+    else is expected to (`pyflannel cleanup-nexthops` removes only these)."""
+    return NHID_BASE <= nhid < NHID_BASE + NHID_SPAN
+
 K = TypeVar("K")
 T = TypeVar("T", Neighbour, FdbEntry)
 NhKey = tuple[Gateway | None, int | None, bool]
@@ -65,7 +73,11 @@ class KernelScope:
             return False
         if r.type == RTN_BLACKHOLE:
             return r.dst in self.blackholes
-        if r.type != RTN_UNICAST or r.oif not in self.route_oifs:
+        if r.type != RTN_UNICAST:
+            return False
+        if r.oif not in self.route_oifs and not (
+                r.oif is None and r.nhid is not None and is_our_nhid(r.nhid)):
+            # (a route on one of our nexthops shows no device when nexthop_compat_mode is 0)
             return False
         # subnet_of by integers: called for every dumped route (50k at start-up).
         d = r.dst
@@ -79,7 +91,7 @@ class KernelScope:
             for n in self.networks))
 
     def owns_nexthop(self, nh: Nexthop) -> bool:
-        return NHID_BASE <= nh.id < NHID_BASE + NHID_SPAN and nh.oif in self.route_oifs
+        return is_our_nhid(nh.id) and nh.oif in self.route_oifs
 
     def owns_neighbour(self, n: Neighbour) -> bool:
         return n.ifindex in self.neighbour_ifindexes and bool(n.state & NUD_PERMANENT)
@@ -235,7 +247,9 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
          nexthops: bool) -> list[Op]:
     """The ops that turn `observed` into `desired`, in a safe order: nexthops, neighbours
     and FDB entries before the routes that use them (the kernel never has to resolve a
-    gateway), deletions of routes before the objects they used."""
+    gateway), deletions of routes before the objects they used. A route that `desired`
+    wants is replaced in place, never deleted first (also when its form changes between a
+    nexthop object and a plain gateway)."""
     nh_adds: list[Op] = []
     nh_dels: list[Op] = []
     want_routes = desired.routes
@@ -271,7 +285,12 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
         nh_dels = [Op("delete", nh) for nh in owned_nh if nh.id not in needed]
         owned_ids = {nh.id for nh in owned_nh}
     else:
-        owned_ids = set()
+        # Classic routes (PYFLANNEL_NEXTHOP_OBJECTS=off, nexthop_compat_mode=0): a route
+        # still on one of our nexthops is replaced by its plain form in place (no gap),
+        # then the nexthops go, so switching modes leaves nothing of ours behind.
+        owned = [nh for nh in observed.nexthops if scope.owns_nexthop(nh)]
+        owned_ids = {nh.id for nh in owned}
+        nh_dels = [Op("delete", nh) for nh in owned]
 
     route_adds: list[Op] = []
     route_dels: list[Op] = []
