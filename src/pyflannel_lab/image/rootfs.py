@@ -1,7 +1,8 @@
 """The Debian layer of the image: a rootfs made by mmdebstrap, cached per machine.
 
 Only what flanneld needs at run time: the `essential` variant (no apt) plus python3,
-iproute2, iptables, nftables and ca-certificates. Packages that only installation needs
+iproute2, iptables, nftables, ca-certificates and wireguard-go (the wireguard backend on
+kernels without the module; 2.5 MB). Packages that only installation needs
 (perl, login, util-linux, ...) are purged once everything is configured, documentation,
 man pages, locales and glibc's gconv modules are never unpacked (dpkg path-exclude), and
 Debian's .pyc files are dropped (the Python layer compiles what flanneld imports,
@@ -32,7 +33,7 @@ from pyflannel_lab.image.oci import Blob, write_layer
 CACHE_ROOT = Path(os.environ.get("PYFLANNEL_CACHE", "/var/cache/pyflannel")) / "image"
 RECIPE_VERSION = 3  # bump when the recipe below changes in a way the key does not see
 
-PACKAGES = ("python3", "iproute2", "iptables", "nftables", "ca-certificates")
+PACKAGES = ("python3", "iproute2", "iptables", "nftables", "ca-certificates", "wireguard-go")
 # Installed by the essential set or as dependencies, useless once the rootfs is built.
 # perl comes with usrmerge (the rootfs is merged-/usr already); the rest is Essential.
 PURGE = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl",
