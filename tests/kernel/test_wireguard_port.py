@@ -141,4 +141,9 @@ def test_auto_falls_back_to_wireguard_go_and_kernel_refuses_clearly(
     auto = drive(a, "ensure-auto", da, k, "51820", "auto")
     assert auto["impl"] == ("userspace implementation (wireguard-go, /usr/bin/wireguard-go), "
                             "as the kernel has no wireguard module")
-    assert wireguard_go_pids(a)
+    pids = wireguard_go_pids(a)
+    assert len(pids) == 1
+    # a restarted flanneld in auto mode adopts it: the kernel is not probed, since that
+    # would replace the running device (and drop its tunnels)
+    again = drive(a, "ensure-auto", da, k, "51820", "auto")
+    assert again["index"] == auto["index"] and wireguard_go_pids(a) == pids

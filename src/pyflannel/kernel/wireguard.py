@@ -184,6 +184,10 @@ class UserspaceWgPort:
         return "wireguard-go (adopted, from an earlier flanneld)" if name in self._adopted \
             else "wireguard-go not running"
 
+    async def answers(self, name: str) -> bool:
+        """A wireguard-go serves `name` here (its device exists and its socket answers)."""
+        return await _link_index(name) is not None and await self._alive(name)
+
     async def _alive(self, name: str) -> bool:
         try:
             await _uapi(self.sock(name), b"get=1\n\n", timeout=2.0)
@@ -448,6 +452,12 @@ class AutoWgPort:
             raise WgUnsupported(f"PYFLANNEL_WIREGUARD={self.preference}: expected auto, "
                                 "kernel or userspace")
         problems = []
+        user = UserspaceWgPort()
+        if self.preference == "auto" and await user.answers(dev.name):
+            # our wireguard-go from before a restart: adopt it (probing the kernel would
+            # replace its device and drop every tunnel)
+            self.chosen = user
+            return await user.ensure(dev)
         if self.preference in ("auto", "kernel"):
             kernel = KernelWgPort()
             try:
@@ -460,7 +470,6 @@ class AutoWgPort:
                     raise WgUnsupported(f"PYFLANNEL_WIREGUARD=kernel: {e}") from None
                 self._why_not_kernel = str(e)
                 problems.append(f"kernel: {e}")
-        user = UserspaceWgPort()
         try:
             index = await user.ensure(dev)
         except WgUnsupported as e:
