@@ -166,6 +166,7 @@ class WireguardBackend:
             for d in self._devices:
                 found = await links.find(d.name)
                 d.index = found.index if found is not None else 0
+            self._own()  # the network's route via each device is ours to check
             return BackendSetup(BACKEND_TYPE, mtu)
         path = key_file()
         try:
