@@ -185,7 +185,6 @@ def graph(cl: Cluster, out: Path) -> None:
 
 def node_status(cl: Cluster, say: Say) -> int:
     """`pyflannel status --check` inside every node, with the daemons' own flags."""
-    import os
     import subprocess
     import sys
 
@@ -193,9 +192,10 @@ def node_status(cl: Cluster, say: Say) -> int:
     for n in cl.nodes.values():
         argv = cl.flanneld_argv(n)[3:]  # drop "python -m pyflannel.daemon.main"
         r = subprocess.run(
-            n.ns.exec_args(sys.executable, "-m", "pyflannel.cli", "status", "--check", *argv),
+            cl.node_exec_args(n, sys.executable, "-m", "pyflannel.cli", "status", "--check",
+                              *argv),
             capture_output=True, text=True, timeout=60,
-            env={**os.environ, **cl.store.node_env(n)})  # NODE_NAME in kube mode
+            env=cl.daemon_env(n))  # NODE_NAME in kube mode, the wireguard key file
         say(f"== {n.name} ({n.ns.name}) ==")
         for line in (r.stdout + r.stderr).splitlines():
             say(f"  {line}")
