@@ -161,11 +161,12 @@ class Capture:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Capture:
-        # -U: every packet reaches the file at once; -Z root: no switch to the tcpdump
-        # user, who may not enter the lab's work directory.
+        # --immediate-mode, -U: every packet reaches the file at once (in the default
+        # mode the last ones wait in the kernel's buffer, and are lost at the stop);
+        # -Z root: no switch to the tcpdump user, who may not enter the lab's work directory.
         self._proc = subprocess.Popen(
-            self.ns.exec_args("tcpdump", "-n", "-U", "-Z", "root", "-i", self.iface,
-                              "-w", str(self.path)),
+            self.ns.exec_args("tcpdump", "-n", "--immediate-mode", "-U", "-Z", "root",
+                              "-i", self.iface, "-w", str(self.path)),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self._proc.stderr is not None
         # "listening on ...": capturing from here on

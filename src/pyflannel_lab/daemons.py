@@ -60,9 +60,14 @@ class Daemons:
         return node.ns.exec_args("sh", "-c", _MOUNT_AND_EXEC, str(self.wireguard_dir(node)),
                                  *cmd)
 
-    def node_run(self, node: LabNode, *cmd: str, check: bool = True,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run(self.node_exec_args(node, *cmd), check=check, timeout=timeout)
+    def node_run(self, node: LabNode, *cmd: str, check: bool = True, timeout: float = 60,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return run(self.node_exec_args(node, *cmd), check=check, timeout=timeout, env=env)
+
+    def status_argv(self, node: LabNode) -> list[str]:
+        """`pyflannel status --check` with the node daemon's own flags."""
+        return [sys.executable, "-m", "pyflannel.cli", "status", "--check",
+                *self.flanneld_argv(node)[3:]]  # without "python -m pyflannel.daemon.main"
 
     def daemon_env(self, node: LabNode) -> dict[str, str]:
         """The environment of the node's daemon (and of `pyflannel status` on the node)."""

@@ -186,15 +186,12 @@ def graph(cl: Cluster, out: Path) -> None:
 def node_status(cl: Cluster, say: Say) -> int:
     """`pyflannel status --check` inside every node, with the daemons' own flags."""
     import subprocess
-    import sys
 
     worst = 0
     for n in cl.nodes.values():
-        argv = cl.flanneld_argv(n)[3:]  # drop "python -m pyflannel.daemon.main"
         r = subprocess.run(
-            cl.node_exec_args(n, sys.executable, "-m", "pyflannel.cli", "status", "--check",
-                              *argv),
-            capture_output=True, text=True, timeout=60,
+            cl.node_exec_args(n, *cl.status_argv(n)), capture_output=True, text=True,
+            timeout=60,
             env=cl.daemon_env(n))  # NODE_NAME in kube mode, the wireguard key file
         say(f"== {n.name} ({n.ns.name}) ==")
         for line in (r.stdout + r.stderr).splitlines():
