@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pyflannel.backend.base import Backend, DesiredTable, PeerState
 from pyflannel.backend.vxlan import vtep_claims
+from pyflannel.backend.wireguard import wg_claims
 from pyflannel.config.flags import Flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.kernel.ports import Addr, RoutePort
@@ -27,6 +28,7 @@ from pyflannel.reconcile.plan import DesiredState, KernelScope
 from pyflannel.traffic import TrafficConfig
 
 BLACKHOLE_KEY = "\0blackhole"  # no lease ident can be this: our own entries
+BACKEND_KEY = "\0backend"
 
 
 def lease_policy(nc: NetConf, *, store: str, backend_type: str,
@@ -43,7 +45,8 @@ def lease_policy(nc: NetConf, *, store: str, backend_type: str,
         backend_type=backend_type, own_subnet=own_subnet, own_ipv6_subnet=own_ipv6_subnet,
         own_public_ip=own_public_ip if nc.enable_ipv4 else None,
         own_public_ipv6=own_public_ipv6 if nc.enable_ipv6 else None,
-        unique=vtep_claims if backend_type == "vxlan" else None, segments=segments)
+        unique={"vxlan": vtep_claims, "wireguard": wg_claims}.get(backend_type),
+        segments=segments)
 
 
 def traffic_config(flags: Flags, nc: NetConf, subnet: IPv4Network | None,
@@ -78,6 +81,7 @@ class NodeDataplane:
             # dropped here instead of following the default route.
             self._desired.put(BLACKHOLE_KEY, PeerState(routes=tuple(
                 Route(dst=s, gateway=None, oif=None, type=RTN_BLACKHOLE) for s in blackhole)))
+        self._desired.put(BACKEND_KEY, backend.own)
 
     @property
     def desired(self) -> DesiredState:
@@ -105,6 +109,7 @@ class NodeDataplane:
         routes that decide DirectRouting changed."""
         if facts:
             self._direct.clear()
+        self._desired.put(BACKEND_KEY, self.backend.own)
         peers = list(self.table.peers.values())
         if self.backend.direct_routing:
             await self._learn(peers)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pyflannel.config.flags import Flags
 from pyflannel.iface.select import ExternalInterface, find_external_interface
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
-from pyflannel.kernel.ports import LinkPort, RoutePort
+from pyflannel.kernel.ports import LinkPort, RoutePort, WgPort
+from pyflannel.kernel.wireguard import AutoWgPort
 from pyflannel.subnet.base import SubnetManager
 from pyflannel.subnet.select import make_subnet_manager
 from pyflannel.subnet.subnetenv import SubnetEnv
@@ -35,6 +36,8 @@ class Platform:
     make_store: Callable[[Flags, SubnetEnv | None], SubnetManager]
     br_netfilter: Callable[[bool, bool], str | None] = check_br_netfilter
     nexthops: bool = field(default_factory=nexthops_wanted)
+    # The wireguard backend's devices and peers (nothing happens until it is used).
+    wireguard: WgPort = field(default_factory=AutoWgPort)
 
     @classmethod
     def real(cls) -> Platform:

@@ -18,7 +18,7 @@ from pyflannel.iface.select import ExternalInterface
 from pyflannel.kernel.ports import Addr, LinkPort
 from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
-from pyflannel.reconcile.plan import DesiredState, KernelScope
+from pyflannel.reconcile.plan import DesiredState, KernelScope, WgDevice, WgPeer
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -31,6 +31,8 @@ class PeerState:
     routes: tuple[Route, ...] = ()
     neighbours: tuple[Neighbour, ...] = ()
     fdb: tuple[FdbEntry, ...] = ()
+    wg: tuple[WgPeer, ...] = ()
+    wg_devices: tuple[WgDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class BackendError(Exception):
 
 class Backend(Protocol):
     backend_type: str
+    # What the backend needs whatever the peers (wireguard: its devices' keys and the route
+    # for the cluster network via its device); read after configure() and every rebuild.
+    own: PeerState
 
     @property
     def direct_routing(self) -> bool:
@@ -96,6 +101,11 @@ class DesiredTable:
             _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n, ch.neighbours)
         for f in old.fdb:
             _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f, ch.fdb)
+        for w in old.wg:
+            _pop_if(st.wg, (w.device, w.public_key), w, st.wg_changed)
+        for d in old.wg_devices:
+            if st.wg_devices.get(d.name) is d:
+                del st.wg_devices[d.name]
 
     def put(self, key: str, peer: PeerState) -> None:
         self.remove(key)
@@ -114,6 +124,12 @@ class DesiredTable:
             fk = (f.ifindex, f.lladdr.lower())
             st.fdb[fk] = f
             ch.fdb.add(fk)
+        for w in peer.wg:
+            wk = (w.device, w.public_key)
+            st.wg[wk] = w
+            st.wg_changed.add(wk)
+        for d in peer.wg_devices:
+            st.wg_devices[d.name] = d
 
 
 def _pop_if(table: dict[K, V], key: K, entry: V, changed: set[K]) -> None:

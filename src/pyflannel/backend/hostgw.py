@@ -41,6 +41,7 @@ def host_gw_peer_state(lease: Lease, oif: int, *, ipv4: bool = True,
 
 class HostGwBackend:
     backend_type = BACKEND_TYPE
+    own = PeerState()
     direct_routing = False
 
     def __init__(self) -> None:

@@ -152,6 +152,7 @@ class _Family:
 
 class VxlanBackend:
     backend_type = BACKEND_TYPE
+    own = PeerState()
 
     def __init__(self) -> None:
         self._links: LinkPort | None = None

@@ -24,6 +24,7 @@ Every error is a `NetConfError` whose text is one line starting with the field n
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -473,3 +474,59 @@ def vxlan_options(nc: NetConf) -> VxlanOptions:
         if field in raw:
             values[attr] = _as_bool(f"Backend.{field}", raw[field])
     return VxlanOptions(**values)
+
+
+# --- wireguard backend options -----------------------------------------------------------
+
+WIREGUARD_MODES = ("separate", "auto", "ipv4", "ipv6")
+
+
+@dataclass(frozen=True)
+class WireguardOptions:
+    """`Backend` options of the wireguard backend, upstream's defaults. `mtu` 0 means "the
+    external interface's MTU" (80 is subtracted for the device); `psk` is base64 or ""."""
+
+    listen_port: int = 51820
+    listen_port_v6: int = 51821
+    psk: str = ""
+    keepalive: int = 0
+    mode: str = "separate"
+    mtu: int = 0
+
+
+_WIREGUARD_FIELDS = ("ListenPort", "ListenPortV6", "PSK", "PersistentKeepaliveInterval",
+                     "Mode", "MTU")
+
+
+def wireguard_options(nc: NetConf) -> WireguardOptions:
+    """Decode the wireguard options from `nc.backend` (keys case-insensitive, as Go)."""
+    backend = _object_hook(list(nc.backend.items()))
+    raw = {k: v for k, v in _match_fields(backend, _WIREGUARD_FIELDS).items() if v is not None}
+    values: dict[str, Any] = {}
+    for field, attr in (("ListenPort", "listen_port"), ("ListenPortV6", "listen_port_v6")):
+        if field in raw:
+            values[attr] = _as_int(f"Backend.{field}", raw[field], 1, 65535)
+    if "PersistentKeepaliveInterval" in raw:
+        # upstream: a time.Duration given in seconds; the wire format holds 16 bits
+        values["keepalive"] = _as_int("Backend.PersistentKeepaliveInterval",
+                                      raw["PersistentKeepaliveInterval"], 0, 65535)
+    if "MTU" in raw:
+        values["mtu"] = _as_int("Backend.MTU", raw["MTU"], 0, _INT64_MAX)
+    if "PSK" in raw:
+        psk = _as_string("Backend.PSK", raw["PSK"], "a base64 WireGuard key")
+        if psk:
+            try:
+                ok = len(base64.b64decode(psk, validate=True)) == 32
+            except ValueError:
+                ok = False
+            if not ok:
+                raise NetConfError("Backend.PSK: expected a base64 WireGuard key (32 bytes, "
+                                   "44 characters, as `wg genpsk` prints)")
+        values["psk"] = psk
+    if "Mode" in raw:
+        mode = _as_string("Backend.Mode", raw["Mode"], "the mode")
+        if mode not in WIREGUARD_MODES:
+            raise NetConfError(f"Backend.Mode: no valid Mode configured: {_quote(mode)} "
+                               f"(expected {', '.join(WIREGUARD_MODES)})")
+        values["mode"] = mode
+    return WireguardOptions(**values)

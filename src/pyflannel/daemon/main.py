@@ -36,6 +36,7 @@ from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
 from pyflannel.netlink import LinkEvent, RtEvent
 from pyflannel.platform import Platform
 from pyflannel.reconcile.engine import KernelReconciler, ReconcileStats, RuleSync
+from pyflannel.reconcile.wgsync import WgReconciler
 from pyflannel.subnet.base import LeaseRevoked, StoreError, SubnetManager
 from pyflannel.subnet.subnetenv import (
     SubnetEnv,
@@ -157,7 +158,7 @@ class Daemon:
             raise StartupError(
                 f"Backend.Type: unknown backend type: {nc.backend_type} (this version of "
                 f"pyflannel supports {', '.join(BACKENDS)})")
-        backend: Backend = backend_cls()
+        backend: Backend = backend_cls(self.platform)
         if not nc.enable_nftables:
             problem = self.platform.br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
             if problem:
@@ -212,13 +213,19 @@ class Daemon:
         engine = KernelReconciler(port, dataplane.scope, nexthops=self.platform.nexthops,
                                   rules=rules_sync)
         engine.on_pass = self._record_pass
-        engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine)
+        # WireGuard peers have no netlink objects: their own reconciler, same desired state.
+        wg = WgReconciler(self.platform.wireguard) if dataplane.desired.wg_devices else None
+        if wg is not None:
+            wg.on_repair = self.metrics.drift_repairs.labels(kind="wireguard").inc
+        engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine, wg)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_leases(mgr, dataplane, engine))
+                tg.create_task(self._watch_leases(mgr, dataplane, engine, wg))
                 tg.create_task(engine.run())
+                if wg is not None:
+                    tg.create_task(wg.run())
                 tg.create_task(self._keep_subnet_env(subnet_file, env))
                 tg.create_task(mgr.keep_lease(lease))
                 tg.create_task(self._stop_waiter())
@@ -228,6 +235,7 @@ class Daemon:
             log.info("Exiting cleanly...")
         finally:
             port.close()
+            await self.platform.wireguard.aclose()
         return rc
 
     async def _setup_traffic(self, nc: NetConf, lease: Lease,
@@ -299,7 +307,7 @@ class Daemon:
         raise _Stopping
 
     async def _watch_leases(self, mgr: SubnetManager, dataplane: NodeDataplane,
-                            engine: KernelReconciler) -> None:
+                            engine: KernelReconciler, wg: WgReconciler | None) -> None:
         log.info("Watching for new subnet leases")
         async for update in mgr.updates():
             delta = await dataplane.apply(update)
@@ -309,9 +317,12 @@ class Daemon:
             self.metrics.observe_reconnects(mgr.watch_reconnects)
             if delta.changed or not engine.stats.runs:
                 engine.set_desired(dataplane.desired)
+                if wg is not None:
+                    wg.set_desired(dataplane.desired)
 
     async def _on_links(self, batch: list[RtEvent], backend: Backend,
-                        dataplane: NodeDataplane, engine: KernelReconciler) -> None:
+                        dataplane: NodeDataplane, engine: KernelReconciler,
+                        wg: WgReconciler | None = None) -> None:
         changed = False
         for ev in batch:
             if ev.kind in ("link_new", "link_del") and isinstance(ev.obj, LinkEvent):
@@ -321,6 +332,9 @@ class Daemon:
             await dataplane.rebuild()
             engine.set_scope(dataplane.scope)
             engine.set_desired(dataplane.desired)
+            if wg is not None:
+                wg.resync()  # a recreated device has no peers
+                wg.set_desired(dataplane.desired)
 
     def _record_pass(self, s: ReconcileStats) -> None:
         m = self.metrics

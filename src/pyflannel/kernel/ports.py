@@ -8,17 +8,19 @@ an in-memory kernel in unit tests (tests/fakes/kernel.py) and on netlink in prod
   batch of changes (apply), the notifications (events), `ip route get` (lookup), close.
 - LinkPort: devices, a cold path (start-up, recreation): find, ensure (create), set up
   (address, MAC, MTU, up), delete, close.
+- WgPort: WireGuard devices and peers (the kernel's module or wireguard-go): ensure a
+  device, read its state, update it, close.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from pyflannel.netlink import Op, OpResult, Route, RtEvent
-from pyflannel.reconcile.plan import KernelScope, Observed
+from pyflannel.reconcile.plan import KernelScope, Observed, WgDevice, WgPeer
 
 Addr = IPv4Address | IPv6Address
 Net = IPv4Network | IPv6Network
@@ -93,5 +95,49 @@ class LinkPort(Protocol):
         ...
 
     async def delete(self, index: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- WireGuard (kernel/wireguard.py) ---------------------------------------------------
+
+
+class WgError(Exception):
+    """A WireGuard operation failed; one line."""
+
+
+class WgUnsupported(WgError):
+    """This implementation is not available here (no module, no binary, no TUN)."""
+
+
+@dataclass
+class WgState:
+    """A device as read back: its public key (derived), listen port and peers."""
+
+    public_key: str | None
+    listen_port: int
+    peers: dict[str, WgPeer] = field(default_factory=dict)
+
+
+class WgPort(Protocol):
+    @property
+    def implementation(self) -> str:
+        """"kernel" or "userspace (wireguard-go …)"; "" before the first ensure()."""
+        ...
+
+    async def ensure(self, dev: WgDevice) -> int:
+        """The device exists, is running and has dev's key and port; its ifindex."""
+        ...
+
+    async def state(self, name: str) -> WgState | None:
+        """The device's configuration; None when there is no such device."""
+        ...
+
+    async def update(self, name: str, *, put: Sequence[WgPeer] = (),
+                     remove: Sequence[str] = (), private_key: str | None = None,
+                     listen_port: int | None = None) -> None:
+        """Set what is given: the key, the port, peers (their allowed IPs replaced), peers
+        removed by public key. One request."""
+        ...
 
     async def aclose(self) -> None: ...

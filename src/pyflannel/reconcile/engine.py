@@ -59,6 +59,7 @@ from pyflannel.reconcile.plan import (
     plan,
     route_key,
     same_neighbour,
+    uses_nexthop,
 )
 from pyflannel.traffic import TrafficConfig, TrafficRules
 
@@ -345,8 +346,8 @@ class KernelReconciler:
                 or have.onlink != want.onlink
                 or have.priority != (0 if have.dst.version == 4 else IPV6_DEFAULT_METRIC)):
             return False
-        if want.type != RTN_UNICAST:
-            return have.nhid is None  # blackhole routes never use nexthop objects
+        if not uses_nexthop(want):
+            return have.nhid is None
         if self.nexthops:
             return have.nhid is not None and NHID_BASE <= have.nhid < NHID_BASE + NHID_SPAN
         return have.nhid is None
@@ -507,7 +508,7 @@ class KernelReconciler:
         if not self.nexthops or c is None:
             return
         for k, r in self._desired.routes.items():
-            if r.type == RTN_UNICAST:
+            if uses_nexthop(r):
                 nhid = c.nexthop_id(nh_key(r))
                 if nhid is not None:
                     self._route_nh[k] = nhid
@@ -549,7 +550,7 @@ class KernelReconciler:
                     else:
                         self._nh_refs.pop(old, None)
                         freed.add(old)
-                if r is not None and r.type == RTN_UNICAST:
+                if r is not None and uses_nexthop(r):
                     r = self._with_nexthop(k, r, pending, nh_adds)
             if r is not None:
                 want_routes[k] = r

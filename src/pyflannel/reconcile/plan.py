@@ -93,6 +93,38 @@ class KernelScope:
         return tuple(sorted(fams))
 
 
+def endpoint_text(ep: tuple[Gateway, int]) -> str:
+    ip, port = ep
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    """One peer of one of our devices, as we want it (and as it is read back)."""
+
+    device: str
+    public_key: str  # base64
+    endpoint: tuple[Gateway, int] | None = None
+    allowed_ips: frozenset[IPv4Network | IPv6Network] = frozenset()
+    preshared_key: str | None = None  # base64; None: none
+    keepalive: int = 0  # seconds, 0 off
+
+    def describe(self) -> str:
+        ep = endpoint_text(self.endpoint) if self.endpoint else "none"
+        ips = ",".join(sorted(str(n) for n in self.allowed_ips)) or "none"
+        return f"peer {self.public_key[:8]}… endpoint {ep} allowed-ips {ips} on {self.device}"
+
+
+@dataclass(frozen=True)
+class WgDevice:
+    """What one of our devices must be: its name, key and port (the engine repairs them)."""
+
+    name: str
+    private_key: str  # base64
+    listen_port: int
+    mtu: int
+
+
 @dataclass(slots=True)
 class ChangedKeys:
     """Keys of a DesiredState (or of the kernel) that changed since the engine last looked:
@@ -128,6 +160,11 @@ class DesiredState:
     neighbours: dict[tuple[int, str], Neighbour] = field(default_factory=dict)
     fdb: dict[tuple[int, str], FdbEntry] = field(default_factory=dict)
     changed: ChangedKeys = field(default_factory=ChangedKeys, compare=False, repr=False)
+    # WireGuard (reconcile/wgsync.py): peers by (device, public key), our devices by name,
+    # and the peer keys changed since the WireGuard reconciler last looked.
+    wg: dict[tuple[str, str], WgPeer] = field(default_factory=dict)
+    wg_devices: dict[str, WgDevice] = field(default_factory=dict)
+    wg_changed: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -136,6 +173,12 @@ class Observed:
     nexthops: list[Nexthop] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
     fdb: list[FdbEntry] = field(default_factory=list)
+
+
+def uses_nexthop(r: Route) -> bool:
+    """Whether `r` goes through one of our nexthop objects: routes via a gateway. Blackholes
+    have no nexthop, and a device route (wireguard's network route) is one per device."""
+    return r.type == RTN_UNICAST and r.gateway is not None
 
 
 def route_key(r: Route) -> str:
@@ -206,7 +249,7 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
         want_routes = {}
         needed: set[int] = set()
         for key, r in desired.routes.items():
-            if r.type != RTN_UNICAST:  # a blackhole route has no nexthop to share
+            if not uses_nexthop(r):
                 want_routes[key] = r
                 continue
             k = nh_key(r)

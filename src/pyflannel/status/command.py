@@ -116,7 +116,7 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
     backend_cls = BACKENDS.get(nc.backend_type)
     if backend_cls is None:
         return problems + [f"unknown backend type {nc.backend_type}"], []
-    backend = backend_cls()
+    backend = backend_cls(platform)
     try:
         ext = await platform.find_interface(
             ifaces=flags.iface, iface_regexes=flags.iface_regex, can_reach=flags.iface_can_reach,
