@@ -337,6 +337,16 @@ class Cluster(Daemons, Checks):
             if seg.net6 is not None:
                 self.switch.ip("-6", "route", "add", str(seg.net6), "via", str(first.host6(0xfe)))
 
+    def converged(self) -> bool:
+        """Checks.converged; for wireguard (one route for the whole network, no route per
+        peer): every lease, and every node's wg peers as its leases say."""
+        if str(self.netconf.get("Backend", {}).get("Type", "")).lower() != "wireguard":
+            return super().converged()
+        from pyflannel_lab.wireguard import peers_converged
+
+        return (all(self.subnet_of(n) is not None for n in self.nodes.values())
+                and peers_converged(self))
+
     def put_netconf(self, netconf: dict[str, Any]) -> None:
         self.netconf = netconf
         self.store.put_netconf(netconf)

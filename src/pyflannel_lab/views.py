@@ -41,8 +41,8 @@ def build(name: str, opts: dict[str, Any], say: Say,
     nodes = int(opts.get("nodes", 3))
     backend = str(opts.get("backend", "host-gw"))
     store_kind = str(opts.get("store", "etcd"))
-    if backend not in ("host-gw", "vxlan"):
-        raise ValueError(f"--backend must be host-gw or vxlan, not {backend!r}")
+    if backend not in ("host-gw", "vxlan", "wireguard"):
+        raise ValueError(f"--backend must be host-gw, vxlan or wireguard, not {backend!r}")
     netconf = {"Network": NETWORK, "Backend": {"Type": backend}}
     say(f"Building a {nodes}-node flannel cluster ({backend}, {store_kind}) in network "
         "namespaces; the machine's own network is not touched.")
@@ -100,6 +100,10 @@ def show_routes(cl: Cluster, say: Say) -> None:
         say(f"{n.name} ({n.addr}, pods {cl.subnet_of(n)}) $ ip route")
         for line in routes_text(cl, n):
             say(f"  {line}")
+        if cl.wireguard_dirs:
+            say(f"{n.name} $ wg show")
+            for line in cl.node_run(n, "wg", "show", check=False).stdout.splitlines():
+                say(f"  {line}")
 
 
 def matrix(cl: Cluster, say: Say) -> bool:
