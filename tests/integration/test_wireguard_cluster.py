@@ -19,6 +19,7 @@ the machine's load, an interruption of the tunnel costs many.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -55,7 +56,10 @@ pytestmark = [
 
 SEGMENTS = ["192.168.83.0/24", "192.168.84.0/24", "192.168.85.0/24"]
 NETWORK = "10.244.0.0/16"
-WIREGUARD = {"Network": NETWORK, "Backend": {"Type": "wireguard"}}
+PSK = base64.b64encode(os.urandom(32)).decode()
+KEEPALIVE = 25
+WIREGUARD = {"Network": NETWORK, "Backend": {"Type": "wireguard", "PSK": PSK,
+                                             "PersistentKeepaliveInterval": KEEPALIVE}}
 TIMEOUT = 60
 MAX_LOST_RUN = 1  # see the module's docstring
 
@@ -134,6 +138,8 @@ def test_pods_reach_each_other_across_the_router(cluster: Cluster) -> None:
         assert dev is not None and dev.listen_port == WG_PORT
         assert dev.public_key == keys[str(node.addr)]
         assert len(dev.peers) == 2
+        assert {(p.preshared_key, p.keepalive) for p in dev.peers.values()} == {
+            (PSK, str(KEEPALIVE))}
         # the userspace implementation, started by the daemon, its socket in the node's
         # own /run/wireguard (none on the machine's)
         assert len(wireguard_go_pids(node)) == 1
