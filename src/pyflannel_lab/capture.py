@@ -6,8 +6,9 @@ What an encrypted fabric must show on the wire (`encryption_violations`): betwee
 only UDP to or from the tunnel's port, and no cluster (pod) address in any IP header that
 can be read, the outer one or one carried inside in clear (vxlan's, ipip's): every offset
 of every frame is tried as an IPv4 header, and one with a valid header checksum that names
-a pod address counts. Inside wireguard's ciphertext such a header turns up by chance with a
-probability of about 2^-40 per offset.
+a pod address counts (inside wireguard's ciphertext such a header turns up by chance with a
+probability of about 2^-40 per offset); for IPv6, which has no header checksum, the pod
+network's prefix bytes where an IPv6 header's source or destination would be.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class IpPacket:
     sport: int | None = None
     dport: int | None = None
     inner: tuple[tuple[IPv4Address, IPv4Address], ...] = ()
+    payload: bytes = field(default=b"", repr=False)  # what follows the outer IP header
 
     def __str__(self) -> str:
         ports = f" {self.sport}->{self.dport}" if self.sport is not None else ""
@@ -65,6 +67,26 @@ def embedded_ipv4_headers(data: bytes) -> Iterator[tuple[int, IPv4Address, IPv4A
         if len(hdr) < ihl or struct.unpack("!H", hdr[2:4])[0] < ihl or not _checksum_ok(hdr):
             continue
         yield i, IPv4Address(hdr[12:16]), IPv4Address(hdr[16:20])
+
+
+def embedded_ipv6_headers(data: bytes, net: IPv6Network
+                          ) -> Iterator[tuple[int, IPv6Address, IPv6Address]]:
+    """(offset, src, dst) of every IPv6 header in `data` whose source or destination lies
+    in `net`: IPv6 has no header checksum, so the search is for the network's prefix bytes
+    where a header's source (offset 8) or destination (offset 24) would start, after a
+    version-6 byte."""
+    prefix = net.network_address.packed[:max(1, net.prefixlen // 8)]
+    seen = set()
+    start = 0
+    while (p := data.find(prefix, start)) >= 0:
+        start = p + 1
+        for h in (p - 8, p - 24):
+            if h < 0 or h in seen or len(data) - h < 40 or data[h] >> 4 != 6:
+                continue
+            src, dst = IPv6Address(data[h + 8:h + 24]), IPv6Address(data[h + 24:h + 40])
+            if src in net or dst in net:
+                seen.add(h)
+                yield h, src, dst
 
 
 def parse_ip(frame: bytes) -> IpPacket | None:
@@ -93,7 +115,7 @@ def parse_ip(frame: bytes) -> IpPacket | None:
     if proto in (IPPROTO_TCP, IPPROTO_UDP) and frag == 0 and len(payload) >= 4:
         sport, dport = struct.unpack("!HH", payload[:4])
     inner = tuple((s, d) for _off, s, d in embedded_ipv4_headers(payload))
-    return IpPacket(src, dst, proto, sport, dport, inner)
+    return IpPacket(src, dst, proto, sport, dport, inner, payload)
 
 
 def read_pcap(path: Path) -> list[bytes]:
@@ -125,11 +147,14 @@ class WireReport:
 
 def encryption_violations(packets: Iterable[IpPacket | None],
                           nodes: Iterable[IPv4Address | IPv6Address],
-                          port: int, networks: Iterable[IPv4Network | IPv6Network]
-                          ) -> WireReport:
-    """Every IP packet between two of `nodes` must be UDP to or from `port`; no address
-    inside one of `networks` (the cluster's) may appear in any readable IP header."""
+                          port: int | Iterable[int],
+                          networks: Iterable[IPv4Network | IPv6Network]) -> WireReport:
+    """Every IP packet between two of `nodes` must be UDP to or from `port` (one of them);
+    no address inside one of `networks` (the cluster's) may appear in any readable IP
+    header."""
     node_set, nets = set(nodes), list(networks)
+    ports = {port} if isinstance(port, int) else set(port)
+    nets6 = [n for n in nets if isinstance(n, IPv6Network)]
     rep = WireReport()
 
     def is_pod(a: IPv4Address | IPv6Address) -> bool:
@@ -141,14 +166,18 @@ def encryption_violations(packets: Iterable[IpPacket | None],
             continue
         if p.src in node_set and p.dst in node_set:
             rep.node_to_node += 1
-            if p.proto == IPPROTO_UDP and port in (p.sport, p.dport):
+            if p.proto == IPPROTO_UDP and ports & {p.sport, p.dport}:
                 rep.tunnel += 1
             else:
-                rep.violations.append(f"node-to-node packet not UDP to/from {port}: {p}")
+                rep.violations.append(
+                    f"node-to-node packet not UDP to/from {'/'.join(map(str, sorted(ports)))}"
+                    f": {p}")
         if is_pod(p.src) or is_pod(p.dst):
             rep.violations.append(f"pod address in the outer IP header: {p}")
-        if any(is_pod(s) or is_pod(d) for s, d in p.inner):
-            rep.violations.append(f"pod address in an IP header inside, in clear: {p}")
+        inner6 = [(s, d) for n in nets6 for _off, s, d in embedded_ipv6_headers(p.payload, n)]
+        if any(is_pod(s) or is_pod(d) for s, d in p.inner) or inner6:
+            rep.violations.append(f"pod address in an IP header inside, in clear: {p}"
+                                  + "".join(f" [inner {s} > {d}]" for s, d in inner6))
     return rep
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import ip_network
 from pathlib import Path
@@ -76,10 +77,11 @@ def wg_show(cl: Cluster, node: LabNode, dev: str = WG_DEV) -> WgDevice | None:
     return WgDevice(iface[1], int(iface[2]), peers)
 
 
-def lease_public_keys(cl: Cluster) -> dict[str, str]:
-    """Public IP -> the wireguard public key in its lease."""
-    return {a["PublicIP"]: a["BackendData"]["PublicKey"] for a in cl.leases().values()
-            if isinstance(a.get("BackendData"), dict) and "PublicKey" in a["BackendData"]}
+def lease_public_keys(cl: Cluster, field: str = "BackendData") -> dict[str, str]:
+    """Public IP -> the wireguard public key in its lease (`field` BackendV6Data: the
+    IPv6 device's)."""
+    return {a["PublicIP"]: a[field]["PublicKey"] for a in cl.leases().values()
+            if isinstance(a.get(field), dict) and "PublicKey" in a[field]}
 
 
 def expected_peer(cl: Cluster, peer: LabNode, keys: dict[str, str],
@@ -117,8 +119,8 @@ def capture_segment(cl: Cluster, segment: int, name: str) -> Capture:
     return Capture(cl.router, f"r{segment}", Path(cl.workdir) / f"{name}.pcap")
 
 
-def wire_report(cl: Cluster, cap: Capture, port: int) -> WireReport:
-    """The capture checked against the cluster's nodes, tunnel port and networks."""
+def wire_report(cl: Cluster, cap: Capture, port: int | Iterable[int]) -> WireReport:
+    """The capture checked against the cluster's nodes, tunnel port(s) and networks."""
     nets = [ip_network(cl.netconf[k]) for k in ("Network", "IPv6Network") if k in cl.netconf]
     nodes = [n.addr for n in cl.nodes.values()] + [n.addr6 for n in cl.nodes.values()
                                                    if n.addr6 is not None]

@@ -36,7 +36,9 @@ from pyflannel_lab.netns import run
 from pyflannel_lab.probe import UdpProbe
 from pyflannel_lab.wireguard import (
     WG_DEV,
+    WG_DEV6,
     WG_PORT,
+    WG_PORT6,
     capture_segment,
     lease_public_keys,
     peers_converged,
@@ -282,3 +284,73 @@ def test_a_node_leaving_is_removed_from_the_peers(cluster: Cluster) -> None:
         assert dev is not None and key2 not in dev.peers and len(dev.peers) == 1
         assert all(str(subnet2) not in p.allowed_ips for p in dev.peers.values())
     assert_pods_reach_each_other(cluster)
+
+
+# -- dual-stack, separate mode: flannel-wg for IPv4 peers, flannel-wg-v6 for IPv6 peers ----
+
+V6_NETWORK = "fd10:244::/56"
+DUAL = {"Network": NETWORK, "EnableIPv6": True, "IPv6Network": V6_NETWORK,
+        "Backend": {"Type": "wireguard", "Mode": "separate"}}
+DUAL_SEGMENTS = ["192.168.86.0/24", "192.168.87.0/24", "192.168.88.0/24"]
+
+
+def v6_peers_converged(cl: Cluster) -> bool:
+    """Every node's flannel-wg-v6: one peer per other node, its IPv6 endpoint on
+    ListenPortV6 and its IPv6 subnet."""
+    keys = lease_public_keys(cl, "BackendV6Data")
+    for node in cl.nodes.values():
+        dev = wg_show(cl, node, WG_DEV6)
+        if dev is None or dev.listen_port != WG_PORT6:
+            return False
+        want = {(keys.get(str(o.addr)), f"[{o.addr6}]:{WG_PORT6}", (str(cl.subnet6_of(o)),))
+                for o in cl.nodes.values() if o is not node}
+        if {(p.public_key, p.endpoint, p.allowed_ips) for p in dev.peers.values()} != want:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dual() -> Iterator[Cluster]:
+    with Cluster(segments=DUAL_SEGMENTS, nodes=[0, 1, 2], netconf=DUAL, name="pfw6",
+                 ipv6=True, flanneld_args=["--ip-masq"], wireguard_impl="userspace") as cl:
+        cl.wait_until(lambda: all_ready(cl) and v6_peers_converged(cl), timeout=TIMEOUT,
+                      interval=0.2, what="wireguard peers of both families on every node")
+        for node in cl.nodes.values():
+            cl.add_pod(node, f"pod{node.index}")
+        yield cl
+
+
+def test_dual_stack_pods_reach_each_other_in_both_families(dual: Cluster) -> None:
+    for family in (4, 6):
+        matrix = dual.reachability(family)
+        assert len(matrix) == 6
+        for (src, dst), seen in matrix.items():
+            assert seen == str(dual.pods[src].address(family)), (family, src, dst, seen)
+    for node in dual.nodes.values():
+        assert "FLANNEL_MTU=1420\n" in node.subnet_file.read_text()
+        routes6 = node.ns.ip("-6", "route", "show", "dev", WG_DEV6).stdout
+        assert any(line.split()[0] == V6_NETWORK for line in routes6.splitlines() if line)
+        assert len(wireguard_go_pids(node)) == 2  # one per device
+    for attrs in dual.leases().values():
+        assert attrs["BackendData"]["Port"] == WG_PORT
+        assert attrs["BackendV6Data"]["Port"] == WG_PORT6
+
+
+def test_dual_stack_wire_carries_only_the_tunnels(dual: Cluster) -> None:
+    p1, p2 = dual.pods["pod1"], dual.pods["pod2"]
+    assert p2.ip6 is not None
+    with capture_segment(dual, 1, "segment1") as cap, \
+            UdpProbe(p1.ns, p2.ns, str(p2.ip)) as probe4, \
+            UdpProbe(p1.ns, p2.ns, str(p2.ip6)) as probe6:
+        for family in (4, 6):
+            dual.reachability(family)
+        time.sleep(1)
+    rep = wire_report(dual, cap, (WG_PORT, WG_PORT6))
+    assert probe4.result is not None and probe6.result is not None
+    print(f"{rep.frames} frames, {rep.node_to_node} node-to-node, {rep.tunnel} tunnel; "
+          f"probes: {probe4.result}; {probe6.result}")
+    assert rep.violations == [], "\n".join(rep.violations[:20])
+    v6_tunnel = [p for p in cap.packets() if p is not None and p.src.version == 6
+                 and WG_PORT6 in (p.sport, p.dport)]
+    received6 = probe6.result.sent - len(probe6.result.lost)
+    assert received6 >= 15 and len(v6_tunnel) >= 2 * received6

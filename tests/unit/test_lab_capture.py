@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from pyflannel_lab.capture import encryption_violations, parse_ip, read_pcap
@@ -87,6 +87,21 @@ def test_pod_address_in_clear_and_other_protocols_are_violations() -> None:
     assert rep.tunnel == 0 and len(rep.violations) == 2
     assert "not UDP to/from 51820" in rep.violations[0]
     assert "outer IP header" in rep.violations[1]
+
+
+def test_ipv6_pod_address_in_clear_is_a_violation() -> None:
+    net6 = IPv6Network("fd10:244::/56")
+    pod_a, pod_b = IPv6Address("fd10:244:0:33::2"), IPv6Address("fd10:244:0:e::2")
+    inner6 = struct.pack("!IHBB16s16s", 6 << 28, 8, 58, 64, pod_a.packed, pod_b.packed)
+    inner = b"\x02" * 12 + b"\x86\xdd" + inner6 + b"\x80\x00" + b"\x00" * 6
+    frame = ether(ipv4(NODE1, NODE2, 17, udp(40000, 8472, b"\x08" + b"\x00" * 7 + inner)))
+    rep = encryption_violations([parse_ip(frame)], [NODE1, NODE2], [8472], [NET, net6])
+    assert rep.tunnel == 1 and len(rep.violations) == 1
+    assert f"[inner {pod_a} > {pod_b}]" in rep.violations[0]
+    # ciphertext: nothing
+    rep = encryption_violations([parse_ip(wireguard_frame())], [NODE1, NODE2], [51820, 51821],
+                                [NET, net6])
+    assert rep.tunnel == 1 and rep.violations == []
 
 
 def test_probe_result_longest_run_of_lost() -> None:
