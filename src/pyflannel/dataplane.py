@@ -24,6 +24,7 @@ from pyflannel.lease.events import LeaseUpdate
 from pyflannel.lease.model import Lease
 from pyflannel.lease.table import LeasePolicy, LeaseTable, TableDelta
 from pyflannel.netlink import RTN_BLACKHOLE, RTN_UNICAST, Route
+from pyflannel.reconcile.hooks import PeerHook
 from pyflannel.reconcile.plan import DesiredState, KernelScope
 from pyflannel.traffic import TrafficConfig
 
@@ -86,6 +87,16 @@ class NodeDataplane:
     @property
     def desired(self) -> DesiredState:
         return self._desired.state
+
+    @property
+    def hooks(self) -> dict[str, PeerHook]:
+        """The peers' commands (extension backend), by lease ident."""
+        return self._desired.hooks
+
+    def take_hook_changes(self) -> set[str]:
+        """The idents whose commands changed since the last call."""
+        changed, self._desired.hooks_changed = self._desired.hooks_changed, set()
+        return changed
 
     @property
     def scope(self) -> KernelScope:

@@ -1,5 +1,6 @@
 """What flanneld and `pyflannel status` use outside Python, in one place: the kernel
-(route and link ports, interface lookup, br_netfilter), the firewall and the store.
+(route and link ports, interface lookup, br_netfilter), the firewall, the store, and
+the extension backend's commands.
 `Platform.real()` is this machine; unit tests build one from fakes (tests/fakes/)."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pyflannel.iface.select import ExternalInterface, find_external_interface
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
 from pyflannel.kernel.ports import LinkPort, RoutePort, WgPort
 from pyflannel.kernel.wireguard import AutoWgPort
+from pyflannel.reconcile.hookrunner import SubprocessCommands
+from pyflannel.reconcile.hooks import CommandPort
 from pyflannel.subnet.base import SubnetManager
 from pyflannel.subnet.select import make_subnet_manager
 from pyflannel.subnet.subnetenv import SubnetEnv
@@ -38,6 +41,7 @@ class Platform:
     nexthops: bool = field(default_factory=nexthops_wanted)
     # The wireguard backend's devices and peers (nothing happens until it is used).
     wireguard: WgPort = field(default_factory=AutoWgPort)
+    commands: CommandPort = field(default_factory=SubprocessCommands)  # extension's
 
     @classmethod
     def real(cls) -> Platform:

@@ -82,8 +82,8 @@ def test_backends_import_only_the_ports_the_plan_and_the_model() -> None:
     # pyflannel.netlink (the package) is the ports' vocabulary: Route, Neighbour, ...; its
     # socket and codec modules are not.
     bad = violations("pyflannel.backend", only=(
-        "pyflannel.kernel.ports", "pyflannel.reconcile.plan", "pyflannel.netlink",
-        "pyflannel.lease", "pyflannel.config", "pyflannel.iface.select",
+        "pyflannel.kernel.ports", "pyflannel.reconcile.plan", "pyflannel.reconcile.hooks",
+        "pyflannel.netlink", "pyflannel.lease", "pyflannel.config", "pyflannel.iface.select",
         # WireGuard keys: stdlib X25519 and the key file, a leaf
         "pyflannel.kernel.wgkeys"))
     bad += [f"{m} imports {i}" for m, imp in MODULES.items() if under(m, "pyflannel.backend")
@@ -97,6 +97,13 @@ def test_the_plan_is_pure() -> None:
     assert ours(imported) <= {"pyflannel.netlink", *(f"pyflannel.netlink.{n}" for n in (
         "NUD_PERMANENT", "RTN_BLACKHOLE", "RTN_UNICAST", "FdbEntry", "Neighbour", "Nexthop",
         "Op", "Route"))}
+
+
+def test_the_hook_plan_is_pure() -> None:
+    # What the extension backend's peers run is described here; running is hookrunner's.
+    imported = MODULES["pyflannel.reconcile.hooks"]
+    assert not {"asyncio", "subprocess", "os"} & imported
+    assert ours(imported) == set()
 
 
 def test_status_never_imports_the_daemon() -> None:

@@ -18,6 +18,7 @@ from pyflannel.iface.select import ExternalInterface
 from pyflannel.kernel.ports import Addr, LinkPort
 from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
+from pyflannel.reconcile.hooks import PeerHook
 from pyflannel.reconcile.plan import DesiredState, KernelScope, WgDevice, WgPeer
 
 K = TypeVar("K")
@@ -33,6 +34,7 @@ class PeerState:
     fdb: tuple[FdbEntry, ...] = ()
     wg: tuple[WgPeer, ...] = ()
     wg_devices: tuple[WgDevice, ...] = ()
+    hook: PeerHook | None = None  # extension: the commands this peer's changes run
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class BackendSetup:
     mtu: int
     backend_data: str = ""  # compact JSON, "" for none
     backend_v6_data: str = ""
+    # False (alloc): no data path, so peers' leases are not watched at all (upstream's
+    # alloc network never runs a lease watch; in kube mode not even the node informer).
+    watch_peers: bool = True
 
 
 class BackendError(Exception):
@@ -88,6 +93,10 @@ class DesiredTable:
 
     state: DesiredState = field(default_factory=DesiredState)
     peers: dict[str, PeerState] = field(default_factory=dict)
+    # The peers' commands (extension), kept beside the kernel state: the HookRunner, not
+    # the engine, takes the changed idents.
+    hooks: dict[str, PeerHook] = field(default_factory=dict)
+    hooks_changed: set[str] = field(default_factory=set)
 
     def remove(self, key: str) -> None:
         old = self.peers.pop(key, None)
@@ -106,6 +115,8 @@ class DesiredTable:
         for d in old.wg_devices:
             if st.wg_devices.get(d.name) is d:
                 del st.wg_devices[d.name]
+        if old.hook is not None:
+            _pop_if(self.hooks, key, old.hook, self.hooks_changed)
 
     def put(self, key: str, peer: PeerState) -> None:
         self.remove(key)
@@ -130,6 +141,9 @@ class DesiredTable:
             st.wg_changed.add(wk)
         for d in peer.wg_devices:
             st.wg_devices[d.name] = d
+        if peer.hook is not None:
+            self.hooks[key] = peer.hook
+            self.hooks_changed.add(key)
 
 
 def _pop_if(table: dict[K, V], key: K, entry: V, changed: set[K]) -> None:

@@ -179,7 +179,7 @@ class WireguardBackend:
                  "created" if created else "loaded", self._public)
         for d in self._devices:
             await self._ensure(d)
-        log.info("wireguard: using the %s implementation for %s", self.wg.implementation,
+        log.info("wireguard: using the %s for %s", self.wg.implementation,
                  ", ".join(self.devices))
         ports = {fam: d.port for d in self._devices for fam in d.families}
         return BackendSetup(

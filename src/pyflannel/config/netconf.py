@@ -530,3 +530,42 @@ def wireguard_options(nc: NetConf) -> WireguardOptions:
                                f"(expected {', '.join(WIREGUARD_MODES)})")
         values["mode"] = mode
     return WireguardOptions(**values)
+
+
+# --- extension backend options ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtensionOptions:
+    """`Backend` options of the extension backend: command lines ("" for none)."""
+
+    pre_startup_command: str = ""
+    post_startup_command: str = ""
+    subnet_add_command: str = ""
+    subnet_remove_command: str = ""
+
+
+_EXTENSION_FIELDS = ("PreStartupCommand", "PostStartupCommand", "SubnetAddCommand",
+                     "SubnetRemoveCommand")
+
+
+def extension_options(nc: NetConf) -> ExtensionOptions:
+    """Decode the extension options (keys case-insensitive, unknown ignored, null = unset,
+    as Go's json.Unmarshal into strings). A blank command (white space only) is refused:
+    upstream would crash on it at its first use."""
+    backend = _object_hook(list(nc.backend.items()))
+    raw = {k: v for k, v in _match_fields(backend, _EXTENSION_FIELDS).items() if v is not None}
+    values: dict[str, str] = {}
+    for field in _EXTENSION_FIELDS:
+        if field not in raw:
+            continue
+        text = _as_string(f"Backend.{field}", raw[field], "a command line")
+        if text and not text.split():
+            raise NetConfError(f"Backend.{field}: expected a command line, got only white "
+                               "space (leave the field out for none)")
+        values[_snake(field)] = text
+    return ExtensionOptions(**values)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")

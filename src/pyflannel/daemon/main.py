@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyflannel import __version__
 from pyflannel.backend.base import Backend, BackendError, BackendSetup
-from pyflannel.backend.registry import BACKENDS
+from pyflannel.backend.registry import BACKENDS, make_backend, unknown_backend_message
 from pyflannel.config.flags import ConfigError, Flags, HelpRequested, help_text, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.daemon.http import HealthServer
@@ -36,6 +36,7 @@ from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
 from pyflannel.netlink import LinkEvent, RtEvent
 from pyflannel.platform import Platform
 from pyflannel.reconcile.engine import KernelReconciler, ReconcileStats, RuleSync
+from pyflannel.reconcile.hookrunner import HookRunner
 from pyflannel.reconcile.wgsync import WgReconciler
 from pyflannel.subnet.base import LeaseRevoked, StoreError, SubnetManager
 from pyflannel.subnet.subnetenv import (
@@ -153,12 +154,9 @@ class Daemon:
         if not (nc.enable_ipv4 or nc.enable_ipv6):
             raise StartupError("none defined stack: enable EnableIPv4 and/or EnableIPv6 in "
                                "net-conf.json")
-        backend_cls = BACKENDS.get(nc.backend_type)
-        if backend_cls is None:
-            raise StartupError(
-                f"Backend.Type: unknown backend type: {nc.backend_type} (this version of "
-                f"pyflannel supports {', '.join(BACKENDS)})")
-        backend: Backend = backend_cls(self.platform)
+        if nc.backend_type not in BACKENDS:
+            raise StartupError(unknown_backend_message(nc.backend_type))
+        backend: Backend = make_backend(nc.backend_type, self.platform)
         if not nc.enable_nftables:
             problem = self.platform.br_netfilter(nc.enable_ipv4, nc.enable_ipv6)
             if problem:
@@ -218,11 +216,18 @@ class Daemon:
         if wg is not None:
             wg.on_repair = self.metrics.drift_repairs.labels(kind="wireguard").inc
         engine.on_links = lambda batch: self._on_links(batch, backend, dataplane, engine, wg)
+        hooks = HookRunner(self.platform.commands)
         log.info("Running backend.")
         rc = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_leases(mgr, dataplane, engine, wg))
+                if backend_setup.watch_peers:
+                    tg.create_task(self._watch_leases(mgr, dataplane, engine, wg, hooks=hooks))
+                    tg.create_task(hooks.run())
+                else:  # alloc: no data path, peers are never asked for
+                    log.info("Backend %s has no data path: not watching peers' leases",
+                             nc.backend_type)
+                    engine.set_desired(dataplane.desired)
                 tg.create_task(engine.run())
                 if wg is not None:
                     tg.create_task(wg.run())
@@ -307,7 +312,8 @@ class Daemon:
         raise _Stopping
 
     async def _watch_leases(self, mgr: SubnetManager, dataplane: NodeDataplane,
-                            engine: KernelReconciler, wg: WgReconciler | None) -> None:
+                            engine: KernelReconciler, wg: WgReconciler | None = None,
+                            *, hooks: HookRunner | None = None) -> None:
         log.info("Watching for new subnet leases")
         async for update in mgr.updates():
             delta = await dataplane.apply(update)
@@ -319,6 +325,8 @@ class Daemon:
                 engine.set_desired(dataplane.desired)
                 if wg is not None:
                     wg.set_desired(dataplane.desired)
+            if hooks is not None and (changed := dataplane.take_hook_changes()):
+                hooks.update(dataplane.hooks, changed)
 
     async def _on_links(self, batch: list[RtEvent], backend: Backend,
                         dataplane: NodeDataplane, engine: KernelReconciler,

@@ -172,7 +172,7 @@ class UserspaceWgPort:
 
     @property
     def implementation(self) -> str:
-        return f"userspace ({self.binary})"
+        return f"userspace implementation (wireguard-go, {self.binary})"
 
     def sock(self, name: str) -> Path:
         return self.socket_dir / f"{name}.sock"
@@ -192,8 +192,9 @@ class UserspaceWgPort:
         return True
 
     async def ensure(self, dev: WgDevice) -> int:
-        if not self.binary:
-            raise WgUnsupported("wireguard-go not found (install Debian's wireguard-go or set "
+        if not self.binary or not os.access(self.binary, os.X_OK):
+            what = f"at {self.binary} is not executable" if self.binary else "not found"
+            raise WgUnsupported(f"wireguard-go {what} (install Debian's wireguard-go or set "
                                 "PYFLANNEL_WIREGUARD_GO)")
         if not os.path.exists("/dev/net/tun"):
             raise WgUnsupported("/dev/net/tun is missing: wireguard-go needs TUN")
@@ -212,7 +213,7 @@ class UserspaceWgPort:
                             dev.name, self.sock(dev.name))
                 await _delete_link(dev.name)
             index = await self._start_retrying(dev.name)
-        await self.update(dev.name, private_key=dev.private_key, listen_port=dev.listen_port)
+        await _configure(self, dev)
         return index
 
     async def _start_retrying(self, name: str, attempts: int = 5) -> int:
@@ -280,6 +281,17 @@ class UserspaceWgPort:
         self._reap()
 
 
+async def _configure(port: UserspaceWgPort | KernelWgPort, dev: WgDevice) -> None:
+    """dev's key and port, set only when they differ: setting them on an adopted device
+    would make every peer handshake again."""
+    st = await port.state(dev.name)
+    want = encode_key(public_key(decode_key(dev.private_key)))
+    key = dev.private_key if st is None or st.public_key != want else None
+    listen = dev.listen_port if st is None or st.listen_port != dev.listen_port else None
+    if key is not None or listen is not None:
+        await port.update(dev.name, private_key=key, listen_port=listen)
+
+
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         proc.wait(timeout)
@@ -307,7 +319,7 @@ class KernelWgPort:
 
     @property
     def implementation(self) -> str:
-        return "kernel"
+        return "kernel implementation"
 
     async def _iproute(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -347,7 +359,7 @@ class KernelWgPort:
                     raise WgUnsupported("the kernel has no wireguard module") from None
                 raise WgError(f"could not create {dev.name}: {e}") from None
             found = await ipr.link_lookup(ifname=dev.name)
-        await self.update(dev.name, private_key=dev.private_key, listen_port=dev.listen_port)
+        await _configure(self, dev)
         return int(found[0])
 
     async def state(self, name: str) -> WgState | None:
@@ -422,7 +434,7 @@ class AutoWgPort:
         if self.chosen is None:
             return ""
         impl = self.chosen.implementation
-        return f"{impl}; kernel: {self._why_not_kernel}" if self._why_not_kernel else impl
+        return f"{impl}, as {self._why_not_kernel}" if self._why_not_kernel else impl
 
     def describe(self, name: str) -> str:
         if isinstance(self.chosen, UserspaceWgPort):

@@ -125,6 +125,10 @@ class ReconcileStats:
     unreachable: set[str] = field(default_factory=set)
 
 
+def _via(r: Route) -> str:
+    return str(r.gateway) if r.gateway is not None else f"dev {r.oif}"
+
+
 def _describe(op: Op) -> str:
     o = op.obj
     if isinstance(o, Route):
@@ -664,9 +668,9 @@ class KernelReconciler:
                         log.info("%s blackhole route %s",
                                  "Added" if op.action == "replace" else "Removed", obj.dst)
                     elif isinstance(obj, Route) and op.action == "replace":
-                        log.info("Subnet added: %s via %s", obj.dst, obj.gateway)
+                        log.info("Subnet added: %s via %s", obj.dst, _via(obj))
                     elif isinstance(obj, Route):
-                        log.info("Removed stale route to %s via %s", obj.dst, obj.gateway)
+                        log.info("Removed stale route to %s via %s", obj.dst, _via(obj))
                     else:
                         log.info("%s %s", "Set" if op.action == "replace" else "Removed",
                                  _describe(op))

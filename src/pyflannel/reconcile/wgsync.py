@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from pyflannel.kernel.ports import WgError, WgPort, WgState
 from pyflannel.kernel.wgkeys import decode_key, encode_key, public_key
-from pyflannel.reconcile.plan import DesiredState, WgDevice, WgPeer
+from pyflannel.reconcile.plan import DesiredState, WgDevice, WgPeer, endpoint_text
 
 log = logging.getLogger("pyflannel.reconcile.engine")
 
@@ -138,14 +138,20 @@ class WgReconciler:
             self.repairs += len(notes)
             if self.on_repair is not None:
                 self.on_repair(len(notes))
-        elif remove and first:
-            log.info("Removing %d stale WireGuard peer(s) from %s (nodes that left)",
-                     len(remove), name)
-        try:
-            await self.port.update(name, put=put, remove=remove, private_key=private,
-                                   listen_port=port)
-        except WgError:
-            raise
+        else:
+            if remove and first:
+                log.info("Removing %d stale WireGuard peer(s) from %s (nodes that left)",
+                         len(remove), name)
+            for p in put:
+                log.info("Subnet added: %s via %s (WireGuard peer %s on %s)",
+                         ", ".join(sorted(str(n) for n in p.allowed_ips)),
+                         endpoint_text(p.endpoint) if p.endpoint else "no endpoint",
+                         p.public_key, name)
+            if not first:
+                for key in remove:
+                    log.info("Subnet removed: WireGuard peer %s on %s", key, name)
+        await self.port.update(name, put=put, remove=remove, private_key=private,
+                               listen_port=port)
         for key in remove:
             have.peers.pop(key, None)
         for p in put:

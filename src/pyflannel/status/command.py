@@ -15,17 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyflannel.backend.base import BackendError
-from pyflannel.backend.registry import BACKENDS
+from pyflannel.backend.registry import BACKENDS, unknown_backend_message
+from pyflannel.backend.wireguard import WireguardBackend
 from pyflannel.config.flags import ConfigError, Flags, parse_flags
 from pyflannel.config.netconf import NetConf
 from pyflannel.dataplane import NodeDataplane, lease_policy, traffic_config
 from pyflannel.iface.select import InterfaceError
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort
+from pyflannel.kernel.ports import WgError, WgPort
 from pyflannel.lease.events import LeaseSnapshot
 from pyflannel.lease.model import Lease, StoredNodeState, subnet_key
 from pyflannel.netlink import Route
 from pyflannel.platform import Platform
-from pyflannel.reconcile.plan import plan
+from pyflannel.reconcile.plan import DesiredState, plan
 from pyflannel.status.report import describe_plan, lease_rows, table
 from pyflannel.status.svg import GraphEdge, GraphNode, render_svg
 from pyflannel.subnet.base import NodeConfig, StoreError, SubnetManager
@@ -115,7 +117,7 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
                         "it expired or was deleted; restart flanneld")
     backend_cls = BACKENDS.get(nc.backend_type)
     if backend_cls is None:
-        return problems + [f"unknown backend type {nc.backend_type}"], []
+        return problems + [unknown_backend_message(nc.backend_type)], []
     backend = backend_cls(platform)
     try:
         ext = await platform.find_interface(
@@ -153,6 +155,8 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
     finally:
         port.close()
     problems += describe_plan(ops, observed, names)
+    if isinstance(backend, WireguardBackend):
+        problems += await wireguard_problems(backend.devices, dp.desired, platform.wireguard)
     rules = platform.make_rules(nc.enable_nftables)
     problems += [f"{rules.mode} rules: {d}"
                  for d in await rules.drift(traffic_config(flags, nc, own4, own6))]
@@ -162,6 +166,38 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
                        "missing" if str(le.subnet) in missing else "ok",
                        f"via {le.attrs.public_ip}") for le in dp.table.peers.values()]
     return problems, edges
+
+
+async def wireguard_problems(devices: Sequence[str], desired: DesiredState,
+                             wg: WgPort) -> list[str]:
+    """Our WireGuard devices' peers against the leases (read-only); prints which
+    implementation answers."""
+    problems: list[str] = []
+    try:
+        for name in devices:
+            try:
+                st = await wg.state(name)
+            except WgError as e:
+                problems.append(f"WireGuard device {name}: {e}")
+                continue
+            if st is None:
+                problems.append(f"WireGuard device {name} is missing")
+                continue
+            print(f"WireGuard: {name} on the {wg.implementation}, listening on "
+                  f"{st.listen_port}, {len(st.peers)} peer(s), public key {st.public_key}")
+            want = {k[1]: p for k, p in desired.wg.items() if k[0] == name}
+            for key, p in want.items():
+                got = st.peers.get(key)
+                if got is None:
+                    problems.append(f"missing WireGuard {p.describe()}")
+                elif got != p:
+                    problems.append(f"WireGuard peer differs: has {got.describe()}; the "
+                                    f"lease wants {p.describe()}")
+            problems += [f"stale WireGuard {got.describe()} (no lease)"
+                         for key, got in st.peers.items() if key not in want]
+    finally:
+        await wg.aclose()
+    return problems
 
 
 async def status(argv: Sequence[str]) -> int:
