@@ -11,7 +11,9 @@ APT_PACKAGES=(iproute2 iptables nftables etcd-server etcd-client containernetwor
               mmdebstrap skopeo gpg gpgconf containerd runc patchelf util-linux)
 # mmdebstrap, skopeo, gpg, patchelf: the image (scripts/image.sh); containerd, runc: its
 # `ctr run` test and the kubelet lab's nodes (pyflannel lab up --kubernetes). Where systemd starts Debian's containerd, it is left alone: the tests
-# run their own (own sockets and state, a private /run/containerd).
+# run their own (own sockets and state, a private /run/containerd). wireguard-go,
+# wireguard-tools, tcpdump: the wireguard backend's userspace implementation and its lab
+# (the kernel here has no wireguard module; captures on the lab's wires).
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -68,7 +68,7 @@ def _lab_kube(args: argparse.Namespace) -> int:
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    p.add_argument("--backend", choices=["host-gw", "vxlan"], default="host-gw",
+    p.add_argument("--backend", choices=["host-gw", "vxlan", "wireguard"], default="host-gw",
                    help="flannel backend (default host-gw)")
     p.add_argument("--store", choices=["etcd", "etcd-cluster", "etcd-cluster-tls", "kube"],
                    default="etcd",

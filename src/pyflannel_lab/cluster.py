@@ -12,6 +12,7 @@ namespace, process and temporary file, also after a failure half-way through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 from pyflannel.cni.install import install_plugin
 from pyflannel_lab.checks import WHOAMI_PORT, Checks
 from pyflannel_lab.cniruntime import Attachment, CniRuntime
-from pyflannel_lab.daemons import Daemons
+from pyflannel_lab.daemons import WIREGUARD_RUN_DIR, Daemons, wireguard_mount_point_in_use
 from pyflannel_lab.etcd import EtcdServer
 from pyflannel_lab.netns import NetNamespace, veth_between
 
@@ -240,9 +241,13 @@ class Cluster(Daemons, Checks):
                  netconf: dict[str, Any] | None = None, prefix: str = "/coreos.com/network",
                  flanneld_args: Sequence[str] = (), name: str = "pfl",
                  segment: str = DEFAULT_SEGMENT, segments: Sequence[str] = (),
-                 ipv6: bool = False, store: LabStore | None = None) -> None:
+                 ipv6: bool = False, store: LabStore | None = None,
+                 wireguard_dirs: bool | None = None, wireguard_impl: str | None = None) -> None:
         """`nodes`: how many nodes (all on segment 0), or the segment of each node.
-        `segments`: the IPv4 prefixes of the L2 segments (default: just `segment`)."""
+        `segments`: the IPv4 prefixes of the L2 segments (default: just `segment`).
+        `wireguard_dirs`: each node's daemon gets its own /run/wireguard and key file
+        (pyflannel_lab.daemons); default: when the backend is wireguard. `wireguard_impl`:
+        PYFLANNEL_WIREGUARD for the daemons (kernel, userspace, auto)."""
         nets = [IPv4Network(x) for x in (segments or [segment])]
         self.segments = [
             Segment(i, n, IPv6Network(IPV6_SEGMENT_PREFIX.format(seg=i)) if ipv6 else None)
@@ -250,6 +255,10 @@ class Cluster(Daemons, Checks):
         self.ipv6 = ipv6
         self.initial_nodes = [0] * nodes if isinstance(nodes, int) else list(nodes)
         self.netconf = netconf or {"Network": network, "Backend": {"Type": "host-gw"}}
+        backend = str(self.netconf.get("Backend", {}).get("Type", "vxlan")).lower()
+        self.wireguard_dirs = backend == "wireguard" if wireguard_dirs is None else wireguard_dirs
+        self.wireguard_impl = wireguard_impl
+        self._made_wireguard_run_dir = False
         self.store: LabStore = store or EtcdLabStore(prefix)
         self.flanneld_args = list(flanneld_args)
         self.name = name
@@ -285,6 +294,11 @@ class Cluster(Daemons, Checks):
         self.close()
 
     def start(self) -> None:
+        if self.wireguard_dirs and not WIREGUARD_RUN_DIR.is_dir():
+            # The mount point of the nodes' private /run/wireguard (pyflannel_lab.daemons);
+            # an empty directory, removed again by close().
+            WIREGUARD_RUN_DIR.mkdir(mode=0o755)
+            self._made_wireguard_run_dir = True
         self.switch = NetNamespace.create(f"{self.name}-sw")
         sw = self.switch
         first = self.segments[0]
@@ -324,6 +338,16 @@ class Cluster(Daemons, Checks):
             self.switch.ip("route", "add", str(seg.net), "via", str(first.router_addr))
             if seg.net6 is not None:
                 self.switch.ip("-6", "route", "add", str(seg.net6), "via", str(first.host6(0xfe)))
+
+    def converged(self) -> bool:
+        """Checks.converged; for wireguard (one route for the whole network, no route per
+        peer): every lease, and every node's wg peers as its leases say."""
+        if str(self.netconf.get("Backend", {}).get("Type", "")).lower() != "wireguard":
+            return super().converged()
+        from pyflannel_lab.wireguard import peers_converged
+
+        return (all(self.subnet_of(n) is not None for n in self.nodes.values())
+                and peers_converged(self))
 
     def put_netconf(self, netconf: dict[str, Any]) -> None:
         self.netconf = netconf
@@ -508,4 +532,8 @@ class Cluster(Daemons, Checks):
         if self.switch is not None:
             self.switch.delete()
             self.switch = None
+        if self._made_wireguard_run_dir and not wireguard_mount_point_in_use():
+            with contextlib.suppress(OSError):  # not empty: someone else's now, it stays
+                WIREGUARD_RUN_DIR.rmdir()
+            self._made_wireguard_run_dir = False
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -25,9 +25,11 @@ def unique_name(prefix: str) -> str:
 
 
 def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        timeout: float = 60, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     """Run a command, raising with its stderr in the message when it fails."""
-    proc = subprocess.run(list(cmd), input=input, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(cmd), input=input, capture_output=True, text=True,
+                          timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc

@@ -41,8 +41,8 @@ def build(name: str, opts: dict[str, Any], say: Say,
     nodes = int(opts.get("nodes", 3))
     backend = str(opts.get("backend", "host-gw"))
     store_kind = str(opts.get("store", "etcd"))
-    if backend not in ("host-gw", "vxlan"):
-        raise ValueError(f"--backend must be host-gw or vxlan, not {backend!r}")
+    if backend not in ("host-gw", "vxlan", "wireguard"):
+        raise ValueError(f"--backend must be host-gw, vxlan or wireguard, not {backend!r}")
     netconf = {"Network": NETWORK, "Backend": {"Type": backend}}
     say(f"Building a {nodes}-node flannel cluster ({backend}, {store_kind}) in network "
         "namespaces; the machine's own network is not touched.")
@@ -100,6 +100,10 @@ def show_routes(cl: Cluster, say: Say) -> None:
         say(f"{n.name} ({n.addr}, pods {cl.subnet_of(n)}) $ ip route")
         for line in routes_text(cl, n):
             say(f"  {line}")
+        if cl.wireguard_dirs:
+            say(f"{n.name} $ wg show")
+            for line in cl.node_run(n, "wg", "show", check=False).stdout.splitlines():
+                say(f"  {line}")
 
 
 def matrix(cl: Cluster, say: Say) -> bool:
@@ -185,17 +189,14 @@ def graph(cl: Cluster, out: Path) -> None:
 
 def node_status(cl: Cluster, say: Say) -> int:
     """`pyflannel status --check` inside every node, with the daemons' own flags."""
-    import os
     import subprocess
-    import sys
 
     worst = 0
     for n in cl.nodes.values():
-        argv = cl.flanneld_argv(n)[3:]  # drop "python -m pyflannel.daemon.main"
         r = subprocess.run(
-            n.ns.exec_args(sys.executable, "-m", "pyflannel.cli", "status", "--check", *argv),
-            capture_output=True, text=True, timeout=60,
-            env={**os.environ, **cl.store.node_env(n)})  # NODE_NAME in kube mode
+            cl.node_exec_args(n, *cl.status_argv(n)), capture_output=True, text=True,
+            timeout=60,
+            env=cl.daemon_env(n))  # NODE_NAME in kube mode, the wireguard key file
         say(f"== {n.name} ({n.ns.name}) ==")
         for line in (r.stdout + r.stderr).splitlines():
             say(f"  {line}")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from pyflannel_lab.cluster import Cluster, LabNode
+from pyflannel_lab.wireguard import capture_segment, wire_report
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -105,6 +106,19 @@ def test_pods_reach_each_other_across_the_router(cluster: Cluster) -> None:
         assert list(attrs) == ["PublicIP", "PublicIPv6", "BackendType", "BackendData"]
         assert attrs["BackendType"] == "vxlan" and list(attrs["BackendData"]) == [
             "VNI", "VtepMAC"]
+
+
+def test_the_wire_shows_vxlan_in_clear(cluster: Cluster) -> None:
+    """The lab's wire check (pyflannel_lab.capture), which proves wireguard encrypts, on
+    vxlan: the outer packets are UDP 8472 between the nodes, and the pods' own IP headers
+    are readable inside every one of them."""
+    p1, p3 = cluster.pods["pod1"], cluster.pods["pod3"]
+    with capture_segment(cluster, 1, "segment1") as cap:
+        assert cluster.whoami(p1.ns, p3.ip) == str(p1.ip)
+    rep = wire_report(cluster, cap, 8472)
+    assert rep.tunnel > 0 and rep.tunnel == rep.node_to_node
+    assert len(rep.violations) == rep.tunnel
+    assert all("inside, in clear" in v for v in rep.violations)
 
 
 def test_drift_is_repaired_by_the_event_path(cluster: Cluster) -> None:
