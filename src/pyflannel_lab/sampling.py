@@ -13,6 +13,7 @@ import time
 from pyflannel.netlink import Nexthop, Route, RtMonitor, RtNetlink
 from pyflannel_lab.cluster import Cluster
 from pyflannel_lab.netns import NetNamespace
+from pyflannel_lab.probe import ECHO_SERVER
 
 
 class RouteSampler:
@@ -146,16 +147,8 @@ class RouteGapWatch:
             raise self._error
 
 
-# A UDP echo server and a client sending one datagram every 10 ms until its stdin closes,
-# then printing how many came back (no ping on the lab machine: iputils is not installed).
-_ECHO_SERVER = (
-    "import socket,sys\n"
-    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
-    "socket.SOCK_DGRAM)\n"
-    "s.bind((sys.argv[1],int(sys.argv[2])))\n"
-    "print('ready',flush=True)\n"
-    "while True:\n"
-    " d,a=s.recvfrom(64);s.sendto(d,a)\n")
+# A client sending one UDP datagram every 10 ms to pyflannel_lab.probe's echo server until its
+# stdin closes, then printing how many came back.
 _ECHO_CLIENT = (
     "import select,socket,sys,time\n"
     "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
@@ -189,7 +182,7 @@ class EchoProbe:
 
     def __enter__(self) -> EchoProbe:
         self._server = subprocess.Popen(
-            self.dst.exec_args(sys.executable, "-c", _ECHO_SERVER, self.dst_ip, str(self.port)),
+            self.dst.exec_args(sys.executable, "-c", ECHO_SERVER, self.dst_ip, str(self.port)),
             stdout=subprocess.PIPE, text=True)
         assert self._server.stdout is not None
         if self._server.stdout.readline().strip() != "ready":

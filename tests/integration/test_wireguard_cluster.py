@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -42,19 +41,12 @@ from pyflannel_lab.wireguard import (
     capture_segment,
     lease_public_keys,
     peers_converged,
-    userspace_wireguard_missing,
     wg_show,
     wire_report,
 )
+from tests.integration.wireguard_marks import WIREGUARD_LAB
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(shutil.which("etcd") is None or not os.path.exists("/usr/lib/cni/bridge"),
-                       reason="needs etcd and containernetworking-plugins (scripts/setup.sh)"),
-    pytest.mark.skipif(userspace_wireguard_missing() is not None,
-                       reason=str(userspace_wireguard_missing())),
-    pytest.mark.etcd,
-]
+pytestmark = WIREGUARD_LAB
 
 SEGMENTS = ["192.168.83.0/24", "192.168.84.0/24", "192.168.85.0/24"]
 NETWORK = "10.244.0.0/16"

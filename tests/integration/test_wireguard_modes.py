@@ -8,8 +8,6 @@ test_wireguard_cluster.py.)"""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,18 +19,11 @@ from pyflannel_lab.wireguard import (
     WG_DEV6,
     WG_PORT,
     WG_PORT6,
-    userspace_wireguard_missing,
     wg_show,
 )
+from tests.integration.wireguard_marks import WIREGUARD_LAB
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(shutil.which("etcd") is None or not os.path.exists("/usr/lib/cni/bridge"),
-                       reason="needs etcd and containernetworking-plugins (scripts/setup.sh)"),
-    pytest.mark.skipif(userspace_wireguard_missing() is not None,
-                       reason=str(userspace_wireguard_missing())),
-    pytest.mark.etcd,
-]
+pytestmark = WIREGUARD_LAB
 
 SEGMENTS = ["192.168.93.0/24", "192.168.94.0/24", "192.168.95.0/24"]
 V6_NETWORK = "fd10:245::/56"

@@ -25,6 +25,7 @@ from pyflannel.subnet.subnetenv import read_subnet_env
 from tests.fakes.kernel import FakeKernel
 from tests.fakes.rules import FakeRules
 from tests.fakes.store import InMemoryStore
+from tests.waiting import until
 
 NETWORK = IPv4Network("10.244.0.0/16")
 VXLAN = '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'
@@ -39,14 +40,6 @@ class Running:
     task: asyncio.Task[int]
     subnet_file: Path
 
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def platform(kernel: FakeKernel, store: InMemoryStore, rules: FakeRules, *,

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
@@ -47,6 +47,7 @@ from tests.fakes.commands import FakeCommands
 from tests.fakes.kernel import FakeKernel
 from tests.fakes.rules import FakeRules
 from tests.fakes.store import InMemoryStore
+from tests.waiting import until
 
 # -- options --------------------------------------------------------------------------------
 
@@ -256,14 +257,6 @@ def platform(kernel: FakeKernel, store: InMemoryStore, commands: FakeCommands) -
                     make_store=lambda _f, _e: store, br_netfilter=lambda _4, _6: None,
                     commands=commands)
 
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def start_daemon(tmp_path: Path, store: InMemoryStore, commands: FakeCommands

@@ -41,6 +41,7 @@ from tests.fakes.kernel import FakeKernel
 from tests.fakes.rules import FakeRules
 from tests.fakes.store import InMemoryStore
 from tests.fakes.wireguard import FakeWgPort
+from tests.waiting import until
 
 
 def key() -> str:
@@ -219,14 +220,6 @@ def test_a_copied_public_key_is_a_claim() -> None:
 
 # -- the daemon loop on fakes ------------------------------------------------------------------
 
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 WG_NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}'
