@@ -8,9 +8,13 @@ Measures, inside a throw-away node namespace with one pod namespace:
   from this machine's Debian python3.11 when it and patchelf are present;
 - CHECK of the attached pod through our plugin (saved config compared with the one built
   now, then the delegate's CHECK), against bridge's CHECK given what our plugin hands it;
+- the same through `compiled_flannel/main.go`, a Go meta-plugin doing the flannel plugin's
+  steps (built here when a Go toolchain is found, e.g. Debian's golang-1.19-go): what "a
+  compiled plugin costs", since no upstream flannel binary is on the machine;
 - start-up alone: the installed plugin answering VERSION, against the Go `bridge`
   answering VERSION and a bare `python -I -S -c pass`.
-Prints medians, the overhead per call in ms and as a ratio. Needs root. `--python` is the
+Prints medians, the overhead per call in ms and as a ratio to bridge alone and to the
+compiled meta-plugin. Needs root. `--python` is the
 host interpreter the plain install runs under (this machine's Debian python3 is what a
 host would have; the default is the one running the bench).
 
@@ -20,6 +24,7 @@ host would have; the default is the one running the bench).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -39,6 +44,8 @@ from pyflannel_lab.image.pylayer import build_cni_runtime, host_plugin_modules
 from pyflannel_lab.netns import NetNamespace
 
 CNI_BIN = Path("/usr/lib/cni")
+COMPILED = "compiled (Go)"
+GO_SOURCE = Path(__file__).with_name("compiled_flannel") / "main.go"
 T = TypeVar("T")
 SUBNET_ENV = ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
               "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
@@ -91,17 +98,19 @@ def inner(args: argparse.Namespace) -> None:
     timed([flannel], flannel_stdin, delete)
     bridge = str(CNI_BIN / "bridge")
     bundled = tmp / "rbin" / "flannel"
+    compiled = tmp / "gobin" / "flannel"
     plugins = {"flannel plugin": flannel, **({"bundled runtime": str(bundled)}
                                              if bundled.exists() else {})}
+    reference = {COMPILED: str(compiled)} if compiled.exists() else {}
 
     # Interleaved, so drift in machine load hits all alike, and in a new random order
     # each round, so that no figure always runs right after another.
     direct = {"bridge direct": bridge}
     stdins = {name: (bridge_stdin if name in direct else flannel_stdin)
-              for name in (*direct, *plugins)}
+              for name in (*direct, *reference, *plugins)}
     add_del = {name: Samples() for name in stdins}
     for _ in range(args.n):
-        for name, path in shuffled({**direct, **plugins}):
+        for name, path in shuffled({**direct, **reference, **plugins}):
             add_del[name].add(timed([path], stdins[name], add),
                               timed([path], stdins[name], delete))
 
@@ -112,20 +121,25 @@ def inner(args: argparse.Namespace) -> None:
     check_stdin = json.dumps({**conf, "prevResult": add_result}).encode()
     bridge_check = json.dumps({**json.loads(bridge_stdin),
                                "prevResult": with_route_gateways(add_result)}).encode()
+    # The Go model passes prevResult through; ours completes the gateways itself.
+    compiled_check = json.dumps({**conf, "prevResult": with_route_gateways(add_result)}).encode()
+    check_stdins = {**{name: bridge_check for name in direct},
+                    **{name: compiled_check for name in reference},
+                    **{name: check_stdin for name in plugins}}
     checks = {name: Samples() for name in stdins}
     for _ in range(args.n):
-        for name, path in shuffled({**direct, **plugins}):
-            checks[name].add(timed([path], bridge_check if name in direct else check_stdin,
-                                   check))
+        for name, path in shuffled({**direct, **reference, **plugins}):
+            checks[name].add(timed([path], check_stdins[name], check))
     timed([flannel], flannel_stdin, delete)
 
     version = b'{"cniVersion":"1.0.0"}'
     venv = {"PATH": os.environ["PATH"], "CNI_COMMAND": "VERSION"}
-    startup = {f"{name} VERSION": Samples() for name in (*plugins, "bridge")}
+    startup = {f"{name} VERSION": Samples() for name in (*plugins, *reference, "bridge")}
     startup["python -I -S -c pass"] = Samples()
     bare = {"python -I -S -c pass": [args.python, "-I", "-S", "-c", "pass"]}
     for _ in range(args.n):
-        for name, argv in shuffled({**{f"{n} VERSION": [p] for n, p in plugins.items()},
+        for name, argv in shuffled({**{f"{n} VERSION": [p]
+                                       for n, p in {**plugins, **reference}.items()},
                                     "bridge VERSION": [bridge], **bare}):
             startup[name].add(timed(argv, version, venv))
 
@@ -134,16 +148,20 @@ def inner(args: argparse.Namespace) -> None:
 
     def table(title: str, figures: dict[str, Samples], calls: int) -> None:
         base = figures["bridge direct"]
-        print(f"{title}: {'wall':>8} {'overhead':>9} {'per call':>9} {'ratio':>6}   "
-              f"{'CPU':>7} {'overhead':>9} {'per call':>9}")
+        model = figures.get(COMPILED)
+        print(f"{title}: {'wall':>8} {'overhead':>9} {'per call':>9} {'ratio':>6} "
+              f"{'vs Go':>6}   {'CPU':>7} {'overhead':>9} {'per call':>9}")
         for name, ours in figures.items():
             wall, cpu = ms(ours.wall) - ms(base.wall), ms(ours.cpu) - ms(base.cpu)
+            versus = f"{ms(ours.wall) / ms(model.wall):5.2f}x" if model else "    -"
             print(f"  {name:16} {ms(ours.wall):6.1f} ms {wall:6.1f} ms {wall / calls:6.1f} ms "
-                  f"{ms(ours.wall) / ms(base.wall):5.2f}x   {ms(ours.cpu):5.1f} ms "
+                  f"{ms(ours.wall) / ms(base.wall):5.2f}x {versus}   {ms(ours.cpu):5.1f} ms "
                   f"{cpu:6.1f} ms {cpu / calls:6.1f} ms")
 
     print(f"python: {args.python}; n = {args.n} per figure; medians; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if not reference:
+        print("  (no Go toolchain found: no compiled meta-plugin to compare with)")
     table("ADD+DEL", add_del, 2)
     table("CHECK  ", checks, 1)
     for name, samples in startup.items():
@@ -156,12 +174,36 @@ def inner(args: argparse.Namespace) -> None:
     # process per call before it, so that is the floor of the overhead.
     print(f"  floor of the overhead, one interpreter start per call: {interpreter:.1f} ms "
           f"per call, {2 * interpreter:.1f} ms per ADD+DEL")
+    # The load moves the floor as much as the overhead; their difference is what the
+    # plugin itself adds (its shutdown skipped, it can dip below 0).
+    base = ms(add_del["bridge direct"].wall)
+    for name in plugins:
+        above = ms(add_del[name].wall) - base - 2 * interpreter
+        print(f"  {name} ADD+DEL overhead above that floor: {above:5.1f} ms")
 
 
 def shuffled(figures: dict[str, T]) -> list[tuple[str, T]]:
     items = list(figures.items())
     random.shuffle(items)
     return items
+
+
+def find_go() -> str | None:
+    found = shutil.which("go")
+    return found or next(iter(sorted(glob.glob("/usr/lib/go-*/bin/go"), reverse=True)), None)
+
+
+def build_compiled_model(tmp: Path) -> None:
+    """Build the Go meta-plugin into <tmp>/gobin/flannel (static, stripped, as release
+    CNI plugins are), with its build cache inside `tmp`; nothing if there is no Go."""
+    go = find_go()
+    if go is None:
+        return
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "GOCACHE": str(tmp / "gocache"),
+           "GOPATH": str(tmp / "gopath"), "GO111MODULE": "off", "CGO_ENABLED": "0",
+           "GOFLAGS": "", "GOTOOLCHAIN": "local"}
+    subprocess.run([go, "build", "-ldflags=-s -w", "-o", str(tmp / "gobin" / "flannel"),
+                    str(GO_SOURCE)], env=env, check=True, timeout=600)
 
 
 def outer(args: argparse.Namespace) -> None:
@@ -178,6 +220,7 @@ def outer(args: argparse.Namespace) -> None:
                 build_cni_runtime(Path("/"), runtime, host_plugin_modules(PLUGIN_SOURCE))
                 install_plugin_with_runtime(Path(tmp) / "rbin", runtime=runtime)
             (Path(tmp) / "subnet.env").write_text(SUBNET_ENV)
+            build_compiled_model(Path(tmp))
             subprocess.run(node.exec_args(sys.executable, __file__, "--inner", "--pod",
                                           pod.path, "--tmp", tmp, "-n", str(args.n),
                                           "--python", args.python), check=True)

@@ -16,8 +16,8 @@ kubelet runs this file on every pod ADD/DEL/CHECK, as root, under `python3 -I -S
 So it is stdlib-only, never imports pyflannel or asyncio, and imports as little as
 it can: `_json`'s C scanner instead of the `json` package (which pulls in `re` and
 `enum`, about 12 ms), the built-in `posix` instead of `os` (whose import, with
-`_collections_abc`, costs 1.5-2 ms of a 10 ms start), and `posix_spawn` with pipes
-instead of `subprocess`.
+`_collections_abc`, costs 1.5-2 ms of a 10 ms start), `posix_spawn` with pipes
+instead of `subprocess`, and no `__future__` import.
 
 Upstream-compatible behaviour (flannel-io/cni-plugin), with these improvements:
 - DEL removes the saved config only after the delegate DEL succeeded;
@@ -31,11 +31,11 @@ Upstream-compatible behaviour (flannel-io/cni-plugin), with these improvements:
   `true` or `false` (upstream reads anything else as false), FLANNEL_MTU in 68..65535.
 '''
 
-from __future__ import annotations
-
 import posix
 import sys
 
+# No `from __future__ import annotations`: it imports __future__ at run time (0.15 ms
+# of every call); annotations naming the types below are strings instead.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -118,7 +118,7 @@ class _ScannerContext:
     memo: dict[str, str] = {}
 
 
-_scan_once: Callable[[str, int], tuple[object, int]] | None = None
+_scan_once: "Callable[[str, int], tuple[object, int]] | None" = None
 
 _JSON_SPACE = " \t\n\r"
 
@@ -772,7 +772,7 @@ class Delegate:
     so nothing happens until finish() writes the config and closes the pipe; abandon()
     kills it before that (as does our own death, which closes the pipe empty)."""
 
-    def __init__(self, command: str, plugin: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, command: str, plugin: str, environ: "Mapping[str, str]") -> None:
         self.command = command
         self.plugin = plugin
         path = find_plugin(plugin, environ.get("CNI_PATH", ""))
@@ -842,7 +842,7 @@ class Delegate:
                        + (f": {text}" if text else ""))
 
 
-def delegate(command: str, plugin: str, config: bytes, environ: Mapping[str, str]) -> bytes:
+def delegate(command: str, plugin: str, config: bytes, environ: "Mapping[str, str]") -> bytes:
     """Run the delegate with `config`; its stdout, or its CNI error raised."""
     return Delegate(command, plugin, environ).finish(config)
 
@@ -853,7 +853,7 @@ def delegate(command: str, plugin: str, config: bytes, environ: Mapping[str, str
 class Invocation:
     """One plugin run: the CNI_* variables and the stdin config."""
 
-    def __init__(self, environ: Mapping[str, str], stdin: bytes) -> None:
+    def __init__(self, environ: "Mapping[str, str]", stdin: bytes) -> None:
         self.environ = environ
         self.stdin = stdin
         self.command = environ.get("CNI_COMMAND", "")
@@ -1000,7 +1000,7 @@ _REQUIRED_ENV = {
     "GC": ("CNI_PATH",),
     "STATUS": ("CNI_PATH",),
 }
-_COMMANDS: dict[str, Callable[[Invocation, NetConf], bytes]] = {
+_COMMANDS: "dict[str, Callable[[Invocation, NetConf], bytes]]" = {
     "ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc,
 }
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -1039,7 +1039,7 @@ def check_version(command: str, netconf: NetConf) -> None:
         raise CniError(ERR_INCOMPATIBLE_VERSION, f"config version does not allow {command}")
 
 
-def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
+def run(environ: "Mapping[str, str]", stdin: bytes) -> tuple[int, bytes]:
     """Execute one invocation; return (exit status, stdout bytes)."""
     call = Invocation(environ, stdin)
     if not call.command:
