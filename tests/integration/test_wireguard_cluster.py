@@ -262,15 +262,26 @@ def test_restart_keeps_the_tunnel(cluster: Cluster) -> None:
 
 
 def test_a_node_leaving_is_removed_from_the_peers(cluster: Cluster) -> None:
-    n2 = cluster.nodes[2]
+    """node3 sees node2 leave; node1's daemon is down meanwhile (its wireguard-go keeps the
+    stale peer) and removes it when it starts."""
+    n1, n2, n3 = cluster.nodes[1], cluster.nodes[2], cluster.nodes[3]
     key2 = lease_public_keys(cluster)[str(n2.addr)]
     subnet2 = cluster.subnet_of(n2)
     assert isinstance(subnet2, IPv4Network)
+    assert cluster.stop_daemon(n1) == 0
     cluster.delete_pod(cluster.pods["pod2"])
     cluster.remove_node(n2)
-    took = cluster.wait_until(lambda: peers_converged(cluster), timeout=TIMEOUT, interval=0.1,
-                              what="node2's peer removed on the others")
+    took = cluster.wait_until(lambda: (dev := wg_show(cluster, n3)) is not None
+                              and key2 not in dev.peers, timeout=TIMEOUT, interval=0.1,
+                              what="node2's peer removed on node3")
     print(f"departed node's peer removed after {took:.1f} s")
+    dev1 = wg_show(cluster, n1)
+    assert dev1 is not None and key2 in dev1.peers  # stale while node1's daemon is down
+    mark = len(n1.log())
+    cluster.start_daemon(n1)
+    cluster.wait_until(lambda: peers_converged(cluster), timeout=TIMEOUT, interval=0.1,
+                       what="node1 removing the stale peer at start")
+    assert "Removing 1 stale WireGuard peer(s) from flannel-wg" in n1.log()[mark:]
     for node in cluster.nodes.values():
         dev = wg_show(cluster, node)
         assert dev is not None and key2 not in dev.peers and len(dev.peers) == 1
