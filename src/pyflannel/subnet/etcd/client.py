@@ -17,13 +17,14 @@ import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
 from pyflannel.subnet.base import StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # gRPC status codes etcd puts in gateway errors.
 _CODE_OUT_OF_RANGE = 11  # compacted revision
@@ -259,11 +260,23 @@ class EtcdClient:
             return await self._post_raw(path, body)
 
     # -- KV --------------------------------------------------------------------------
-    async def range_prefix(self, prefix: str, *, page: int = 1000) -> tuple[list[KeyValue], int]:
-        """All keys under `prefix`, read in pages at one revision; (kvs, that revision)."""
+    @overload
+    async def range_prefix(self, prefix: str, *, page: int = 1000
+                           ) -> tuple[list[KeyValue], int]: ...
+
+    @overload
+    async def range_prefix(self, prefix: str, *, page: int = 1000,
+                           parse: Callable[[KeyValue], T | None]) -> tuple[list[T], int]: ...
+
+    async def range_prefix(self, prefix: str, *, page: int = 1000,
+                           parse: Callable[[KeyValue], Any] | None = None
+                           ) -> tuple[list[Any], int]:
+        """All keys under `prefix`, read in pages at one revision; (kvs, that revision).
+        With `parse`, each page is turned into parse(kv) as it arrives (None: left out), so
+        only the results are kept, never every raw value at once."""
         end = _b64(prefix_range_end(prefix))
         for _ in range(5):
-            kvs: list[KeyValue] = []
+            out: list[Any] = []
             start = prefix.encode()
             rev = 0
             try:
@@ -274,11 +287,16 @@ class EtcdClient:
                         body["revision"] = str(rev)
                     resp = await self._call("kv/range", body)
                     rev = rev or _header_revision(resp)
-                    batch = [_kv(o) for o in resp.get("kvs", [])]
-                    kvs.extend(batch)
-                    if not resp.get("more") or not batch:
-                        return kvs, rev
-                    start = base64.b64decode(resp["kvs"][-1]["key"]) + b"\0"
+                    raw = resp.get("kvs", [])
+                    for o in raw:
+                        kv = _kv(o)
+                        item = kv if parse is None else parse(kv)
+                        if item is not None:
+                            out.append(item)
+                    if not resp.get("more") or not raw:
+                        return out, rev
+                    start = base64.b64decode(raw[-1]["key"]) + b"\0"
+                    del resp, raw  # this page's JSON goes before the next one arrives
             except EtcdCompacted:
                 # Compacted between two pages: start over at the newest revision.
                 continue
