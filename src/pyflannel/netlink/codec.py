@@ -320,7 +320,26 @@ def parse_lladdr(lladdr: str) -> bytes:
     return raw
 
 
+# The two messages of a cold start, packed at once (each is what the general encoder below
+# writes for it, tested so): an IPv4 route on a nexthop object, and an IPv4 nexthop via a
+# gateway on a device.
+_V4_NHID_REPLACE = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI")
+_V4_NEXTHOP_REPLACE = struct.Struct("=IHHII BBBBI HHI HH4s HHI")
+
+
 def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
+    nhid = route.nhid
+    if (nhid is not None and action == "replace" and route.table < 256 and not route.priority
+            and isinstance(route.dst, IPv4Network) and route.dst.prefixlen):
+        return _V4_NHID_REPLACE.pack(
+            _V4_NHID_REPLACE.size, RTM_NEWROUTE, _FLAGS_REPLACE, seq, 0,
+            AF_INET, route.dst.prefixlen, 0, 0, route.table, route.protocol, route.scope,
+            route.type, RTNH_F_ONLINK if route.onlink else 0, 8, RTA_TABLE, route.table,
+            8, RTA_DST, route.dst.network_address.packed, 8, RTA_NH_ID, nhid)
+    return _encode_route(action, route, seq)
+
+
+def _encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
     """RTM_NEWROUTE (CREATE|REPLACE) or RTM_DELROUTE, with NLM_F_ACK.
 
     A delete matches on table + dst, plus gateway/oif (or nhid) when given: protocol, type and
@@ -362,6 +381,16 @@ def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -
 
 
 def encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
+    gw = nh.gateway
+    if action == "replace" and isinstance(gw, IPv4Address) and nh.oif is not None:
+        return _V4_NEXTHOP_REPLACE.pack(
+            _V4_NEXTHOP_REPLACE.size, RTM_NEWNEXTHOP, _FLAGS_REPLACE, seq, 0,
+            AF_INET, 0, nh.protocol, 0, RTNH_F_ONLINK if nh.onlink else 0,
+            8, NHA_ID, nh.id, 8, NHA_GATEWAY, gw.packed, 8, NHA_OIF, nh.oif)
+    return _encode_nexthop(action, nh, seq)
+
+
+def _encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
     """RTM_NEWNEXTHOP (CREATE|REPLACE) or RTM_DELNEXTHOP (by id only), with NLM_F_ACK.
 
     The kernel requires nh_scope and resvd to be 0 and accepts only RTNH_F_ONLINK in
