@@ -16,7 +16,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pyflannel.lease.model import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
+from pyflannel.lease.model import (
+    LeaseAttrs,
+    LeaseFormatError,
+    _v4_key_fast,
+    parse_subnet_key,
+    stored_lease,
+    subnet_key,
+)
 from pyflannel.subnet.kube.annotations import Annotations
 from pyflannel.subnet.kube.nodes import NodeLeaseError, node_lease
 
@@ -142,6 +149,56 @@ def test_written_leases_read_back(ip: IPv4Address, ip6: IPv6Address | None, btyp
                                   data: str) -> None:
     attrs = LeaseAttrs(public_ip=ip, public_ipv6=ip6, backend_type=btype, backend_data=data)
     assert LeaseAttrs.from_json(attrs.to_json()) == attrs
+
+
+# The fast path for upstream's own form (bytes from etcd) must agree with the general
+# parser on everything: the same attributes, or a refusal wherever the parser refuses.
+_fast_ips = st.sampled_from(["10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "1.2.3",
+                             "1.2.3.4.5", "256.1.1.1", "1..2.3", "1.2.3.04", "99999.1.1.1"])
+_fast_types = st.sampled_from(["host-gw", "vxlan", "", "x" * 33, "udp", "Host-GW", "ipip"])
+_fast_data = st.sampled_from(
+    ["", ',"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}',
+     ',"BackendData":{"VNI":01,"VtepMAC":"0e:00:00:00:00:01"}',
+     ',"BackendData":{"VNI":0,"VtepMAC":"0e:00:00:00:00:01"}',
+     ',"BackendData":{"VNI":123456789,"VtepMAC":"ff:ff:ff:ff:ff:ff"}',
+     ',"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:0"}',
+     ',"BackendData":null', ',"BackendData":{"VNI":1,"VtepMAC":"0E:00:00:00:00:01"}'])
+
+
+@FUZZ
+@example(value=b'{"PublicIP":"172.20.1.0","PublicIPv6":null,"BackendType":"host-gw"}')
+@given(value=st.builds(
+    lambda ip, six, t, d, tail: (f'{{"PublicIP":"{ip}",{six}"BackendType":"{t}"{d}}}'
+                                 + tail).encode(),
+    _fast_ips, st.sampled_from(['"PublicIPv6":null,', "", '"PublicIPv6":"fd00::1",',
+                                '"publicIPv6":null,']),
+    _fast_types, _fast_data, st.sampled_from(["", " ", "}", "\n", "x"])))
+def test_lease_value_fast_path_agrees_with_the_parser(value: bytes) -> None:
+    try:
+        want: LeaseAttrs | str = LeaseAttrs._from_json_slow(value)
+    except LeaseFormatError as e:
+        want = str(e)
+    try:
+        got: LeaseAttrs | str = LeaseAttrs.from_json(value)
+    except LeaseFormatError as e:
+        got = str(e)
+    assert got == want
+
+
+@FUZZ
+@example(key="10.244.36.0-24")
+@example(key="0.0.0.0-0")
+@example(key="10.244.36.1-24")
+@given(key=any_keys | st.builds(lambda a, p: f"{a}-{p}", st.ip_addresses(v=4),
+                                st.integers(0, 40)))
+def test_lease_key_fast_path_agrees_with_the_parser(key: str) -> None:
+    fast = _v4_key_fast(key)
+    if fast is None:
+        return
+    assert parse_subnet_key(key) == (fast, None)
+    lease = stored_lease(key, b'{"PublicIP":"10.0.0.1"}', reservation=False, origin="1",
+                         created=1, revision=1)
+    assert lease.key == subnet_key(fast) == key
 
 
 # --------------------------------------------------------------------------- annotations

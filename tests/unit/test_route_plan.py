@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -144,3 +144,15 @@ def test_applying_the_plan_yields_the_desired_state(want: dict[int, int], have: 
     # and a second plan has nothing left to do
     assert plan(desired, Observed(routes=list(kernel.values()), nexthops=list(nhs.values())),
                 SCOPE, nexthops=nexthops) == []
+
+
+def test_net_key_is_str() -> None:
+    import random
+
+    from pyflannel.reconcile.plan import net_key
+
+    rnd = random.Random(4)
+    for _ in range(5000):
+        n4 = IPv4Network((rnd.getrandbits(32), rnd.randint(0, 32)), strict=False)
+        n6 = IPv6Network((rnd.getrandbits(128), rnd.randint(0, 128)), strict=False)
+        assert net_key(n4) == str(n4) and net_key(n6) == str(n6)

@@ -19,13 +19,13 @@ from pyflannel.kernel.ports import Addr, LinkPort
 from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
 from pyflannel.reconcile.hooks import PeerHook
-from pyflannel.reconcile.plan import DesiredState, KernelScope, WgDevice, WgPeer
+from pyflannel.reconcile.plan import DesiredState, KernelScope, WgDevice, WgPeer, net_key
 
 K = TypeVar("K")
 V = TypeVar("V")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerState:
     """What one peer needs in our kernel."""
 
@@ -105,7 +105,7 @@ class DesiredTable:
         st = self.state
         ch = st.changed
         for r in old.routes:
-            _pop_if(st.routes, str(r.dst), r, ch.routes)
+            _pop_if(st.routes, net_key(r.dst), r, ch.routes)
         for n in old.neighbours:
             _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n, ch.neighbours)
         for f in old.fdb:
@@ -124,7 +124,7 @@ class DesiredTable:
         st = self.state
         ch = st.changed
         for r in peer.routes:
-            k = str(r.dst)
+            k = net_key(r.dst)
             st.routes[k] = r
             ch.routes.add(k)
         for n in peer.neighbours:

@@ -33,7 +33,7 @@ def host_gw_peer_state(lease: Lease, oif: int, *, ipv4: bool = True,
                        ipv6: bool = False) -> PeerState:
     routes: list[Route] = []
     if ipv4 and lease.subnet is not None:
-        routes.append(Route(dst=lease.subnet, gateway=lease.attrs.public_ip, oif=oif))
+        routes.append(Route(lease.subnet, lease.attrs.public_ip, oif))
     if ipv6 and lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None:
         routes.append(Route(dst=lease.ipv6_subnet, gateway=lease.attrs.public_ipv6, oif=oif))
     return PeerState(routes=tuple(routes))

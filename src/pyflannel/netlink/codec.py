@@ -320,7 +320,28 @@ def parse_lladdr(lladdr: str) -> bytes:
     return raw
 
 
+# The two messages of a cold start, packed at once (each is what the general encoder below
+# writes for it, tested so): an IPv4 route on a nexthop object, and an IPv4 nexthop via a
+# gateway on a device.
+_V4_NHID_REPLACE = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI")
+_V4_NEXTHOP_REPLACE = struct.Struct("=IHHII BBBBI HHI HH4s HHI")
+
+
 def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
+    nhid = route.nhid
+    if action == "replace":
+        _share_v4(route.dst, route.gateway)
+    if (nhid is not None and action == "replace" and route.table < 256 and not route.priority
+            and isinstance(route.dst, IPv4Network) and route.dst.prefixlen):
+        return _V4_NHID_REPLACE.pack(
+            _V4_NHID_REPLACE.size, RTM_NEWROUTE, _FLAGS_REPLACE, seq, 0,
+            AF_INET, route.dst.prefixlen, 0, 0, route.table, route.protocol, route.scope,
+            route.type, RTNH_F_ONLINK if route.onlink else 0, 8, RTA_TABLE, route.table,
+            8, RTA_DST, route.dst.network_address.packed, 8, RTA_NH_ID, nhid)
+    return _encode_route(action, route, seq)
+
+
+def _encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
     """RTM_NEWROUTE (CREATE|REPLACE) or RTM_DELROUTE, with NLM_F_ACK.
 
     A delete matches on table + dst, plus gateway/oif (or nhid) when given: protocol, type and
@@ -362,6 +383,18 @@ def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -
 
 
 def encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
+    gw = nh.gateway
+    if action == "replace" and isinstance(gw, IPv4Address):
+        _cache_put(_v4_addrs, int(gw), gw)
+    if action == "replace" and isinstance(gw, IPv4Address) and nh.oif is not None:
+        return _V4_NEXTHOP_REPLACE.pack(
+            _V4_NEXTHOP_REPLACE.size, RTM_NEWNEXTHOP, _FLAGS_REPLACE, seq, 0,
+            AF_INET, 0, nh.protocol, 0, RTNH_F_ONLINK if nh.onlink else 0,
+            8, NHA_ID, nh.id, 8, NHA_GATEWAY, gw.packed, 8, NHA_OIF, nh.oif)
+    return _encode_nexthop(action, nh, seq)
+
+
+def _encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
     """RTM_NEWNEXTHOP (CREATE|REPLACE) or RTM_DELNEXTHOP (by id only), with NLM_F_ACK.
 
     The kernel requires nh_scope and resvd to be 0 and accepts only RTNH_F_ONLINK in
@@ -533,20 +566,51 @@ def decode_done_errno(buf: Buffer, start: int, end: int) -> int:
 
 
 # Cached: the same prefixes and gateways come back on every periodic resync dump, and
-# building ipaddress objects is the largest part of decoding a route.
-@lru_cache(maxsize=32768)
+# building ipaddress objects is the largest part of decoding a route. The objects we send
+# are put here too (_share_route, _share_nexthop), so what we read back is the very
+# object the desired state holds: at 10k peers a cache of copies cost ~3 MiB. Integer
+# keys (no key tuples), oldest entry out first when full.
+_CACHE_MAX = 32768
+_K = TypeVar("_K")
+_v4_nets: dict[int, IPv4Network] = {}
+_v4_addrs: dict[int, IPv4Address] = {}
+
+
+def _cache_put(cache: dict[int, _K], key: int, value: _K) -> None:
+    if key not in cache and len(cache) >= _CACHE_MAX:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def _v4_net(addr: bytes, plen: int) -> IPv4Network:
-    return IPv4Network((addr, plen), strict=False)
+    key = int.from_bytes(addr, "big") << 6 | plen
+    net = _v4_nets.get(key)
+    if net is None:
+        net = IPv4Network((addr, plen), strict=False)
+        _cache_put(_v4_nets, key, net)
+    return net
+
+
+def _v4_addr(addr: bytes) -> IPv4Address:
+    key = int.from_bytes(addr, "big")
+    ip = _v4_addrs.get(key)
+    if ip is None:
+        ip = IPv4Address(addr)
+        _cache_put(_v4_addrs, key, ip)
+    return ip
+
+
+def _share_v4(dst: IPv4Network | IPv6Network, gw: IPv4Address | IPv6Address | None) -> None:
+    """Decoding `dst` and `gw` from now on returns these objects (see above)."""
+    if isinstance(dst, IPv4Network):
+        _cache_put(_v4_nets, int(dst.network_address) << 6 | dst.prefixlen, dst)
+    if isinstance(gw, IPv4Address):
+        _cache_put(_v4_addrs, int(gw), gw)
 
 
 @lru_cache(maxsize=32768)
 def _v6_net(addr: bytes, plen: int) -> IPv6Network:
     return IPv6Network((addr, plen), strict=False)
-
-
-@lru_cache(maxsize=32768)
-def _v4_addr(addr: bytes) -> IPv4Address:
-    return IPv4Address(addr)
 
 
 def _ip(buf: Buffer, p: int, q: int) -> IPv4Address | IPv6Address | None:

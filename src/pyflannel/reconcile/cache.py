@@ -76,14 +76,15 @@ class ObservedCache:
             self.drop_route(r)
             return
         k = route_key(r)
-        default = metric_of(r) == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
-        old = self.routes.get(k) if default else self.extra.get(k, {}).get(metric_of(r))
+        metric = metric_of(r)
+        default = metric == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC)
+        old = self.routes.get(k) if default else self.extra.get(k, {}).get(metric)
         if old is not None and not ours and _route_facts(old) == _route_facts(r):
             return  # keep the object we have (ours, shared with the desired state)
         if default:
             self.routes[k] = r
         else:
-            self.extra.setdefault(k, {})[metric_of(r)] = r
+            self.extra.setdefault(k, {})[metric] = r
         if old is not None and old.nhid is not None and old.nhid != r.nhid:
             self._unlink(old.nhid, k)
         if r.nhid is not None:

@@ -194,7 +194,15 @@ def uses_nexthop(r: Route) -> bool:
 
 
 def route_key(r: Route) -> str:
-    return str(r.dst)
+    return net_key(r.dst)
+
+
+def net_key(n: IPv4Network | IPv6Network) -> str:
+    """str(n), in half the time for IPv4: every desired, planned and cached route is keyed
+    by it (50k of each at a cold start)."""
+    if isinstance(n, IPv4Network):
+        return f"{socket.inet_ntoa(n.network_address.packed)}/{n.prefixlen}"
+    return str(n)
 
 
 def neighbour_key(n: Neighbour) -> tuple[int, str]:
@@ -279,9 +287,9 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
                 nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
                                                      r.onlink)))
             needed.add(nhid)
-            want_routes[key] = Route(dst=r.dst, gateway=r.gateway, oif=r.oif, table=r.table,
-                                     protocol=r.protocol, onlink=r.onlink, scope=r.scope,
-                                     type=r.type, nhid=nhid)
+            # positional: twice as fast as by keyword (50k routes at a cold start)
+            want_routes[key] = Route(r.dst, r.gateway, r.oif, r.table, r.protocol, r.onlink,
+                                     r.scope, r.type, nhid)
         nh_dels = [Op("delete", nh) for nh in owned_nh if nh.id not in needed]
         owned_ids = {nh.id for nh in owned_nh}
     else:
@@ -298,7 +306,7 @@ def plan(desired: DesiredState, observed: Observed, scope: KernelScope, *,
     for r in observed.routes:
         if not (scope.owns_route(r) or (r.nhid is not None and r.nhid in owned_ids)):
             continue
-        key = str(r.dst)
+        key = net_key(r.dst)
         want = want_routes.get(key)
         if want is None or key in seen:
             # no lease wants it, or a second route for the prefix (another metric)

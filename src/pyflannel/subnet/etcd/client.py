@@ -17,13 +17,14 @@ import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
 from pyflannel.subnet.base import StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # gRPC status codes etcd puts in gateway errors.
 _CODE_OUT_OF_RANGE = 11  # compacted revision
@@ -259,29 +260,62 @@ class EtcdClient:
             return await self._post_raw(path, body)
 
     # -- KV --------------------------------------------------------------------------
-    async def range_prefix(self, prefix: str, *, page: int = 1000) -> tuple[list[KeyValue], int]:
-        """All keys under `prefix`, read in pages at one revision; (kvs, that revision)."""
+    @overload
+    async def range_prefix(self, prefix: str, *, page: int = 1000
+                           ) -> tuple[list[KeyValue], int]: ...
+
+    @overload
+    async def range_prefix(self, prefix: str, *, page: int = 1000,
+                           parse: Callable[[KeyValue], T | None]) -> tuple[list[T], int]: ...
+
+    async def range_prefix(self, prefix: str, *, page: int = 1000,
+                           parse: Callable[[KeyValue], Any] | None = None
+                           ) -> tuple[list[Any], int]:
+        """All keys under `prefix`, read in pages at one revision; (kvs, that revision).
+        With `parse`, each page is turned into parse(kv) as it arrives (None: left out), so
+        only the results are kept, never every raw value at once. The next page is asked
+        for before this one is parsed: etcd encodes it (on its own CPU) meanwhile."""
         end = _b64(prefix_range_end(prefix))
+
+        def body(start: bytes, rev: int) -> dict[str, Any]:
+            b: dict[str, Any] = {"key": _b64(start), "range_end": end, "limit": str(page)}
+            if rev:
+                b["revision"] = str(rev)
+            return b
+
         for _ in range(5):
-            kvs: list[KeyValue] = []
-            start = prefix.encode()
-            rev = 0
+            out: list[Any] = []
+            nxt: asyncio.Future[dict[str, Any]] | None = None
             try:
+                resp = await self._call("kv/range", body(prefix.encode(), 0))
+                rev = _header_revision(resp)
                 while True:
-                    body: dict[str, Any] = {"key": _b64(start), "range_end": end,
-                                            "limit": str(page)}
-                    if rev:
-                        body["revision"] = str(rev)
-                    resp = await self._call("kv/range", body)
-                    rev = rev or _header_revision(resp)
-                    batch = [_kv(o) for o in resp.get("kvs", [])]
-                    kvs.extend(batch)
-                    if not resp.get("more") or not batch:
-                        return kvs, rev
-                    start = base64.b64decode(resp["kvs"][-1]["key"]) + b"\0"
+                    raw = resp.get("kvs", [])
+                    more = bool(resp.get("more")) and bool(raw)
+                    if more:
+                        start = base64.b64decode(raw[-1]["key"]) + b"\0"
+                        nxt = asyncio.ensure_future(self._call("kv/range", body(start, rev)))
+                    for i, o in enumerate(raw):
+                        if i % 128 == 0:
+                            # lets the next page's request go out, and other tasks run
+                            await asyncio.sleep(0)
+                        kv = _kv(o)
+                        item = kv if parse is None else parse(kv)
+                        if item is not None:
+                            out.append(item)
+                    if nxt is None:
+                        return out, rev
+                    del resp, raw  # this page's JSON goes before the next one is read
+                    resp, nxt = await nxt, None
             except EtcdCompacted:
                 # Compacted between two pages: start over at the newest revision.
                 continue
+            finally:
+                if nxt is not None:  # abandoned (an error, or we were cancelled)
+                    nxt.cancel()
+                    await asyncio.wait((nxt,))
+                    if not nxt.cancelled():
+                        nxt.exception()  # retrieved: the error that matters is ours
         raise EtcdError(f"could not list {prefix}: etcd kept compacting while paging")
 
     async def get(self, key: str) -> KeyValue | None:
