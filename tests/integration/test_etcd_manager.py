@@ -21,7 +21,7 @@ import pytest
 
 from pyflannel.config.netconf import NetConf
 from pyflannel.lease.events import LeaseChanges, LeaseSnapshot, LeaseUpdate
-from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
+from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState, parse_subnet_key, subnet_key
 from pyflannel.subnet.base import LeaseSetup
 from pyflannel.subnet.etcd import (
     EtcdClient,
@@ -351,7 +351,7 @@ class RacingClient(EtcdClient):
         self.rival_value = rival_value
         self.raced: list[str] = []
 
-    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
         if not self.raced:
             self.raced.append(key)
             assert await super().create(key, self.rival_value)
@@ -380,6 +380,44 @@ async def test_lost_create_race_is_retried(etcd: EtcdServer, prefix: str, free: 
                    for r in caplog.records)
         # The etcd lease granted for the lost attempt was revoked, not left to expire.
         assert len(etcd_leases(etcd)) == leases_before + (1 if free == 2 else 0)
+    finally:
+        await mgr.aclose()
+
+
+class DualStackRacingClient(EtcdClient):
+    """Before our first create, another node takes our IPv6 subnet under another key (its
+    IPv4 subnet differs), as two dual-stack nodes starting together can."""
+
+    def __init__(self, *args: Any, rival_value: bytes, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rival_value = rival_value
+        self.rival_key = ""
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        if not self.rival_key:
+            where, _, sub = key.rpartition("/")
+            _v4, v6 = parse_subnet_key(sub)
+            self.rival_key = f"{where}/{subnet_key(IPv4Network('10.61.200.0/24'), v6)}"
+            assert await super().create(self.rival_key, self.rival_value)
+        return await super().create(key, value, lease=lease)
+
+
+async def test_dual_stack_race_on_the_ipv6_subnet_alone(
+        etcd: EtcdServer, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, MGR_LOG)
+    racing = DualStackRacingClient([etcd.client_url],
+                                   rival_value=vxlan_attrs("10.0.2.98").to_json().encode())
+    mgr = EtcdSubnetManager(racing, prefix=prefix)
+    try:
+        nc = await configured(etcd, prefix, mgr, Network="10.61.0.0/16", SubnetMin="10.61.1.0",
+                              SubnetMax="10.61.199.0", EnableIPv6=True,
+                              IPv6Network="fd61::/56")
+        lease = await mgr.acquire_lease(nc, vxlan_attrs("10.0.2.2"))
+        _r4, rival6 = parse_subnet_key(racing.rival_key.rpartition("/")[2])
+        assert lease.ipv6_subnet is not None and not lease.ipv6_subnet.overlaps(rival6)
+        keys = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "--keys-only").stdout.split()
+        assert sorted(keys) == sorted([racing.rival_key, prefix + "/subnets/" + lease.key])
+        assert "created just before ours; picking another" in caplog.text
     finally:
         await mgr.aclose()
 
@@ -683,7 +721,7 @@ async def test_range_is_paginated_at_one_revision(etcd: EtcdServer, client: Etcd
     kvs, rev = await client.range_prefix(f"{prefix}/p/", page=10)
     assert [kv.key for kv in kvs] == [f"{prefix}/p/{i:02d}" for i in range(25)]
     assert all(kv.mod_revision <= rev for kv in kvs)
-    assert await client.create(f"{prefix}/p/00", b"again") is False
+    assert await client.create(f"{prefix}/p/00", b"again") == 0
     assert await client.delete(f"{prefix}/p/00") is True
     assert await client.delete(f"{prefix}/p/00") is False
     assert await client.time_to_live(123456789) == -1

@@ -330,8 +330,9 @@ class EtcdClient:
             body["lease"] = str(lease)
         return _header_revision(await self._call("kv/put", body))
 
-    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
-        """Write `key` only if it does not exist (one transaction); False if it exists."""
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write `key` only if it does not exist (one transaction): the revision that created
+        it, or 0 if it exists."""
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
@@ -340,7 +341,16 @@ class EtcdClient:
                          "create_revision": "0"}],
             "success": [{"request_put": put}],
         })
-        return bool(resp.get("succeeded", False))
+        return _header_revision(resp) if resp.get("succeeded", False) else 0
+
+    async def created_since(self, prefix: str, revision: int) -> list[tuple[str, int]]:
+        """(key, create revision) of the keys under `prefix` created after `revision`: keys
+        only, so a check for what appeared meanwhile costs little at 50k keys."""
+        resp = await self._call("kv/range", {
+            "key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix)),
+            "keys_only": True, "min_create_revision": str(revision + 1)})
+        return [(base64.b64decode(o["key"]).decode("utf-8", "replace"),
+                 int(o.get("create_revision", 0))) for o in resp.get("kvs", [])]
 
     async def update(self, key: str, value: bytes, *, lease: int = 0) -> bool:
         """Write `key` only if it exists (one transaction); False if it does not."""

@@ -200,12 +200,23 @@ class EtcdSubnetManager:
             log.warning("Could not revoke unused etcd lease %x: %s", lease_id, e)
 
     async def _create(self, v4: IPv4Network | None, v6: IPv6Network | None,
-                      attrs: LeaseAttrs) -> Lease | None:
-        """Create-if-absent in one transaction; None when another node got there first."""
+                      attrs: LeaseAttrs, read_at: int) -> Lease | None:
+        """Create-if-absent in one transaction; None when another node got there first,
+        also with another key: in dual stack two keys (`v4&v6`) can share one subnet."""
         lease_id, ttl = await self.client.grant(SUBNET_TTL)
+        key = self._key(v4, v6)
         try:
-            created = await self.client.create(self._key(v4, v6), attrs.to_json().encode(),
-                                               lease=lease_id)
+            created = await self.client.create(key, attrs.to_json().encode(), lease=lease_id)
+            rival = await self._older_rival(key, v4, v6, read_at, created) if created \
+                else None
+            if rival is not None:
+                # Two nodes picked the same subnet under different keys (the other family's
+                # subnet differs) since we read: the older key keeps it (as LeaseTable
+                # decides), so ours goes and we pick again.
+                log.info("Subnet (ip: %s ipv6: %s) is also in %s, created just before ours; "
+                         "picking another", v4, v6, rival)
+                await self.client.delete(key)
+                created = 0
         except EtcdError:
             await self._revoke_quietly(lease_id)
             raise
@@ -213,7 +224,22 @@ class EtcdSubnetManager:
             await self._revoke_quietly(lease_id)
             return None
         return Lease(v4, attrs, v6, expiration=time.time() + ttl, reservation=False,
-                     origin=str(lease_id))
+                     origin=str(lease_id), created=created)
+
+    async def _older_rival(self, key: str, v4: IPv4Network | None, v6: IPv6Network | None,
+                           read_at: int, created: int) -> str | None:
+        """A key created between our read and our create whose subnets overlap ours."""
+        for other, crev in await self.client.created_since(self.subnets_prefix, read_at):
+            if crev >= created or other == key:
+                continue
+            try:
+                o4, o6 = parse_subnet_key(other[len(self.subnets_prefix):])
+            except ValueError:  # not a lease key: LeaseTable refuses it anyway
+                continue
+            if (v4 is not None and o4 is not None and v4.overlaps(o4)) or \
+                    (v6 is not None and o6 is not None and v6.overlaps(o6)):
+                return other
+        return None
 
     def _recorded_lease(self, nc: NetConf, mine: list[Lease]) -> Lease | None:
         """Our lease as subnet.env records it, when the store still has it with our public
@@ -312,7 +338,7 @@ class EtcdSubnetManager:
             else:
                 v4, v6 = self._allocate(netconf, stored)
 
-            created = await self._create(v4, v6, attrs)
+            created = await self._create(v4, v6, attrs, rev)
             if created is not None:
                 log.info("Allocated lease (ip: %s ipv6: %s) to current node (%s)",
                          v4, v6, attrs.public_ip)
