@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyflannel.kernel.ports import Addr, WgError, WgState, WgUnsupported
-from pyflannel.kernel.wgkeys import decode_key, encode_key, public_key
+from pyflannel.kernel.wgkeys import decode_key, encode_key, public_key_of
 from pyflannel.reconcile.plan import WgDevice, WgPeer, endpoint_text
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def parse_get(device: str, text: str) -> WgState:
                 errno_seen = int(value)
             elif key == "private_key":
                 raw = bytes.fromhex(value)
-                st.public_key = encode_key(public_key(raw)) if raw != ZERO_KEY else None
+                st.public_key = public_key_of(encode_key(raw)) if raw != ZERO_KEY else None
             elif key == "listen_port":
                 st.listen_port = int(value)
             elif key == "public_key":
@@ -176,13 +176,6 @@ class UserspaceWgPort:
 
     def sock(self, name: str) -> Path:
         return self.socket_dir / f"{name}.sock"
-
-    def describe(self, name: str) -> str:
-        proc = self._procs.get(name)
-        if proc is not None and proc.poll() is None:
-            return f"wireguard-go pid {proc.pid}"
-        return "wireguard-go (adopted, from an earlier flanneld)" if name in self._adopted \
-            else "wireguard-go not running"
 
     async def answers(self, name: str) -> bool:
         """A wireguard-go serves `name` here (its device exists and its socket answers)."""
@@ -289,7 +282,7 @@ async def _configure(port: UserspaceWgPort | KernelWgPort, dev: WgDevice) -> Non
     """dev's key and port, set only when they differ: setting them on an adopted device
     would make every peer handshake again."""
     st = await port.state(dev.name)
-    want = encode_key(public_key(decode_key(dev.private_key)))
+    want = public_key_of(dev.private_key)
     key = dev.private_key if st is None or st.public_key != want else None
     listen = dev.listen_port if st is None or st.listen_port != dev.listen_port else None
     if key is not None or listen is not None:
@@ -439,11 +432,6 @@ class AutoWgPort:
             return ""
         impl = self.chosen.implementation
         return f"{impl}, as {self._why_not_kernel}" if self._why_not_kernel else impl
-
-    def describe(self, name: str) -> str:
-        if isinstance(self.chosen, UserspaceWgPort):
-            return self.chosen.describe(name)
-        return "kernel device"
 
     async def ensure(self, dev: WgDevice) -> int:
         if self.chosen is not None:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 
 from pyflannel.kernel.ports import WgError, WgPort, WgState
-from pyflannel.kernel.wgkeys import decode_key, encode_key, public_key
+from pyflannel.kernel.wgkeys import public_key_of
 from pyflannel.reconcile.plan import DesiredState, WgDevice, WgPeer, endpoint_text
 
 log = logging.getLogger("pyflannel.reconcile.engine")
@@ -122,7 +122,7 @@ class WgReconciler:
                 put.append(want)
                 notes.append(f"{'missing' if got is None else 'changed'} {want.describe()}")
         private = None
-        want_pub = encode_key(public_key(decode_key(dev.private_key)))
+        want_pub = public_key_of(dev.private_key)
         if have.public_key != want_pub:
             private = dev.private_key
             notes.append(f"{name}'s key is not ours")
