@@ -655,3 +655,20 @@ def test_cold_start_fast_encodings_match_the_general_encoder() -> None:
         for action in ("replace", "delete"):
             assert encode_route(action, r, i) == _encode_route(action, r, i), r
             assert encode_nexthop(action, nh, i) == _encode_nexthop(action, nh, i), nh
+
+
+def test_decode_cache_stays_bounded_and_keeps_the_newest() -> None:
+    """Past its bound the address cache drops its older half at once (not one entry per
+    put, which rescanned the dict's deleted front every time) and keeps the newest."""
+    from pyflannel.netlink import codec
+
+    cache: dict[int, int] = {}
+    for i in range(3 * codec._CACHE_MAX):
+        codec._cache_put(cache, i, i)
+        assert len(cache) <= codec._CACHE_MAX
+    last = 3 * codec._CACHE_MAX - 1
+    assert cache[last] == last
+    assert min(cache) > last - codec._CACHE_MAX  # only the older ones went
+    assert len(cache) > codec._CACHE_MAX // 2
+    codec._cache_put(cache, last, -1)  # an existing key is replaced, nothing dropped
+    assert cache[last] == -1

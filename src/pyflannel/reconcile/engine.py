@@ -166,7 +166,11 @@ class KernelReconciler:
         self._dirty = asyncio.Event()
         self._have_desired = False
         self._drift_pending = False
-        self._echo: dict[tuple[object, ...], float] = {}  # change signature -> deadline
+        # hash(change signature) -> deadline. The hash, not the signature: at a cold start
+        # this holds one entry per route and nexthop sent (10k-50k), and an int is a third
+        # of a 7-tuple. A foreign change whose signature hashes alike within the window
+        # (odds 2**-61) would pass for an echo; the safety-net dump still finds it.
+        self._echo: dict[int, float] = {}
         self._failing: dict[tuple[object, ...], int] = {}  # op signature -> errno logged
         self._cache: ObservedCache | None = None  # None: the next pass dumps
         self._full_reason = "start"
@@ -298,8 +302,7 @@ class KernelReconciler:
     def _is_echo(self, ev: RtEvent, now: float) -> bool:
         if not self._echo or ev.obj is None:
             return False
-        sig = _signature(ev.kind.endswith("_del"), ev.obj)
-        deadline = self._echo.pop(sig, None)
+        deadline = self._echo.pop(hash(_signature(ev.kind.endswith("_del"), ev.obj)), None)
         return deadline is not None and deadline >= now
 
     def _expect_echoes(self, ops: Iterable[Op]) -> None:
@@ -319,7 +322,7 @@ class KernelReconciler:
                 sig = (op.action == "delete", "nexthop", o.id)
             else:
                 sig = _signature(op.action == "delete", o)
-            echo[sig] = deadline
+            echo[hash(sig)] = deadline
 
     async def _apply(self, ops: list[Op]) -> list[OpResult]:
         if not ops:
@@ -662,7 +665,7 @@ class KernelReconciler:
             op, o = res.op, res.op.obj
             gone = op.action == "delete" and (res.errno == 0 or res.errno in GONE)
             if res.errno:
-                self._echo.pop(_signature(op.action == "delete", o), None)  # no echo comes
+                self._echo.pop(hash(_signature(op.action == "delete", o)), None)  # no echo comes
             if res.errno and not gone:
                 if isinstance(o, Route):
                     retry.routes.add(route_key(o))
