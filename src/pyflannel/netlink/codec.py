@@ -10,6 +10,7 @@ are in host byte order except addresses.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -580,9 +581,8 @@ _v4_addrs: dict[int, IPv4Address] = {}
 
 def _cache_put(cache: dict[int, _K], key: int, value: _K) -> None:
     if len(cache) >= _CACHE_MAX and key not in cache:
-        newer = list(cache.items())[_CACHE_MAX // 2:]
-        cache.clear()  # a new table: no deleted entries left in front
-        cache.update(newer)
+        for old in list(itertools.islice(cache, _CACHE_MAX // 2)):
+            del cache[old]
     cache[key] = value
 
 
