@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from pyflannel_lab.netns import NetNamespace, stop_process
@@ -77,12 +78,13 @@ class ProbeResult:
 
 class UdpProbe:
     """A context manager: probes from `src` to `dst_ip` (served in `dst`) while inside;
-    `result` afterwards."""
+    `result` afterwards. `settle`: seconds of probing on entry before the body runs and
+    after it before stopping, so the probes surely span a change the body makes."""
 
     def __init__(self, src: NetNamespace, dst: NetNamespace, dst_ip: str, *,
-                 interval: float = 0.05, linger: float = 1.0) -> None:
+                 interval: float = 0.05, linger: float = 1.0, settle: float = 0.0) -> None:
         self.src, self.dst, self.dst_ip = src, dst, dst_ip
-        self.interval, self.linger = interval, linger
+        self.interval, self.linger, self.settle = interval, linger, settle
         self.port = random.randint(20000, 60000)  # fresh namespaces: nothing listens there
         self.result: ProbeResult | None = None
         self._server: subprocess.Popen[bytes] | None = None
@@ -97,6 +99,7 @@ class UdpProbe:
         except BaseException:
             self._stop()
             raise
+        time.sleep(self.settle)
         return self
 
     @staticmethod
@@ -113,6 +116,7 @@ class UdpProbe:
     def __exit__(self, *exc: object) -> None:
         client = self._client
         try:
+            time.sleep(self.settle)
             if client is not None and client.stdin is not None and client.stdout is not None:
                 client.stdin.close()  # stop sending; the client lingers, then reports
                 out = client.stdout.readline()

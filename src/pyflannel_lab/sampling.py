@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import threading
-import time
 
 from pyflannel.netlink import Nexthop, Route, RtMonitor, RtNetlink
 from pyflannel_lab.cluster import Cluster
-from pyflannel_lab.netns import NetNamespace
-from pyflannel_lab.probe import ECHO_SERVER
 
 
 class RouteSampler:
@@ -145,65 +140,3 @@ class RouteGapWatch:
         self._thread.join(20)
         if self._error is not None and exc[0] is None:
             raise self._error
-
-
-# A client sending one UDP datagram every 10 ms to pyflannel_lab.probe's echo server until its
-# stdin closes, then printing how many came back.
-_ECHO_CLIENT = (
-    "import select,socket,sys,time\n"
-    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
-    "socket.SOCK_DGRAM)\n"
-    "s.connect((sys.argv[1],int(sys.argv[2])));s.setblocking(False)\n"
-    "sent=got=0;nxt=time.monotonic();end=None\n"
-    "while end is None or time.monotonic()<end:\n"
-    " r,_,_=select.select([s]+([sys.stdin] if end is None else []),[],[],0.002)\n"
-    " if sys.stdin in r and not sys.stdin.readline():end=time.monotonic()+0.5\n"
-    " if s in r:\n"
-    "  try:\n"
-    "   while s.recv(64):got+=1\n"
-    "  except OSError:pass\n"
-    " if end is None and time.monotonic()>=nxt:\n"
-    "  try:s.send(b'%d'%sent)\n"
-    "  except OSError:pass\n"
-    "  sent+=1;nxt+=0.01\n"
-    "print('sent',sent,'received',got,flush=True)\n")
-
-
-class EchoProbe:
-    """Datagrams every 10 ms from namespace `src` to a UDP echo server at `dst_ip` in
-    namespace `dst` for as long as the context lasts; `sent` and `received` afterwards."""
-
-    def __init__(self, src: NetNamespace, dst: NetNamespace, dst_ip: str,
-                 port: int = 7007) -> None:
-        self.src, self.dst, self.dst_ip, self.port = src, dst, dst_ip, port
-        self.sent = self.received = 0
-        self._server: subprocess.Popen[str] | None = None
-        self._client: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> EchoProbe:
-        self._server = subprocess.Popen(
-            self.dst.exec_args(sys.executable, "-c", ECHO_SERVER, self.dst_ip, str(self.port)),
-            stdout=subprocess.PIPE, text=True)
-        assert self._server.stdout is not None
-        if self._server.stdout.readline().strip() != "ready":
-            self._server.kill()
-            raise RuntimeError("the UDP echo server did not start")
-        self._client = subprocess.Popen(
-            self.src.exec_args(sys.executable, "-c", _ECHO_CLIENT, self.dst_ip, str(self.port)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        time.sleep(0.3)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self._client is not None:
-                time.sleep(0.3)
-                out, _ = self._client.communicate("", timeout=10)  # stdin closed: it stops
-                words = out.split()
-                if words[:1] == ["sent"]:
-                    self.sent, self.received = int(words[1]), int(words[3])
-        finally:
-            for proc in (self._client, self._server):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()  # ours, by its Popen (PID)
-                    proc.wait()

@@ -26,7 +26,8 @@ import pytest
 
 from pyflannel.reconcile.plan import is_our_nhid
 from pyflannel_lab.cluster import Cluster, LabNode, LabPod
-from pyflannel_lab.sampling import EchoProbe, RouteGapWatch
+from pyflannel_lab.probe import UdpProbe
+from pyflannel_lab.sampling import RouteGapWatch
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -80,9 +81,10 @@ def our_nexthops(node: LabNode) -> list[dict[str, object]]:
     return [nh for nh in shown if is_our_nhid(int(nh["id"]))]
 
 
-def probing(src: LabPod, dst: LabPod) -> EchoProbe:
-    """A datagram every 10 ms from pod `src` to pod `dst`, echoed back."""
-    return EchoProbe(src.ns, dst.ns, str(dst.ip))
+def probing(src: LabPod, dst: LabPod) -> UdpProbe:
+    """A datagram every 10 ms from pod `src` to pod `dst`, echoed back, from 0.3 s before
+    the change to 0.3 s after it."""
+    return UdpProbe(src.ns, dst.ns, str(dst.ip), interval=0.01, linger=0.5, settle=0.3)
 
 
 def cleanup_nexthops(node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
@@ -124,14 +126,15 @@ def upstream_vxlan_takes_over(cl: Cluster, node: LabNode) -> None:
         node.ns.ip("route", "replace", str(subnet), "via", gw, "dev", "flannel.1", "onlink")
 
 
-def assert_no_gap(watch: RouteGapWatch, probe: EchoProbe, *, forms: set[str]) -> None:
+def assert_no_gap(watch: RouteGapWatch, probe: UdpProbe, *, forms: set[str]) -> None:
     assert watch.gaps == []
     assert watch.dumps > 100 and watch.dump_misses == 0, (watch.dumps, watch.dump_misses)
     # the change happened while watched: every route was seen in both forms
     assert all(seen == forms for seen in watch.forms.values()), watch.forms
     print(f"route notifications {watch.changes}, dumps {watch.dumps} (missing a route: "
-          f"{watch.dump_misses}), datagrams {probe.sent} sent / {probe.received} echoed")
-    assert probe.sent > 50 and probe.received == probe.sent, (probe.sent, probe.received)
+          f"{watch.dump_misses}), datagrams: {probe.result}")
+    assert probe.result is not None, "the probe reported nothing"
+    assert probe.result.sent > 50 and not probe.result.lost, str(probe.result)
 
 
 def test_upstream_to_pyflannel_replaces_each_route_in_place() -> None:
