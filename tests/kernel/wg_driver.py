@@ -19,9 +19,9 @@ async def main(argv: list[str]) -> dict[str, object]:
     cmd, name = argv[0], argv[1]
     if cmd == "ensure":
         index = await port.ensure(WgDevice(name, argv[2], int(argv[3]), 1420))
-        proc = port._procs.get(name)
-        return {"index": index, "started": proc.pid if proc else None,
-                "adopted": name in port._adopted, "impl": port.implementation}
+        started, adopted = port.ownership(name)
+        return {"index": index, "started": started, "adopted": adopted,
+                "impl": port.implementation}
     if cmd == "ensure-auto":  # argv[4]: auto, kernel or userspace
         auto = AutoWgPort(argv[4])
         try:

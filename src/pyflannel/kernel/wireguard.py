@@ -177,6 +177,12 @@ class UserspaceWgPort:
     def sock(self, name: str) -> Path:
         return self.socket_dir / f"{name}.sock"
 
+    def ownership(self, name: str) -> tuple[int | None, bool]:
+        """(the PID of the wireguard-go we started for `name`, or None; whether we adopted
+        one that was running already)."""
+        proc = self._procs.get(name)
+        return (proc.pid if proc else None), name in self._adopted
+
     async def answers(self, name: str) -> bool:
         """A wireguard-go serves `name` here (its device exists and its socket answers)."""
         return await _link_index(name) is not None and await self._alive(name)
