@@ -122,6 +122,27 @@ async def test_hostgw_routes_replace_dump_delete(netns: NetNamespace) -> None:
         }
 
 
+async def test_apply_reports_failures_anywhere_in_a_window(netns: NetNamespace) -> None:
+    """Only a window's last message asks for an ack: a failure before it is still reported
+    with its own op, and the ops without an answer are the ones that succeeded."""
+    v0 = with_veth(netns)
+    good = [Route(net4(f"10.244.{i}.0/24"), ip4(f"192.168.0.{i + 1}"), v0) for i in range(5)]
+    bad = [Route(net4(f"10.245.{i}.0/24"), ip4("10.99.0.1"), v0) for i in range(3)]
+    ops = [Op("replace", r) for r in (bad[0], good[0], good[1], bad[1], good[2], good[3],
+                                     good[4], bad[2])]
+    with RtNetlink.open(netns.name) as nl:
+        for window in (1, 3, 4, 128):
+            results = await nl.apply(ops, window=window)
+            assert [r.op for r in results] == ops
+            assert [r.errno for r in results] == [
+                errno.ENETUNREACH, 0, 0, errno.ENETUNREACH, 0, 0, 0, errno.ENETUNREACH], window
+            assert {f"10.244.{i}.0/24 via 192.168.0.{i + 1} dev v0" for i in range(5)} <= (
+                route_lines(netns))
+            gone = [Op("delete", good[1]), Op("delete", good[1]), Op("delete", good[3])]
+            assert [r.errno for r in await nl.apply(gone, window=window)] == [
+                0, errno.ESRCH, 0]
+
+
 def table_1000(ns: NetNamespace) -> set[str]:
     return {line.strip() for line in ns.ip("route", "show", "table", "1000").stdout.splitlines()}
 

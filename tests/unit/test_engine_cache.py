@@ -125,13 +125,13 @@ def test_a_changed_lease_costs_its_own_objects_only() -> None:
 
 def test_expected_echoes_are_the_signatures_of_the_events() -> None:
     """The inlined signatures of _expect_echoes are _signature's, so echoes are recognised."""
-    from pyflannel.netlink import FdbEntry, Nexthop
+    from pyflannel.netlink import FdbEntry, Neighbour, Nexthop
     from pyflannel.reconcile.engine import _signature
 
     rec = KernelReconciler(FakeKernel(), SCOPE)
     gw = IPv4Address("192.168.0.7")
     objs = [Route(IPv4Network("10.244.7.0/24"), gw, 2, nhid=5), Nexthop(5, gw, 2),
-            FdbEntry(3, "0e:00:00:00:00:07", gw)]
+            FdbEntry(3, "0E:00:00:00:00:07", gw), Neighbour(3, gw, "0E:00:00:00:00:07")]
     for action in ("replace", "delete"):
         rec._echo.clear()
         rec._expect_echoes([Op(action, o) for o in objs])  # type: ignore[arg-type]

@@ -630,13 +630,18 @@ def test_decode_address_prefers_local_over_peer() -> None:
 
 
 def test_cold_start_fast_encodings_match_the_general_encoder() -> None:
-    """The one-pack encodings of a v4 nhid route and a v4 gateway nexthop are byte for byte
-    what the general encoder writes, and every other shape still takes the general one."""
+    """The one-pack encodings (a cold start's v4 nhid route and v4 gateway nexthop; removing
+    peers: v4 routes, nexthops, v4 neighbours, FDB entries) are byte for byte what the
+    general encoder writes, and every other shape still takes the general one."""
     import random
 
     from pyflannel.netlink.codec import (
+        _encode_fdb,
+        _encode_neighbour,
         _encode_nexthop,
         _encode_route,
+        encode_fdb,
+        encode_neighbour,
         encode_nexthop,
         encode_route,
     )
@@ -652,9 +657,15 @@ def test_cold_start_fast_encodings_match_the_general_encoder() -> None:
         nh = Nexthop(rnd.getrandbits(32), rnd.choice(
             [None, IPv4Address(rnd.getrandbits(32)), IPv6Address(rnd.getrandbits(128))]),
             rnd.choice([None, rnd.randint(1, 100)]), rnd.randint(0, 255), rnd.random() < 0.5)
+        ip = rnd.choice([IPv4Address(rnd.getrandbits(32)), IPv6Address(rnd.getrandbits(128))])
+        mac = ":".join(f"{rnd.getrandbits(8):02x}" for _ in range(rnd.choice([4, 6, 6])))
+        neigh = Neighbour(rnd.randint(1, 100), ip, mac, rnd.choice([0x80, 0x40]))
+        fdb = FdbEntry(rnd.randint(1, 100), mac, ip)
         for action in ("replace", "delete"):
             assert encode_route(action, r, i) == _encode_route(action, r, i), r
             assert encode_nexthop(action, nh, i) == _encode_nexthop(action, nh, i), nh
+            assert encode_neighbour(action, neigh, i) == _encode_neighbour(action, neigh, i)
+            assert encode_fdb(action, fdb, i) == _encode_fdb(action, fdb, i), fdb
 
 
 def test_decode_cache_stays_bounded_and_keeps_the_newest() -> None:

@@ -19,7 +19,14 @@ from pyflannel.kernel.ports import Addr, LinkPort
 from pyflannel.lease.model import Lease, StoredNodeState
 from pyflannel.netlink import FdbEntry, LinkEvent, Neighbour, Route
 from pyflannel.reconcile.hooks import PeerHook
-from pyflannel.reconcile.plan import DesiredState, KernelScope, WgDevice, WgPeer, net_key
+from pyflannel.reconcile.plan import (
+    DesiredState,
+    KernelScope,
+    WgDevice,
+    WgPeer,
+    neighbour_key,
+    net_key,
+)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -107,7 +114,7 @@ class DesiredTable:
         for r in old.routes:
             _pop_if(st.routes, net_key(r.dst), r, ch.routes)
         for n in old.neighbours:
-            _pop_if(st.neighbours, (n.ifindex, str(n.ip)), n, ch.neighbours)
+            _pop_if(st.neighbours, neighbour_key(n), n, ch.neighbours)
         for f in old.fdb:
             _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f, ch.fdb)
         for w in old.wg:
@@ -128,7 +135,7 @@ class DesiredTable:
             st.routes[k] = r
             ch.routes.add(k)
         for n in peer.neighbours:
-            nk = (n.ifindex, str(n.ip))
+            nk = neighbour_key(n)
             st.neighbours[nk] = n
             ch.neighbours.add(nk)
         for f in peer.fdb:

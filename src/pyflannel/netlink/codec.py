@@ -326,19 +326,42 @@ def parse_lladdr(lladdr: str) -> bytes:
 # gateway on a device.
 _V4_NHID_REPLACE = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI")
 _V4_NEXTHOP_REPLACE = struct.Struct("=IHHII BBBBI HHI HH4s HHI")
+# And those of removing vxlan peers (10k of each when they all go): a v4 route by nhid or
+# by gateway + device, a nexthop by id, a v4 neighbour, an FDB entry with a v4 remote.
+_V4_GW_DELETE = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HH4s HHi")
+_NEXTHOP_DELETE = struct.Struct("=IHHII BBBBI HHI")
+_V4_NEIGH_DELETE = struct.Struct("=IHHII BBHiHBB HH4s")
+_FDB_V4_DELETE = struct.Struct("=IHHII BBHiHBB HH6sxx HH4s")
 
 
 def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -> bytes:
     nhid = route.nhid
+    dst = route.dst
     if action == "replace":
-        _share_v4(route.dst, route.gateway)
-    if (nhid is not None and action == "replace" and route.table < 256 and not route.priority
-            and isinstance(route.dst, IPv4Network) and route.dst.prefixlen):
-        return _V4_NHID_REPLACE.pack(
-            _V4_NHID_REPLACE.size, RTM_NEWROUTE, _FLAGS_REPLACE, seq, 0,
-            AF_INET, route.dst.prefixlen, 0, 0, route.table, route.protocol, route.scope,
-            route.type, RTNH_F_ONLINK if route.onlink else 0, 8, RTA_TABLE, route.table,
-            8, RTA_DST, route.dst.network_address.packed, 8, RTA_NH_ID, nhid)
+        _share_v4(dst, route.gateway)
+        if (nhid is not None and route.table < 256 and not route.priority
+                and isinstance(dst, IPv4Network) and dst.prefixlen):
+            return _V4_NHID_REPLACE.pack(
+                _V4_NHID_REPLACE.size, RTM_NEWROUTE, _FLAGS_REPLACE, seq, 0,
+                AF_INET, dst.prefixlen, 0, 0, route.table, route.protocol, route.scope,
+                route.type, RTNH_F_ONLINK if route.onlink else 0, 8, RTA_TABLE, route.table,
+                8, RTA_DST, dst.network_address.packed, 8, RTA_NH_ID, nhid)
+    elif (route.table < 256 and not route.priority and isinstance(dst, IPv4Network)
+            and dst.prefixlen):
+        if nhid is not None:
+            return _V4_NHID_REPLACE.pack(
+                _V4_NHID_REPLACE.size, RTM_DELROUTE, _FLAGS_DELETE, seq, 0,
+                AF_INET, dst.prefixlen, 0, 0, route.table, RTPROT_UNSPEC, RT_SCOPE_NOWHERE,
+                RTN_UNSPEC, 0, 8, RTA_TABLE, route.table,
+                8, RTA_DST, dst.network_address.packed, 8, RTA_NH_ID, nhid)
+        gw, oif = route.gateway, route.oif
+        if isinstance(gw, IPv4Address) and oif is not None:
+            return _V4_GW_DELETE.pack(
+                _V4_GW_DELETE.size, RTM_DELROUTE, _FLAGS_DELETE, seq, 0,
+                AF_INET, dst.prefixlen, 0, 0, route.table, RTPROT_UNSPEC, RT_SCOPE_NOWHERE,
+                RTN_UNSPEC, 0, 8, RTA_TABLE, route.table,
+                8, RTA_DST, dst.network_address.packed, 8, RTA_GATEWAY, gw.packed,
+                8, RTA_OIF, oif)
     return _encode_route(action, route, seq)
 
 
@@ -385,7 +408,10 @@ def _encode_route(action: Literal["replace", "delete"], route: Route, seq: int) 
 
 def encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int) -> bytes:
     gw = nh.gateway
-    if action == "replace" and isinstance(gw, IPv4Address):
+    if action == "delete":
+        return _NEXTHOP_DELETE.pack(_NEXTHOP_DELETE.size, RTM_DELNEXTHOP, _FLAGS_DELETE, seq, 0,
+                                    0, 0, 0, 0, 0, 8, NHA_ID, nh.id)
+    if isinstance(gw, IPv4Address):
         _cache_put(_v4_addrs, int(gw), gw)
     if action == "replace" and isinstance(gw, IPv4Address) and nh.oif is not None:
         return _V4_NEXTHOP_REPLACE.pack(
@@ -418,6 +444,16 @@ def _encode_nexthop(action: Literal["replace", "delete"], nh: Nexthop, seq: int)
 
 
 def encode_neighbour(action: Literal["replace", "delete"], neigh: Neighbour, seq: int) -> bytes:
+    ip = neigh.ip
+    if action == "delete" and isinstance(ip, IPv4Address):
+        return _V4_NEIGH_DELETE.pack(_V4_NEIGH_DELETE.size, RTM_DELNEIGH, _FLAGS_DELETE, seq, 0,
+                                     AF_INET, 0, 0, neigh.ifindex, 0, 0, 0, 8, NDA_DST,
+                                     ip.packed)
+    return _encode_neighbour(action, neigh, seq)
+
+
+def _encode_neighbour(action: Literal["replace", "delete"], neigh: Neighbour,
+                      seq: int) -> bytes:
     """RTM_NEWNEIGH (CREATE|REPLACE, state as given) or RTM_DELNEIGH for an ARP/NDP entry."""
     ip = neigh.ip
     family = _family_of(ip.version)
@@ -434,6 +470,17 @@ FDB_STATE = NUD_PERMANENT | NUD_NOARP  # what `bridge fdb replace ... permanent`
 
 
 def encode_fdb(action: Literal["replace", "delete"], entry: FdbEntry, seq: int) -> bytes:
+    dst = entry.dst
+    if action == "delete" and isinstance(dst, IPv4Address):
+        mac = parse_lladdr(entry.lladdr)
+        if len(mac) == 6:
+            return _FDB_V4_DELETE.pack(_FDB_V4_DELETE.size, RTM_DELNEIGH, _FLAGS_DELETE, seq, 0,
+                                       AF_BRIDGE, 0, 0, entry.ifindex, 0, NTF_SELF, 0,
+                                       10, NDA_LLADDR, mac, 8, NDA_DST, dst.packed)
+    return _encode_fdb(action, entry, seq)
+
+
+def _encode_fdb(action: Literal["replace", "delete"], entry: FdbEntry, seq: int) -> bytes:
     """AF_BRIDGE RTM_NEWNEIGH/RTM_DELNEIGH with NTF_SELF (the entry lives on the vxlan device,
     not in a bridge). A delete names the remote (dst), so only that remote is removed."""
     attrs = _attr(NDA_LLADDR, parse_lladdr(entry.lladdr)) + _attr(NDA_DST, entry.dst.packed)

@@ -19,6 +19,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TypeVar
 
 from pyflannel.netlink.codec import (
+    NLM_F_ACK,
     NLM_F_ACK_TLVS,
     NLMSG_ERROR,
     NLMSGHDR,
@@ -66,6 +67,8 @@ from pyflannel.netlink.codec import (
 T = TypeVar("T")
 unpack_header = NLMSGHDR.unpack_from
 unpack_i32 = struct.Struct("=i").unpack_from
+_U16 = struct.Struct("=H")
+unpack_u16, pack_u16 = _U16.unpack_from, _U16.pack_into
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -77,8 +80,8 @@ CLONE_NEWNET = 0x40000000
 
 # Dump replies come in skbs of at most ~32 KiB; 64 KiB never truncates one.
 RECV_BUFFER = 65536
-# Acks are queued by the kernel while it processes a whole send(); the receive buffer must
-# hold a window's worth (each ack skb costs ~1 KiB of truesize).
+# Errors (and the one ack) are queued by the kernel while it processes a whole send(); the
+# receive buffer must hold a window's worth of failures (each skb costs ~1 KiB of truesize).
 MAX_WINDOW = 1024
 REQUEST_RCVBUF = 4 << 20
 MONITOR_RCVBUF = 16 << 20
@@ -250,7 +253,13 @@ class RtNetlink(_NetlinkSocket):
         self._abandoned_dump = None
 
     async def apply(self, ops: Sequence[Op], *, window: int = 128) -> list[OpResult]:
-        """Send every op with NLM_F_ACK, `window` messages per send(); results in op order.
+        """Send every op, `window` messages per send(); results in op order.
+
+        Only the last message of a window asks for an ack (NLM_F_ACK): the kernel answers a
+        request without it only when it fails, and handles one send()'s messages in order,
+        so once the last one's ack is in, every error of the window is too and the ops
+        without an answer succeeded. One receive per window instead of one per op (40k
+        receives, about half the time of deleting 10k vxlan peers, before).
 
         Every op is encoded before anything is sent, so an op that cannot be encoded
         (ValueError/TypeError) changes nothing."""
@@ -266,14 +275,18 @@ class RtNetlink(_NetlinkSocket):
             for first in range(0, len(messages), window):
                 count = min(window, len(messages) - first)
                 base = (base_all + first) & 0xFFFFFFFF
-                batch = b"".join(messages[first:first + count])
+                batch = bytearray().join(messages[first:first + count])
+                off = 0
+                for m in messages[first:first + count - 1]:
+                    pack_u16(batch, off + 6, unpack_u16(batch, off + 6)[0] & ~NLM_F_ACK)
+                    off += len(m)
                 await loop.sock_sendall(self._sock, batch)
-                pending = count
+                last = count - 1
                 buf = self._buf
-                while pending:
+                while results[first + last] is None:
                     n = await self._recv()
-                    # iter_messages and decode_error, inlined: one ack per op (100k at a
-                    # cold start of 50k peers), and a plain ack carries nothing but errno.
+                    # iter_messages and decode_error, inlined: a plain ack carries nothing
+                    # but errno.
                     off = 0
                     while off + 16 <= n:
                         length, mtype, flags, seq, _pid = unpack_header(buf, off)
@@ -288,8 +301,10 @@ class RtNetlink(_NetlinkSocket):
                             else:
                                 err, message = decode_error(buf, off + 16, off + length, flags)
                             results[slot] = OpResult(ops[slot], err, message)
-                            pending -= 1
                         off += (length + 3) & ~3
+                for slot in range(first, first + last):
+                    if results[slot] is None:
+                        results[slot] = OpResult(ops[slot], 0)
         return [r for r in results if r is not None]
 
     async def _dump(self, request: Callable[[int], bytes], reply_type: int,

@@ -92,12 +92,12 @@ class ObservedCache:
 
     def drop_route(self, r: Route) -> None:
         k = route_key(r)
-        metric = metric_of(r)
-        if metric == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC):
+        p = r.priority  # 0: the kernel's default metric (the common case, tested first)
+        if not p or p == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC):
             old = self.routes.pop(k, None)
         else:
             per = self.extra.get(k)
-            old = per.pop(metric, None) if per else None
+            old = per.pop(p, None) if per else None
             if per is not None and not per:
                 del self.extra[k]
         if old is not None and old.nhid is not None:
@@ -114,7 +114,10 @@ class ObservedCache:
             have.add(k)
 
     def _unlink(self, nhid: int, k: str) -> None:
-        if any(r.nhid == nhid for r in self.routes_at(k)):
+        r = self.routes.get(k)
+        per = self.extra.get(k)
+        if (r is not None and r.nhid == nhid) or (per and any(
+                x.nhid == nhid for x in per.values())):
             return  # another metric of this prefix still uses it
         have = self._nh_routes.get(nhid)
         if have == k:
@@ -150,9 +153,12 @@ class ObservedCache:
         old = self.nexthops.pop(nhid, None)
         if old is not None:
             self._forget_key(old)
-            self._free_hint = min(self._free_hint, nhid)
-        gone = self.routes_using(nhid) if routes else set()
-        self._nh_routes.pop(nhid, None)
+            if nhid < self._free_hint:
+                self._free_hint = nhid
+        have = self._nh_routes.pop(nhid, None)
+        if have is None or not routes:
+            return set()  # (the common case: its routes were deleted before it)
+        gone = {have} if isinstance(have, str) else set(have)
         for k in gone:
             r = self.routes.get(k)
             if r is not None and r.nhid == nhid:
