@@ -87,14 +87,23 @@ class RuleSync:
     on_repair: Callable[[], None] | None = None
 
 
+# Signatures name addresses by their integers: ipaddress's own __hash__ is slow Python
+# code, and hashing a route's network and gateway objects was 0.5 us of every signature
+# (100k at a cold start of 50k peers, 40k when 10k vxlan peers go); this is 0.28 us. An
+# IPv4 and an IPv6 network alike in integer and length are both ::/n and 0.0.0.0/n.
+
+
 def _signature(deleted: bool, obj: object) -> tuple[object, ...]:
     """What identifies a change and its notification alike."""
     if isinstance(obj, Route):
-        return (deleted, "route", obj.dst, obj.table, obj.gateway, obj.oif, obj.type)
+        g = obj.gateway
+        return (deleted, "route", int(obj.dst.network_address), obj.dst.prefixlen, obj.table,
+                None if g is None else int(g), obj.oif, obj.type)
     if isinstance(obj, Nexthop):
         return (deleted, "nexthop", obj.id)
     if isinstance(obj, Neighbour):
-        return (deleted, "neigh", obj.ifindex, obj.ip, obj.lladdr.lower() if not deleted else "")
+        return (deleted, "neigh", obj.ifindex, int(obj.ip),
+                obj.lladdr.lower() if not deleted else "")
     if isinstance(obj, FdbEntry):
         return (deleted, "fdb", obj.ifindex, obj.lladdr.lower())
     return (deleted, type(obj).__name__)
@@ -317,12 +326,14 @@ class KernelReconciler:
             # _signature, inlined: a cold start sends 50k routes and nexthops, removing 10k
             # vxlan peers 10k of each kind
             if type(o) is Route:
-                sig: tuple[object, ...] = (op.action == "delete", "route", o.dst, o.table,
-                                           o.gateway, o.oif, o.type)
+                g = o.gateway
+                sig: tuple[object, ...] = (
+                    op.action == "delete", "route", int(o.dst.network_address),
+                    o.dst.prefixlen, o.table, None if g is None else int(g), o.oif, o.type)
             elif type(o) is Nexthop:
                 sig = (op.action == "delete", "nexthop", o.id)
             elif type(o) is Neighbour and op.action == "delete":
-                sig = (True, "neigh", o.ifindex, o.ip, "")
+                sig = (True, "neigh", o.ifindex, int(o.ip), "")
             elif type(o) is FdbEntry:
                 sig = (op.action == "delete", "fdb", o.ifindex, o.lladdr.lower())
             else:
