@@ -265,13 +265,14 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, bool, dict[str,
             raise
         status, v11 = _status_line(first)
         headers: dict[str, str] = {}
-        total = 0
+        total = count = 0
         while True:
             line = await reader.readuntil(b"\n")
             if line in (b"\r\n", b"\n"):
                 break
             total += len(line)
-            if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            count += 1
+            if total > MAX_HEADER_BYTES or count > MAX_HEADERS:
                 raise TransportError(f"response headers exceed {MAX_HEADERS} lines or "
                                      f"{MAX_HEADER_BYTES} bytes")
             name, sep, value = line.decode("latin-1").partition(":")
