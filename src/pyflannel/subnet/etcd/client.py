@@ -205,8 +205,9 @@ class EtcdClient:
                 errors.append(f"{self.endpoints[idx]}: {str(e) or type(e).__name__}")
                 continue
             except (http.HttpError, OSError) as e:
-                # http.TLSError is not a TransportError: with TLS 1.3 a refused client
-                # certificate only shows up on the first read, and every member refuses it.
+                # With TLS 1.3 a refused client certificate only shows up on the first read
+                # (http.TLSError, a TransportError: a read goes on to the next member, as
+                # with httpx's ReadError; now with the alert's text).
                 self._leave(idx)
                 why = f"{str(e) or type(e).__name__}"
                 if path in _RETRYABLE and isinstance(e, http.TransportError):

@@ -9,10 +9,10 @@ separate connect bound; no proxies, no environment, no redirects, no compression
 Errors, the distinctions the caller's failover rests on (all are HttpError):
   * ConnectError: nothing was sent (connect, TLS handshake or connect timeout failed), so
     even a write may go to another endpoint;
-  * TransportError (ReadTimeout among them): the request may have been sent and the
-    answer did not arrive whole; only a request safe to repeat is sent again;
-  * TLSError: a TLS alert after the handshake (TLS 1.3 reports a refused client
-    certificate on the first read): another member would refuse it too;
+  * TransportError (ReadTimeout and TLSError among them): the request may have been sent
+    and the answer did not arrive whole; only a request safe to repeat is sent again.
+    TLSError is an alert after the handshake: TLS 1.3 reports a refused client
+    certificate on the first read, so it is told apart only for its message;
   * ResponseTooLarge: the answer exceeds the bound: asking elsewhere would not help.
 Whatever the network sends, no other exception comes out of here.
 """
@@ -52,7 +52,7 @@ class ReadTimeout(TransportError):
     pass
 
 
-class TLSError(HttpError):
+class TLSError(TransportError):
     """A TLS alert after the handshake (a refused client certificate, with TLS 1.3)."""
 
 
@@ -304,7 +304,7 @@ def _framing(status: int, headers: Mapping[str, str]) -> tuple[int | None, bool]
     if cl is None:
         return None, False
     cl = cl.strip()
-    if not cl.isdigit() or len(cl) > 18:
+    if not (cl.isascii() and cl.isdigit()) or len(cl) > 18:
         raise TransportError(f"malformed content-length {cl[:40]!r}")
     return int(cl), False
 
