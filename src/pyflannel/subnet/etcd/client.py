@@ -1,5 +1,4 @@
-"""An asyncio etcd v3 client over etcd's JSON gateway (`/v3/...`), built on
-the small stdlib HTTP client in `http.py`.
+"""An asyncio etcd v3 client over etcd's JSON gateway (`/v3/...`), on http.py's client.
 
 Why not gRPC: see the python-libs reference §2 (no grpcio/protobuf, explicit compaction
 errors, stdlib TLS). Gateway quirks handled here: keys and values are base64, int64s
