@@ -1,4 +1,4 @@
-"""An asyncio etcd v3 client over etcd's JSON gateway (`/v3/...`), built on httpx.
+"""An asyncio etcd v3 client over etcd's JSON gateway (`/v3/...`), on http.py's client.
 
 Why not gRPC: see the python-libs reference §2 (no grpcio/protobuf, explicit compaction
 errors, stdlib TLS). Gateway quirks handled here: keys and values are base64, int64s
@@ -19,9 +19,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
-import httpx
-
 from pyflannel.subnet.base import StoreError
+from pyflannel.subnet.etcd import http
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,7 +155,7 @@ class EtcdClient:
         self._username = username
         self._password = password
         self._token = ""
-        verify: ssl.SSLContext | bool = False
+        verify: ssl.SSLContext | None = None
         if certfile and keyfile:
             verify = _ssl_context(cafile, certfile, keyfile)
         else:
@@ -164,11 +163,11 @@ class EtcdClient:
             if any(e.startswith("https://") for e in eps):
                 # Server-only TLS still needs a trust root; never the environment's.
                 verify = _ssl_context(cafile, "", "")
-        transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_KEEPALIVE_OPTIONS)
-        # trust_env=False: no proxy or CA bundle from the environment; etcd is reached directly.
-        self._http = httpx.AsyncClient(
-            transport=transport, trust_env=False,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)))
+        # No proxy or CA bundle from the environment (the client reads none): etcd is
+        # reached directly.
+        self._http = http.HttpClient(
+            ssl_context=verify, socket_options=_KEEPALIVE_OPTIONS, timeout=timeout,
+            connect_timeout=min(timeout, CONNECT_TIMEOUT))
         self._timeout = timeout
         self._watchdogs: dict[str, _Watchdog] = {}
 
@@ -199,17 +198,18 @@ class EtcdClient:
             url = f"{self.endpoints[idx]}/v3/{path}"
             try:
                 resp = await self._http.post(url, json=body, headers=self._headers())
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            except http.ConnectError as e:
                 # Nothing was sent: safe to try the next endpoint, even for writes.
                 self._leave(idx)
                 errors.append(f"{self.endpoints[idx]}: {str(e) or type(e).__name__}")
                 continue
-            except (httpx.HTTPError, OSError) as e:
-                # OSError covers ssl.SSLError: with TLS 1.3 a refused client certificate
-                # only shows up on the first read, past httpx's error mapping.
+            except (http.HttpError, OSError) as e:
+                # With TLS 1.3 a refused client certificate only shows up on the first read
+                # (http.TLSError, a TransportError: a read goes on to the next member, as
+                # with httpx's ReadError; now with the alert's text).
                 self._leave(idx)
                 why = f"{str(e) or type(e).__name__}"
-                if path in _RETRYABLE and isinstance(e, httpx.TransportError):
+                if path in _RETRYABLE and isinstance(e, http.TransportError):
                     errors.append(f"{self.endpoints[idx]}: {why}")
                     continue
                 raise EtcdError(f"etcd request {path} to {self.endpoints[idx]} failed: "
@@ -228,7 +228,7 @@ class EtcdClient:
                         f"--etcd-endpoints right?")
 
     @staticmethod
-    def _decode(path: str, endpoint: str, resp: httpx.Response) -> dict[str, Any]:
+    def _decode(path: str, endpoint: str, resp: http.Response) -> dict[str, Any]:
         try:
             obj = resp.json()
         except ValueError:
@@ -424,10 +424,9 @@ class EtcdClient:
     async def _watch_once(self, body: dict[str, Any],
                           start_revision: int) -> WatchStream:
         errors: list[str] = []
-        # No read timeout on the stream: a quiet watch is normal. A silent member is found
-        # by the watchdog instead; the response headers get the ordinary bound.
-        timeout = httpx.Timeout(self._timeout, connect=min(self._timeout, CONNECT_TIMEOUT),
-                                read=None)
+        # No read timeout on the stream (http's stream() has none): a quiet watch is
+        # normal. A silent member is found by the watchdog instead; the response headers
+        # get the ordinary bound.
         key = str(body["create_request"]["key"])
         for idx in self._order():
             endpoint = self.endpoints[idx]
@@ -435,8 +434,7 @@ class EtcdClient:
                 async with contextlib.AsyncExitStack() as stack:
                     async with asyncio.timeout(self._timeout):
                         resp = await stack.enter_async_context(self._http.stream(
-                            "POST", f"{endpoint}/v3/watch", json=body,
-                            headers=self._headers(), timeout=timeout))
+                            f"{endpoint}/v3/watch", json=body, headers=self._headers()))
                     if resp.status_code != 200:
                         await resp.aread()
                         self._decode("watch", endpoint, resp)
@@ -451,7 +449,7 @@ class EtcdClient:
                         if item is not None:
                             yield item
                 return
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            except http.ConnectError as e:
                 self._leave(idx)
                 errors.append(f"{endpoint}: {str(e) or type(e).__name__}")
                 continue
@@ -468,7 +466,7 @@ class EtcdClient:
             except _MemberSilent as e:
                 self._leave(idx)
                 raise EtcdError(f"watch stream from {endpoint} abandoned: {e}") from None
-            except (httpx.HTTPError, OSError) as e:
+            except (http.HttpError, OSError) as e:
                 self._leave(idx)
                 raise EtcdError(f"watch stream from {endpoint} broke: "
                                 f"{str(e) or type(e).__name__}") from None
@@ -498,7 +496,7 @@ class EtcdClient:
             resp = await self._http.post(
                 f"{endpoint}/v3/kv/range", json={"key": key, "count_only": True},
                 headers=self._headers(), timeout=WATCH_PROBE_TIMEOUT)
-        except (httpx.HTTPError, OSError) as e:
+        except (http.HttpError, OSError) as e:
             raise _MemberSilent(f"no answer to a probe in {WATCH_PROBE_TIMEOUT:.0f}s "
                                 f"({str(e) or type(e).__name__})") from None
         try:
