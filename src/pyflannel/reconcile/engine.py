@@ -29,8 +29,9 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pyflannel.kernel.ports import RoutePort
 from pyflannel.netlink import (
@@ -107,6 +108,27 @@ def _signature(deleted: bool, obj: object) -> tuple[object, ...]:
     if isinstance(obj, FdbEntry):
         return (deleted, "fdb", obj.ifindex, obj.lladdr.lower())
     return (deleted, type(obj).__name__)
+
+
+_KT = TypeVar("_KT")
+_OT = TypeVar("_OT", Neighbour, FdbEntry)
+
+
+def _split_keys(keys: Iterable[_KT], want: Mapping[_KT, _OT], have: Mapping[_KT, _OT],
+                owns: Callable[[_OT], bool], seen: list[_OT]) -> tuple[dict[_KT, _OT], list[Op]]:
+    """For the changed `keys`: what is wanted (its cached object, if any, appended to `seen`
+    for plan to diff against) and the delete ops for ours that nothing wants any more."""
+    wanted: dict[_KT, _OT] = {}
+    gone: list[Op] = []
+    for k in keys:
+        w, h = want.get(k), have.get(k)
+        if w is not None:
+            wanted[k] = w
+            if h is not None:
+                seen.append(h)
+        elif h is not None and owns(h):
+            gone.append(Op("delete", h))
+    return wanted, gone
 
 
 def _route_text(r: Route) -> str:
@@ -644,28 +666,9 @@ class KernelReconciler:
             freed |= self._orphans
             self._orphans = set()
         nh_gone = sorted(i for i in freed if i not in nh_refs and i in c.nexthops)
-        want_neigh: dict[tuple[int, str], Neighbour] = {}
-        neigh_gone: list[Op] = []
-        for nk in keys.neighbours:
-            n = d.neighbours.get(nk)
-            hn = c.neighbours.get(nk)
-            if n is not None:
-                want_neigh[nk] = n
-                if hn is not None:
-                    observed.neighbours.append(hn)
-            elif hn is not None and scope.owns_neighbour(hn):
-                neigh_gone.append(Op("delete", hn))
-        want_fdb: dict[tuple[int, str], FdbEntry] = {}
-        fdb_gone: list[Op] = []
-        for fk in keys.fdb:
-            f = d.fdb.get(fk)
-            hf = c.fdb.get(fk)
-            if f is not None:
-                want_fdb[fk] = f
-                if hf is not None:
-                    observed.fdb.append(hf)
-            elif hf is not None and scope.owns_fdb(hf):
-                fdb_gone.append(Op("delete", hf))
+        want_neigh, neigh_gone = _split_keys(keys.neighbours, d.neighbours, c.neighbours,
+                                             scope.owns_neighbour, observed.neighbours)
+        want_fdb, fdb_gone = _split_keys(keys.fdb, d.fdb, c.fdb, scope.owns_fdb, observed.fdb)
         # The nexthops are ours to derive here; plan diffs the routes (by nhid), the
         # neighbours and the FDB entries of the keys still wanted.
         ops = nh_adds
