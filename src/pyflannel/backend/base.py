@@ -24,6 +24,7 @@ from pyflannel.reconcile.plan import (
     KernelScope,
     WgDevice,
     WgPeer,
+    fdb_key,
     neighbour_key,
     net_key,
 )
@@ -116,7 +117,7 @@ class DesiredTable:
         for n in old.neighbours:
             _pop_if(st.neighbours, neighbour_key(n), n, ch.neighbours)
         for f in old.fdb:
-            _pop_if(st.fdb, (f.ifindex, f.lladdr.lower()), f, ch.fdb)
+            _pop_if(st.fdb, fdb_key(f), f, ch.fdb)
         for w in old.wg:
             _pop_if(st.wg, (w.device, w.public_key), w, st.wg_changed)
         for d in old.wg_devices:
@@ -139,7 +140,7 @@ class DesiredTable:
             st.neighbours[nk] = n
             ch.neighbours.add(nk)
         for f in peer.fdb:
-            fk = (f.ifindex, f.lladdr.lower())
+            fk = fdb_key(f)
             st.fdb[fk] = f
             ch.fdb.add(fk)
         for w in peer.wg:

@@ -348,7 +348,7 @@ def encode_route(action: Literal["replace", "delete"], route: Route, seq: int) -
                 8, RTA_DST, dst.network_address.packed, 8, RTA_NH_ID, nhid)
     elif (route.table < 256 and not route.priority and isinstance(dst, IPv4Network)
             and dst.prefixlen):
-        if nhid is not None:
+        if nhid is not None:  # RTM_DELROUTE in the same layout as the replace above
             return _V4_NHID_REPLACE.pack(
                 _V4_NHID_REPLACE.size, RTM_DELROUTE, _FLAGS_DELETE, seq, 0,
                 AF_INET, dst.prefixlen, 0, 0, route.table, RTPROT_UNSPEC, RT_SCOPE_NOWHERE,

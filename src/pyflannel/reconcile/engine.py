@@ -752,11 +752,10 @@ class KernelReconciler:
     def _nexthops_unsupported(results: Iterable[OpResult]) -> bool:
         # Nexthop additions come first in a pass (plan's order and the incremental pass's),
         # so only the first result tells: no scan of a pass that adds none.
-        for res in results:
-            if isinstance(res.op.obj, Nexthop) and res.op.action == "replace":
-                return res.errno in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
-            return False
-        return False
+        first = next(iter(results), None)
+        return (first is not None and isinstance(first.op.obj, Nexthop)
+                and first.op.action == "replace"
+                and first.errno in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT))
 
     def _account(self, results: Sequence[OpResult], *, whole: bool = True) -> int:
         changed = 0
