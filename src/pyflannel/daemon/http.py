@@ -10,14 +10,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pyflannel.daemon.metrics import CONTENT_TYPE, Registry
 
 log = logging.getLogger(__name__)
 
 
 class HealthServer:
     def __init__(self, host: str, port: int, *, ready: Callable[[], str],
-                 registry: CollectorRegistry) -> None:
+                 registry: Registry) -> None:
         self.host, self.port = host, port
         self.ready = ready
         self.registry = registry
@@ -48,7 +48,7 @@ class HealthServer:
                 status, body = ((503, f"flanneld is not ready: {why}".encode()) if why
                                 else (200, b"flanneld is ready"))
             elif path == "/metrics":
-                status, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+                status, body, ctype = 200, self.registry.exposition(), CONTENT_TYPE
             else:
                 status, body = 404, b"404 page not found\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
