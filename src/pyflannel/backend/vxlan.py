@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import secrets
 from collections.abc import Container
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -65,7 +65,7 @@ def device_name(vni: int, *, ipv6: bool = False) -> str:
 
 def random_vtep_mac() -> str:
     """6 random bytes, multicast bit cleared, locally-administered bit set (as upstream)."""
-    b = bytearray(secrets.token_bytes(6))
+    b = bytearray(os.urandom(6))
     b[0] = (b[0] & 0xFE) | 0x02
     return b.hex(":")
 

@@ -12,7 +12,6 @@ import base64
 import binascii
 import functools
 import os
-import secrets
 from pathlib import Path
 
 _P = 2**255 - 19
@@ -68,7 +67,7 @@ def encode_key(raw: bytes) -> str:
 
 
 def generate_private_key() -> bytes:
-    k = bytearray(secrets.token_bytes(KEY_LEN))
+    k = bytearray(os.urandom(KEY_LEN))
     k[0] &= 248  # clamped as `wg genkey` does, so other tools show the same key
     k[31] = (k[31] & 127) | 64
     return bytes(k)

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
@@ -164,6 +163,8 @@ class UserspaceWgPort:
     """wireguard-go, one process per device."""
 
     def __init__(self, binary: str | None = None, socket_dir: Path = SOCKET_DIR) -> None:
+        import shutil  # (0.5 MiB of imports, for this backend only)
+
         self.binary = binary or os.environ.get("PYFLANNEL_WIREGUARD_GO") or \
             shutil.which("wireguard-go") or ""
         self.socket_dir = socket_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_interface
 from pathlib import Path
@@ -106,12 +105,20 @@ def write_subnet_env(path: Path, env: SubnetEnv) -> None:
     data = render_subnet_env(env)
     directory = path.parent
     _makedirs(directory)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    # A name of our own rather than tempfile.mkstemp: tempfile's imports (shutil, random,
+    # bz2, lzma) cost the daemon 0.8 MiB of RSS. O_EXCL, and a fresh name on a clash.
+    while True:
+        tmp_name = str(directory / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
-            # mkstemp creates 0600; the mode must be 0644 regardless of the umask.
+            # created 0600 (no reader sees it half-written); 0644 regardless of the umask
             os.fchmod(tmp.fileno(), FILE_MODE)
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)

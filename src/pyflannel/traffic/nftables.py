@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -163,7 +163,7 @@ class NftablesRules:
 
     async def _probe_fully_random(self) -> bool:
         # A dry run (-c) of upstream's probe chain: the kernel validates it, nothing is kept.
-        name = f"flannel-probe-{secrets.token_hex(3)}"
+        name = f"flannel-probe-{os.urandom(3).hex()}"
         script = (f"table ip {name} {{\n\tchain masqueradeTest {{\n"
                   "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
                   "\t\tip saddr != 127.0.0.1 masquerade fully-random\n\t}\n}\n")
