@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net
+from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net, Owned
 from pyflannel.netlink import (
     RTN_UNICAST,
     FdbEntry,
@@ -27,7 +27,7 @@ from pyflannel.netlink import (
     Route,
     RtEvent,
 )
-from pyflannel.reconcile.plan import KernelScope, Observed
+from pyflannel.reconcile.plan import KernelScope
 
 RouteKey = tuple[int, str, int]  # table, dst, metric
 
@@ -85,19 +85,24 @@ class FakeKernel:
 
     # -- RoutePort ------------------------------------------------------------------------
 
-    async def dump(self, scope: KernelScope, *, nexthops: bool) -> Observed:
+    async def dump(self, scope: KernelScope, *, nexthops: bool) -> AsyncIterator[Owned]:
         self.dumps += 1
-        obs = Observed()
         fams = {4 if f == 2 else 6 for f in scope.families}
+        # listed from copies, as the kernel's dump is a read of its state at the time
         for (table, _d, _m), r in sorted(self.routes.items()):
             if table == scope.table and r.dst.version in fams and (
                     scope.owns_route(r) or r.nhid is not None):
-                obs.routes.append(self._report(r))
+                yield self._report(r)
         if nexthops:
-            obs.nexthops = [nh for nh in self.nexthops.values() if scope.owns_nexthop(nh)]
-        obs.neighbours = [n for n in self.neighbours.values() if scope.owns_neighbour(n)]
-        obs.fdb = [f for f in self.fdb.values() if f.ifindex in scope.neighbour_ifindexes]
-        return obs
+            for nh in list(self.nexthops.values()):
+                if scope.owns_nexthop(nh):
+                    yield nh
+        for n in list(self.neighbours.values()):
+            if scope.owns_neighbour(n):
+                yield n
+        for f in list(self.fdb.values()):
+            if f.ifindex in scope.neighbour_ifindexes:
+                yield f
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         results = []

@@ -9,7 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net
+from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net, Owned
 from pyflannel.netlink import (
     IFA_F_NODAD,
     IFA_F_NOPREFIXROUTE,
@@ -21,7 +21,7 @@ from pyflannel.netlink import (
     RtMonitor,
     RtNetlink,
 )
-from pyflannel.reconcile.plan import KernelScope, Observed
+from pyflannel.reconcile.plan import KernelScope
 
 if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
@@ -50,19 +50,18 @@ class NetlinkRoutePort:
                 monitor.close()
             raise
 
-    async def dump(self, scope: KernelScope, *, nexthops: bool) -> Observed:
-        obs = Observed()
+    async def dump(self, scope: KernelScope, *, nexthops: bool) -> AsyncIterator[Owned]:
         nl = self.nl
         for fam in scope.families:
             async for r in nl.dump_routes(fam, table=scope.table):
                 if scope.owns_route(r) or r.nhid is not None:
-                    obs.routes.append(r)
+                    yield r
         if nexthops:
             try:
                 for oif in scope.route_oifs:
                     async for nh in nl.dump_nexthops(oif=oif):
                         if scope.owns_nexthop(nh):
-                            obs.nexthops.append(nh)
+                            yield nh
             except NetlinkError as e:
                 if e.errno != errno.EOPNOTSUPP:  # a kernel without nexthop objects
                     raise
@@ -70,10 +69,9 @@ class NetlinkRoutePort:
             for fam in scope.families:
                 async for n in nl.dump_neighbours(fam, ifindex=ifindex):
                     if scope.owns_neighbour(n):
-                        obs.neighbours.append(n)
+                        yield n
             async for f in nl.dump_fdb(ifindex=ifindex):
-                obs.fdb.append(f)
-        return obs
+                yield f
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         return await self.nl.apply(ops)

@@ -4,8 +4,9 @@ Two small Protocols, in the style of httpx's transports, so the whole daemon loo
 an in-memory kernel in unit tests (tests/fakes/kernel.py) and on netlink in production
 (kernel/netlink_ports.py):
 
-- RoutePort: routes, nexthops, neighbours and FDB entries: the owned objects (dump), a
-  batch of changes (apply), the notifications (events), `ip route get` (lookup), close.
+- RoutePort: routes, nexthops, neighbours and FDB entries: the owned objects (dump, a
+  stream), a batch of changes (apply), the notifications (events), `ip route get` (lookup),
+  close.
 - LinkPort: devices, a cold path (start-up, recreation): find, ensure (create), set up
   (address, MAC, MTU, up), delete, close.
 - WgPort: WireGuard devices and peers (the kernel's module or wireguard-go): ensure a
@@ -19,17 +20,19 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
-from pyflannel.netlink import Op, OpResult, Route, RtEvent
+from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Op, OpResult, Route, RtEvent
 from pyflannel.reconcile.plan import KernelScope, Observed, WgDevice, WgPeer
 
 Addr = IPv4Address | IPv6Address
 Net = IPv4Network | IPv6Network
+Owned = Route | Nexthop | Neighbour | FdbEntry
 
 
 class RoutePort(Protocol):
-    async def dump(self, scope: KernelScope, *, nexthops: bool) -> Observed:
-        """The objects `scope` owns (routes also when they use a nexthop object), streamed
-        and filtered, so memory holds only what is ours."""
+    def dump(self, scope: KernelScope, *, nexthops: bool) -> AsyncIterator[Owned]:
+        """The objects `scope` owns (routes also when they use a nexthop object) as the
+        kernel lists them: routes, then nexthops, neighbours, FDB entries. A stream, so a
+        caller that compares as it reads (the safety net) holds no second copy."""
         ...
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
@@ -45,6 +48,21 @@ class RoutePort(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+async def collect(stream: AsyncIterator[Owned]) -> Observed:
+    """A dump collected, as `plan` takes it."""
+    obs = Observed()
+    async for o in stream:
+        if isinstance(o, Route):
+            obs.routes.append(o)
+        elif isinstance(o, Nexthop):
+            obs.nexthops.append(o)
+        elif isinstance(o, Neighbour):
+            obs.neighbours.append(o)
+        else:
+            obs.fdb.append(o)
+    return obs
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,14 @@ class ObservedCache:
     def route_prefixes(self) -> set[str]:
         return self.routes.keys() | self.extra.keys()
 
+    def route_at(self, k: str, metric: int) -> Route | None:
+        """The cached route to prefix `k` at `metric` (as metric_of gives it)."""
+        r = self.routes.get(k)
+        if r is not None and metric_of(r) == metric:
+            return r
+        per = self.extra.get(k)
+        return per.get(metric) if per else None
+
     def routes_at(self, k: str) -> Iterator[Route]:
         """The routes to prefix `k`, lowest metric first (as a dump lists them)."""
         r = self.routes.get(k)
@@ -290,6 +298,80 @@ class ObservedCache:
                            f"kernel {_show(b4)}")
                 keys.fdb.add(fk)
         return out, keys, nhids
+
+
+class CacheCheck:
+    """The safety net's comparison, made while the dump streams in: each listed object is
+    held against the cached one at its key, and the cache takes the kernel's word where
+    they differ. A listed object that agrees is dropped at once, so a check holds no second
+    copy of what we own (a copy of 10k routes and nexthops, with its indexes, raised a
+    daemon's peak RSS by 2.7 MiB). Compared is what `differences` compares.
+
+    Objects cached but not listed are found by counting: `complete()` is False when fewer
+    cached objects were listed than the cache held when the dump began (the caller then
+    compares against a full copy). That count is exact only if nothing else changed the
+    cache meanwhile, so the caller checks that no notification came in between."""
+
+    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held")
+
+    def __init__(self, cache: ObservedCache, scope: KernelScope) -> None:
+        self.cache, self.scope = cache, scope
+        self.diffs: list[str] = []
+        self.keys = ChangedKeys()
+        self.nhids: set[int] = set()
+        self._listed = 0
+        self._held = (len(cache.routes) + sum(map(len, cache.extra.values()))
+                      + len(cache.nexthops) + len(cache.neighbours) + len(cache.fdb))
+
+    def see(self, o: Route | Nexthop | Neighbour | FdbEntry) -> None:
+        c, scope = self.cache, self.scope
+        if isinstance(o, Route):
+            if o.table != scope.table or not (o.nhid is not None or scope.owns_route(o)):
+                return  # the cache would not hold it
+            k, m = route_key(o), metric_of(o)
+            have = c.route_at(k, m)
+            self._listed += have is not None
+            if _route_facts(have) != _route_facts(o):
+                self.diffs.append(f"route to {k} metric {m}: cached {_show(have)}, "
+                                  f"kernel {_show(o)}")
+                self.keys.routes.add(k)
+                c.put_route(o, scope)
+        elif isinstance(o, Nexthop):
+            if not scope.owns_nexthop(o):
+                return
+            nh = c.nexthops.get(o.id)
+            self._listed += nh is not None
+            if nh is None or nh_key(nh) != nh_key(o):
+                self.diffs.append(f"nexthop {o.id}: cached {_show(nh)}, kernel {_show(o)}")
+                self.nhids.add(o.id)
+                self.keys.routes |= c.routes_using(o.id)
+                c.put_nexthop(o, scope)
+        elif isinstance(o, Neighbour):
+            if not scope.owns_neighbour(o):
+                return
+            nk = neighbour_key(o)
+            n = c.neighbours.get(nk)
+            self._listed += n is not None
+            if n is None or n.lladdr.lower() != o.lladdr.lower():
+                self.diffs.append(f"neighbour {nk[1]} on #{nk[0]}: cached {_show(n)}, "
+                                  f"kernel {_show(o)}")
+                self.keys.neighbours.add(nk)
+                c.put_neighbour(o, scope)
+        else:
+            if not scope.owns_fdb(o):
+                return
+            fk = fdb_key(o)
+            f = c.fdb.get(fk)
+            self._listed += f is not None
+            if f is None or f.dst != o.dst:
+                self.diffs.append(f"FDB entry {fk[1]} on #{fk[0]}: cached {_show(f)}, "
+                                  f"kernel {_show(o)}")
+                self.keys.fdb.add(fk)
+                c.put_fdb(o, scope)
+
+    def complete(self) -> bool:
+        """Every object cached when the dump began was listed."""
+        return self._listed == self._held
 
 
 def _route_facts(r: Route | None) -> tuple[object, ...] | None:

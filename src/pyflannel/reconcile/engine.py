@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from pyflannel.kernel.ports import RoutePort
+from pyflannel.kernel.ports import RoutePort, collect
 from pyflannel.netlink import (
     RTN_BLACKHOLE,
     RTN_UNICAST,
@@ -45,7 +45,7 @@ from pyflannel.netlink import (
     Route,
     RtEvent,
 )
-from pyflannel.reconcile.cache import ObservedCache
+from pyflannel.reconcile.cache import CacheCheck, ObservedCache
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
     ChangedKeys,
@@ -214,6 +214,7 @@ class KernelReconciler:
         # incremental pass knows when a nexthop is no longer needed without a scan.
         self._route_nh: dict[str, int] = {}
         self._nh_refs: dict[int, int] = {}  # nhid -> desired routes using it
+        self._events_seen = 0  # notifications taken in (the safety net's check counts)
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -252,6 +253,7 @@ class KernelReconciler:
         once per change and repaired by a pass right away."""
         now = time.monotonic()
         drifts = 0
+        self._events_seen += len(events)
         for ev in events:
             affected = self._observe(ev)
             if ev.kind == "overflow":
@@ -473,7 +475,7 @@ class KernelReconciler:
     async def observe(self) -> Observed:
         """Our objects in the kernel (streamed and filtered by the port). Our nexthop
         objects are dumped with plain routes too, so that they are removed."""
-        return await self.port.dump(self.scope, nexthops=True)
+        return await collect(self.port.dump(self.scope, nexthops=True))
 
     async def _choose_form(self) -> None:
         """Nexthop objects or plain routes, from nexthop_compat_mode (logged when it
@@ -547,17 +549,37 @@ class KernelReconciler:
         # Echoes that never came (lost in an overflow at a cold start: up to 100k) go.
         now = time.monotonic()
         self._echo = {sig: t for sig, t in self._echo.items() if t >= now}
-        fresh = ObservedCache.from_observed(await self.observe(), self.scope)
-        diffs, keys, nhids = old.differences(fresh)
+        # Compared as the dump streams in, repaired in place: no second copy of the cache.
+        check = CacheCheck(old, self.scope)
+        events = self._events_seen
+        try:
+            async for o in self.port.dump(self.scope, nexthops=True):
+                check.see(o)
+        except BaseException:
+            self._drop_cache("the safety-net dump failed")  # repaired only in part
+            raise
+        diffs, keys, nhids = check.diffs, check.keys, check.nhids
+        if self._cache is not old:
+            return []  # a notification dropped the cache meanwhile: a full pass comes
+        if not check.complete() or self._events_seen != events:
+            # Something cached was not listed (or notifications changed the cache while
+            # the dump ran, so the count cannot tell): compare against a full copy.
+            fresh = ObservedCache.from_observed(await self.observe(), self.scope)
+            more, more_keys, more_nhids = old.differences(fresh)
+            diffs += more
+            keys.update(more_keys)
+            nhids |= more_nhids
+            for i in more_nhids:
+                keys.routes |= old.routes_using(i)
+            self._cache = fresh
         self._report_differences(diffs)
-        self._cache = fresh
+        c = self._cache
         if nhids:
-            for c in (old, fresh):
-                for i in nhids:
-                    keys.routes |= c.routes_using(i)
+            for i in nhids:
+                keys.routes |= c.routes_using(i)
             keys.routes.update(k for k, i in self._route_nh.items() if i in nhids)
             # ours in the kernel but no desired route uses it: deleted by the next pass
-            self._orphans |= {i for i in nhids if i in fresh.nexthops and i not in self._nh_refs}
+            self._orphans |= {i for i in nhids if i in c.nexthops and i not in self._nh_refs}
         self._kernel_dirty.update(keys)
         results = await self._incremental_pass()
         self._next_full = asyncio.get_running_loop().time() + self.resync_interval

@@ -22,7 +22,7 @@ from pyflannel.config.netconf import NetConf
 from pyflannel.dataplane import NodeDataplane, lease_policy, traffic_config
 from pyflannel.iface.select import InterfaceError
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort
-from pyflannel.kernel.ports import WgError, WgPort
+from pyflannel.kernel.ports import WgError, WgPort, collect
 from pyflannel.lease.events import LeaseSnapshot
 from pyflannel.lease.model import Lease, StoredNodeState, subnet_key
 from pyflannel.netlink import Route
@@ -146,7 +146,7 @@ async def check_node(flags: Flags, nc: NetConf, leases: Sequence[Lease],
         delta = await dp.apply(LeaseSnapshot(tuple(leases)))
         for lease, reason in delta.refused:
             problems.append(f"refused lease {lease.ident}: {reason.message}")
-        observed = await port.dump(dp.scope, nexthops=True)
+        observed = await collect(port.dump(dp.scope, nexthops=True))
         ops = plan(dp.desired, observed, dp.scope,
                    nexthops=bool(observed.nexthops) or not observed.routes)
         names = {ext.index: ext.name}
