@@ -39,13 +39,16 @@ class Key:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Key]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Key]]:
     made = {}
     for name in ("operator", "stranger"):
         home = tmp_path_factory.mktemp(name) / "gnupg"
         fpr, pubkey = make_signing_key(home, name)
         made[name] = Key(home, fpr, pubkey)
-    return made
+    yield made
+    for key in made.values():  # the tests' own gpg and skopeo runs start agents here
+        subprocess.run(["gpgconf", "--homedir", str(key.home), "--kill", "all"],
+                       capture_output=True)
 
 
 @pytest.fixture(scope="module")

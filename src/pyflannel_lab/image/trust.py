@@ -111,14 +111,26 @@ def sign(archive: Path, fingerprint: str, *, gnupghome: Path | None = None,
     env = dict(os.environ)
     if gnupghome is not None:
         env["GNUPGHOME"] = str(gnupghome)
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest_file = Path(tmp) / "manifest.json"
-        manifest_file.write_bytes(manifest)
-        argv = [_need("skopeo"), "standalone-sign", str(manifest_file), reference,
-                fingerprint, "--output", str(out)]
-        if passphrase_file is not None:
-            argv += ["--passphrase-file", str(passphrase_file)]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    # gpg starts an agent for the key's home that outlives us; stop it afterwards unless it
+    # was running already (an operator's own agent stays).
+    home = ["--homedir", str(gnupghome)] if gnupghome is not None else []
+    # (its exit status is 0 either way; a running agent answers with "D <pid>")
+    had_agent = subprocess.run(["gpg-connect-agent", *home, "--no-autostart", "GETINFO pid",
+                                "/bye"], env=env, capture_output=True,
+                               text=True).stdout.startswith("D ")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest_file = Path(tmp) / "manifest.json"
+            manifest_file.write_bytes(manifest)
+            argv = [_need("skopeo"), "standalone-sign", str(manifest_file), reference,
+                    fingerprint, "--output", str(out)]
+            if passphrase_file is not None:
+                argv += ["--passphrase-file", str(passphrase_file)]
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    finally:
+        if not had_agent:
+            subprocess.run(["gpgconf", *home, "--kill", "gpg-agent"], env=env,
+                           capture_output=True)
     if proc.returncode != 0:
         raise ImageVerificationError(f"signing with key {fingerprint} failed: "
                                      f"{proc.stderr.strip()}")
