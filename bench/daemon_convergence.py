@@ -6,11 +6,12 @@ peer gateway is on-link, and a real etcd in a switch namespace):
     one `nhid` route each (the kernel's own cost for the same objects);
   * classic: `ip -batch` adding N plain `via` routes (upstream's form; distinct gateways
     make it quadratic in the kernel, performance-facts.md §1.2), up to --classic-max;
-  * flanneld: from process start until the kernel holds all N routes, and its peak RSS.
+  * flanneld: from process start until the kernel holds all N routes, and its peak RSS
+    (VmHWM) then and again after its first 10 s safety-net check (--check-wait) has run.
 Prints medians over the repetitions and the ratios flanneld / floor and flanneld / classic.
 
 Run as root:  .venv/bin/python bench/daemon_convergence.py [--sizes 1000,10000,50000]
-              [--reps 3] [--classic-max 10000]
+              [--reps 3] [--classic-max 10000] [--check-wait 12]
 """
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ def ip_batch_baseline(n: int, *, nexthops: bool = False) -> float:
         b.delete()
 
 
-def flanneld_run(n: int) -> tuple[float, float, float]:
+def flanneld_run(n: int, check_wait: float = 0.0) -> tuple[float, float, float, float]:
     """(seconds to all N routes, seconds of which were before the daemon's first route,
-    peak RSS MiB) for one daemon start against N leases."""
+    peak RSS MiB at convergence, and after `check_wait` more seconds) for one daemon start
+    against N leases."""
     netconf = {"Network": str(NETWORK), "SubnetLen": 24, "Backend": {"Type": "host-gw"}}
     with Cluster(nodes=0, name="pfb", netconf=netconf, segment=SEGMENT) as cl:
         assert cl.switch is not None and cl.etcd is not None
@@ -139,7 +141,10 @@ def flanneld_run(n: int) -> tuple[float, float, float]:
         took = time.perf_counter() - t0
         time.sleep(1.0)  # let it settle, then read the high-water mark once more
         hwm = max(hwm, vm_hwm_mib(pid))
-        return took, first or took, hwm
+        time.sleep(check_wait)  # the safety net's first dump and check
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"flanneld exited:\n{node.log()[-3000:]}")
+        return took, first or took, hwm, vm_hwm_mib(pid)
 
 
 def vm_hwm_mib(pid: int) -> float:
@@ -161,27 +166,33 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--classic-max", type=int, default=10000,
                     help="largest N for the classic-route baseline (quadratic: 50k ~200 s)")
+    ap.add_argument("--check-wait", type=float, default=12.0,
+                    help="seconds after convergence before the last RSS reading (the safety "
+                         "net's first check runs 10 s after the first pass)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print(f"{'N':>6} {'floor s':>8} {'classic s':>10} {'flanneld s':>11} {'/floor':>7} "
-          f"{'/classic':>9} {'first route s':>14} {'peak RSS MiB':>13}")
+          f"{'/classic':>9} {'first route s':>14} {'peak RSS MiB':>13} {'after check':>12}")
     for n in (int(x) for x in args.sizes.split(",")):
-        floor, base, ours, first, rss = [], [], [], [], []
+        floor, base, ours, first, rss, rss2 = [], [], [], [], [], []
         for _ in range(args.reps):  # interleaved, so load drift hits all alike
             floor.append(ip_batch_baseline(n, nexthops=True))
             if n <= args.classic_max:
                 base.append(ip_batch_baseline(n))
-            t, f0, h = flanneld_run(n)
+            t, f0, h, h2 = flanneld_run(n, args.check_wait)
             ours.append(t)
             first.append(f0)
             rss.append(h)
+            rss2.append(h2)
         mf, mo = statistics.median(floor), statistics.median(ours)
         mb = statistics.median(base) if base else float("nan")
         print(f"{n:>6} {mf:>8.3f} {mb:>10.3f} {mo:>11.3f} {mo / mf:>7.2f} {mo / mb:>9.2f} "
-              f"{statistics.median(first):>14.3f} {max(rss):>13.1f}", flush=True)
+              f"{statistics.median(first):>14.3f} {max(rss):>13.1f} {max(rss2):>12.1f}",
+              flush=True)
         print(f"        runs: floor {[round(x, 3) for x in floor]}  classic "
               f"{[round(x, 3) for x in base]}  flanneld {[round(x, 3) for x in ours]}  "
-              f"RSS {[round(x, 1) for x in rss]}", flush=True)
+              f"RSS {[round(x, 1) for x in rss]} after check {[round(x, 1) for x in rss2]}",
+              flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -12,6 +12,7 @@ import errno as errno_mod
 import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
@@ -65,8 +66,9 @@ from pyflannel.netlink.codec import (
 T = TypeVar("T")
 unpack_header = NLMSGHDR.unpack_from
 unpack_i32 = struct.Struct("=i").unpack_from
-_U16 = struct.Struct("=H")
-unpack_u16, pack_u16 = _U16.unpack_from, _U16.pack_into
+# nlmsg_flags is a host-order u16 at offset 6; NLM_F_ACK (4) lives in its low byte.
+_ACK_BYTE = 6 if sys.byteorder == "little" else 7
+_NO_ACK = ~NLM_F_ACK & 0xFF
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -276,9 +278,9 @@ class RtNetlink(_NetlinkSocket):
                 count = min(window, len(messages) - first)
                 base = (base_all + first) & 0xFFFFFFFF
                 batch = bytearray().join(messages[first:first + count])
-                off = 0
+                off = _ACK_BYTE
                 for m in messages[first:first + count - 1]:
-                    pack_u16(batch, off + 6, unpack_u16(batch, off + 6)[0] & ~NLM_F_ACK)
+                    batch[off] &= _NO_ACK  # (one byte: a third of unpack and pack's time)
                     off += len(m)
                 await loop.sock_sendall(self._sock, batch)
                 last = count - 1
