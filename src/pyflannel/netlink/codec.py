@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from socket import AF_INET, AF_INET6
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 # --- netlink header -------------------------------------------------------------------------
 NLMSG_NOOP = 1
@@ -264,7 +264,10 @@ class LinkEvent:
     ifname: str
 
 
-@dataclass(frozen=True, slots=True)
+# Op and OpResult are made per change (10k vxlan peers leaving: 40k of each) and never
+# changed after; not frozen, because a frozen dataclass's __init__ sets each field through
+# object.__setattr__: 0.66 against 0.21 us per object. Hashable as before.
+@dataclass(slots=True, unsafe_hash=True)
 class Op:
     """One requested change."""
 
@@ -272,7 +275,7 @@ class Op:
     obj: Route | Neighbour | FdbEntry | Nexthop
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class OpResult:
     """errno 0 = ok; message is the kernel's extended-ack text when it gave one."""
 
@@ -495,15 +498,15 @@ def encode_op(op: Op, seq: int) -> bytes:
     obj = op.obj
     if op.action not in ("replace", "delete"):
         raise ValueError(f"unknown action {op.action!r}")
-    if isinstance(obj, Route):
-        return encode_route(op.action, obj, seq)
-    if isinstance(obj, Neighbour):
-        return encode_neighbour(op.action, obj, seq)
-    if isinstance(obj, FdbEntry):
-        return encode_fdb(op.action, obj, seq)
-    if isinstance(obj, Nexthop):
-        return encode_nexthop(op.action, obj, seq)
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    encode = _ENCODERS.get(type(obj))  # one lookup, not an isinstance chain
+    if encode is None:
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+    return encode(op.action, obj, seq)
+
+
+_ENCODERS: dict[type, Callable[[Any, Any, int], bytes]] = {
+    Route: encode_route, Neighbour: encode_neighbour, FdbEntry: encode_fdb,
+    Nexthop: encode_nexthop}
 
 
 def encode_route_dump(family: int, seq: int, table: int | None) -> bytes:
