@@ -155,10 +155,10 @@ class ObservedCache:
             self._forget_key(old)
             if nhid < self._free_hint:
                 self._free_hint = nhid
-        gone = self.routes_using(nhid) if routes else set()
-        self._nh_routes.pop(nhid, None)
-        if not gone:
-            return gone  # (the common case: its routes were deleted before it)
+        have = self._nh_routes.pop(nhid, None)
+        if have is None or not routes:
+            return set()  # (the common case: its routes were deleted before it)
+        gone = {have} if isinstance(have, str) else have
         for k in gone:
             r = self.routes.get(k)
             if r is not None and r.nhid == nhid:
