@@ -97,7 +97,7 @@ def main() -> int:
     for n in (int(x) for x in args.sizes.split(",")):
         etcd_t, etcd_rss = [], []
         for _ in range(args.reps):
-            t, _first, h = dc.flanneld_run(n)
+            t, _first, h, _after_check = dc.flanneld_run(n)
             etcd_t.append(t)
             etcd_rss.append(h)
         kube_t, kube_rss, floor = kube_runs(n, args.reps, dc)
