@@ -47,8 +47,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Key]]:
         made[name] = Key(home, fpr, pubkey)
     yield made
     for key in made.values():  # the tests' own gpg and skopeo runs start agents here
-        subprocess.run(["gpgconf", "--homedir", str(key.home), "--kill", "all"],
-                       capture_output=True)
+        trust.stop_gpg_agent(key.home)
 
 
 @pytest.fixture(scope="module")

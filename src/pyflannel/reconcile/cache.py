@@ -277,25 +277,23 @@ class ObservedCache:
             real = {metric_of(r): r for r in truth.routes_at(k)}
             for m in mine.keys() | real.keys():
                 a, b = mine.get(m), real.get(m)
-                if _route_facts(a) != _route_facts(b):
-                    out.append(f"route to {k} metric {m}: cached {_show(a)}, kernel {_show(b)}")
+                if _facts(a) != _facts(b):
+                    out.append(_difference(f"route to {k} metric {m}", a, b))
                     keys.routes.add(k)
         for i in self.nexthops.keys() | truth.nexthops.keys():
             a2, b2 = self.nexthops.get(i), truth.nexthops.get(i)
-            if (a2 and nh_key(a2)) != (b2 and nh_key(b2)):
-                out.append(f"nexthop {i}: cached {_show(a2)}, kernel {_show(b2)}")
+            if _facts(a2) != _facts(b2):
+                out.append(_difference(f"nexthop {i}", a2, b2))
                 nhids.add(i)
         for nk in self.neighbours.keys() | truth.neighbours.keys():
             a3, b3 = self.neighbours.get(nk), truth.neighbours.get(nk)
-            if (a3 and a3.lladdr.lower()) != (b3 and b3.lladdr.lower()):
-                out.append(f"neighbour {nk[1]} on #{nk[0]}: cached {_show(a3)}, "
-                           f"kernel {_show(b3)}")
+            if _facts(a3) != _facts(b3):
+                out.append(_difference(f"neighbour {nk[1]} on #{nk[0]}", a3, b3))
                 keys.neighbours.add(nk)
         for fk in self.fdb.keys() | truth.fdb.keys():
             a4, b4 = self.fdb.get(fk), truth.fdb.get(fk)
-            if (a4 and a4.dst) != (b4 and b4.dst):
-                out.append(f"FDB entry {fk[1]} on #{fk[0]}: cached {_show(a4)}, "
-                           f"kernel {_show(b4)}")
+            if _facts(a4) != _facts(b4):
+                out.append(_difference(f"FDB entry {fk[1]} on #{fk[0]}", a4, b4))
                 keys.fdb.add(fk)
         return out, keys, nhids
 
@@ -305,7 +303,7 @@ class CacheCheck:
     held against the cached one at its key, and the cache takes the kernel's word where
     they differ. A listed object that agrees is dropped at once, so a check holds no second
     copy of what we own (a copy of 10k routes and nexthops, with its indexes, raised a
-    daemon's peak RSS by 2.7 MiB). Compared is what `differences` compares.
+    daemon's peak RSS by 2.7 MiB). Compared is what `differences` compares (`_facts`).
 
     Objects cached but not listed are found by counting: `complete()` is False when fewer
     cached objects were listed than the cache held when the dump began (the caller then
@@ -331,9 +329,8 @@ class CacheCheck:
             k, m = route_key(o), metric_of(o)
             have = c.route_at(k, m)
             self._listed += have is not None
-            if _route_facts(have) != _route_facts(o):
-                self.diffs.append(f"route to {k} metric {m}: cached {_show(have)}, "
-                                  f"kernel {_show(o)}")
+            if _facts(have) != _facts(o):
+                self.diffs.append(_difference(f"route to {k} metric {m}", have, o))
                 self.keys.routes.add(k)
                 c.put_route(o, scope)
         elif isinstance(o, Nexthop):
@@ -341,8 +338,8 @@ class CacheCheck:
                 return
             nh = c.nexthops.get(o.id)
             self._listed += nh is not None
-            if nh is None or nh_key(nh) != nh_key(o):
-                self.diffs.append(f"nexthop {o.id}: cached {_show(nh)}, kernel {_show(o)}")
+            if _facts(nh) != _facts(o):
+                self.diffs.append(_difference(f"nexthop {o.id}", nh, o))
                 self.nhids.add(o.id)
                 self.keys.routes |= c.routes_using(o.id)
                 c.put_nexthop(o, scope)
@@ -352,9 +349,8 @@ class CacheCheck:
             nk = neighbour_key(o)
             n = c.neighbours.get(nk)
             self._listed += n is not None
-            if n is None or n.lladdr.lower() != o.lladdr.lower():
-                self.diffs.append(f"neighbour {nk[1]} on #{nk[0]}: cached {_show(n)}, "
-                                  f"kernel {_show(o)}")
+            if _facts(n) != _facts(o):
+                self.diffs.append(_difference(f"neighbour {nk[1]} on #{nk[0]}", n, o))
                 self.keys.neighbours.add(nk)
                 c.put_neighbour(o, scope)
         else:
@@ -363,9 +359,8 @@ class CacheCheck:
             fk = fdb_key(o)
             f = c.fdb.get(fk)
             self._listed += f is not None
-            if f is None or f.dst != o.dst:
-                self.diffs.append(f"FDB entry {fk[1]} on #{fk[0]}: cached {_show(f)}, "
-                                  f"kernel {_show(o)}")
+            if _facts(f) != _facts(o):
+                self.diffs.append(_difference(f"FDB entry {fk[1]} on #{fk[0]}", f, o))
                 self.keys.fdb.add(fk)
                 c.put_fdb(o, scope)
 
@@ -380,6 +375,24 @@ def _route_facts(r: Route | None) -> tuple[object, ...] | None:
     if r.nhid is not None:
         return (r.type, r.nhid)
     return (r.type, r.gateway, r.oif, r.onlink)
+
+
+def _facts(o: Route | Nexthop | Neighbour | FdbEntry | None) -> object:
+    """What a check compares of a cached and a listed object: what `plan` looks at."""
+    if o is None:
+        return None
+    if isinstance(o, Route):
+        return _route_facts(o)
+    if isinstance(o, Nexthop):
+        return nh_key(o)
+    if isinstance(o, Neighbour):
+        return o.lladdr.lower()
+    return o.dst
+
+
+def _difference(what: str, cached: Route | Nexthop | Neighbour | FdbEntry | None,
+                kernel: Route | Nexthop | Neighbour | FdbEntry | None) -> str:
+    return f"{what}: cached {_show(cached)}, kernel {_show(kernel)}"
 
 
 def _show(o: Route | Nexthop | Neighbour | FdbEntry | None) -> str:

@@ -181,7 +181,7 @@ def make_signing_key(home: Path, name: str) -> tuple[str, Path]:
                if line.startswith("fpr:"))
     pubkey = home.parent / f"{home.name}.pub.asc"
     pubkey.write_text(_gpg(home, "--armor", "--export", fpr))
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    trust.stop_gpg_agent(home)
     return fpr, pubkey
 
 

@@ -103,6 +103,13 @@ def read_archive(archive: Path, extract_to: Path | None = None) -> tuple[str, by
     return entry["digest"], manifest, reference
 
 
+def stop_gpg_agent(gnupghome: Path | None) -> None:
+    """Stop the gpg daemons of a GNUPGHOME (None: $GNUPGHOME or ~/.gnupg): gpg starts an
+    agent on first use, and it would outlive us."""
+    home = ["--homedir", str(gnupghome)] if gnupghome is not None else []
+    subprocess.run(["gpgconf", *home, "--kill", "all"], capture_output=True)
+
+
 def sign(archive: Path, fingerprint: str, *, gnupghome: Path | None = None,
          passphrase_file: Path | None = None) -> Path:
     """Sign the archive's manifest and reference with the gpg key `fingerprint`."""
@@ -129,8 +136,7 @@ def sign(archive: Path, fingerprint: str, *, gnupghome: Path | None = None,
             proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     finally:
         if not had_agent:
-            subprocess.run(["gpgconf", *home, "--kill", "gpg-agent"], env=env,
-                           capture_output=True)
+            stop_gpg_agent(gnupghome)
     if proc.returncode != 0:
         raise ImageVerificationError(f"signing with key {fingerprint} failed: "
                                      f"{proc.stderr.strip()}")
@@ -191,9 +197,7 @@ def verify(archive: Path, pubkey: Path, *, signature: Path | None = None,
                                f"dir:{image}", f"dir:{Path(tmp) / 'accepted'}"],
                               env={**os.environ, "GNUPGHOME": str(home)},
                               capture_output=True, text=True)
-        # gpg-agent may have started for this home: stop it, it would outlive us.
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
-                       capture_output=True)
+        stop_gpg_agent(home)  # skopeo's gpg may have started one for this home
     if proc.returncode != 0:
         why = _why(proc.stderr, pubkey, fingerprint, reference)
         raise ImageVerificationError(f"{archive} refused: {why}")
