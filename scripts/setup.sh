@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iproute2 iptables nftables etcd-server etcd-client containernetworking-plugins
               iperf3 openssl procps kmod python3-venv librsvg2-bin iputils-ping
               wireguard-go wireguard-tools tcpdump
-              mmdebstrap skopeo gpg gpgconf containerd runc patchelf util-linux)
-# mmdebstrap, skopeo, gpg, patchelf: the image (scripts/image.sh); containerd, runc: its
+              mmdebstrap skopeo gpg gpgconf containerd runc patchelf util-linux
+              gcc libc6-dev libpython3.11-dev strace)
+# mmdebstrap, skopeo, gpg, patchelf: the image (scripts/image.sh); gcc, libc6-dev and
+# libpython3.11-dev: the CNI plugin's launcher in its runtime (strace: its test); containerd, runc: its
 # `ctr run` test and the kubelet lab's nodes (pyflannel lab up --kubernetes). Where systemd starts Debian's containerd, it is left alone: the tests
 # run their own (own sockets and state, a private /run/containerd). wireguard-go,
 # wireguard-tools, tcpdump: the wireguard backend's userspace implementation and its lab

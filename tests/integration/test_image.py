@@ -102,7 +102,7 @@ def test_size_and_content(built: image.BuiltImage) -> None:
                     "usr/sbin/nft", "usr/bin/ip", "etc/ssl/certs/ca-certificates.crt",
                     "usr/lib/python3/dist-packages/pyflannel/cni/flannel_plugin.py",
                     "usr/lib/python3/dist-packages/pyroute2/__init__.py",
-                    "usr/lib/pyflannel/cni-runtime/bin/python3"):
+                    "usr/lib/pyflannel/cni-runtime/bin/flannel-launcher"):
         assert present in names or present.replace("usr/", "", 1) in names, present
     # Nothing of the lab, the tests or the benchmarks; no apt, no docs beyond licences.
     banned = {"pyflannel_lab", "_pytest", "pytest", "hypothesis", "bench", "conftest.py"}

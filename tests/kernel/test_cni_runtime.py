@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyflannel.cni.install import (
+    LAUNCHER,
     PLUGIN_SOURCE,
     RUNTIME_MANIFEST,
     RUNTIME_PREFIX,
@@ -158,8 +159,8 @@ def test_upgrade_keeps_the_runtime_in_use_and_drops_older_ones(tmp_path: Path,
         copy = tmp_path / f"rt{n}"
         shutil.copytree(runtime, copy, symlinks=True)
         manifest = json.loads((copy / RUNTIME_MANIFEST).read_text())
-        manifest[f"release-{n}"] = manifest["bin/python3"]  # another runtime id
-        (copy / f"release-{n}").symlink_to(copy / "bin/python3")
+        manifest[f"release-{n}"] = manifest[LAUNCHER]  # another runtime id
+        (copy / f"release-{n}").symlink_to(copy / LAUNCHER)
         (copy / RUNTIME_MANIFEST).write_text(json.dumps(manifest))
         install_plugin_with_runtime(bin_dir, runtime=copy)
         versions.append(sorted(p.name for p in bin_dir.glob(RUNTIME_PREFIX + "*")))
@@ -194,3 +195,47 @@ def test_a_failed_install_leaves_the_working_plugin(tmp_path: Path, runtime: Pat
 def test_missing_runtime_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InstallError, match="not the pyflannel image: pass --python"):
         install_plugin_with_runtime(tmp_path / "bin", runtime=tmp_path / "nothing")
+
+
+def test_the_launcher_reads_no_python_module_from_disk(lab: HostLab) -> None:
+    """The launcher starts CPython only to its core: the one file it reads besides the
+    script and the plugin's bytecode is `_json`'s shared object (no encodings, no io)."""
+    script = (lab.bin_dir / "flannel").read_text()
+    assert script.startswith("#!") and script.splitlines()[0].endswith("/" + LAUNCHER)
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace")
+    proc = subprocess.run([strace, "-f", "-e", "trace=open,openat,stat,newfstatat",
+                           str(lab.bin_dir / "flannel")], input=b"{}",
+                          env={"CNI_COMMAND": "VERSION"}, capture_output=True)
+    assert proc.returncode == 0 and b"supportedVersions" in proc.stdout, proc.stderr
+    opened = [line for line in proc.stderr.decode().splitlines()
+              if line.startswith(("open", "stat", "newfstatat")) and "ENOENT" not in line]
+    python_files = [line for line in opened if ".py" in line and "flannel_plugin" not in line]
+    assert python_files == [], python_files
+    assert any("_json" in line for line in opened), opened
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("code /nonexistent/plugin.pyc\ndynload /nonexistent\n",
+     "cannot read the plugin's bytecode: No such file or directory"),
+    ("dynload /nonexistent\n", "the plugin script has no code or dynload line"),
+    ("code {bad}\ndynload /nonexistent\n", "the plugin's bytecode is not for this Python"),
+    ("code {junk}\ndynload /nonexistent\n", "the plugin's bytecode does not load"),
+])
+def test_launcher_failures_are_cni_errors(tmp_path: Path, runtime: Path, script: str,
+                                          message: str) -> None:
+    bin_dir = tmp_path / "bin"
+    install_plugin_with_runtime(bin_dir, runtime=runtime)
+    first = (bin_dir / "flannel").read_text().splitlines()[0]
+    (tmp_path / "bad.pyc").write_bytes(b"\x00\x01\r\n" + bytes(12) + b"c")
+    (tmp_path / "junk.pyc").write_bytes(b"\xa7\r\r\n" + bytes(12) + b"\xff\xff")
+    plugin = tmp_path / "flannel"
+    plugin.write_text(first + "\n" + script.format(bad=tmp_path / "bad.pyc",
+                                                   junk=tmp_path / "junk.pyc"))
+    plugin.chmod(0o755)
+    proc = subprocess.run([str(plugin)], input=b"{}", env={"CNI_COMMAND": "VERSION"},
+                          capture_output=True)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)
+    assert error["code"] == 999 and message in error["msg"], error

@@ -39,6 +39,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from typing import Any
 
 PLUGIN_VERSION = "0.1.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -164,11 +165,7 @@ def load_json(data: bytes | str, max_bytes: int = MAX_CONFIG_BYTES,
     if json_too_deep(text, max_depth):
         raise ValueError(f"arrays/objects nest deeper than the limit of {max_depth} levels")
     if _scan_once is None:
-        try:
-            from _json import make_scanner
-        except ImportError:  # a Python built without the C accelerator
-            from json.scanner import make_scanner
-        _scan_once = make_scanner(_ScannerContext())  # type: ignore[arg-type]
+        _scan_once = _json_module().make_scanner(_ScannerContext())
     start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
         value, end = _scan_once(text, start)
@@ -178,10 +175,9 @@ def load_json(data: bytes | str, max_bytes: int = MAX_CONFIG_BYTES,
         raise ValueError("arrays/objects nest too deeply") from None
     except SystemError:
         # _json reports most syntax errors as json.decoder.JSONDecodeError, but finds that
-        # class only if json.decoder is loaded already. Load it (on this error path only)
-        # and scan again to get the real message.
-        import json.decoder  # noqa: F401
-
+        # class only if json.decoder is loaded already. Provide it (on this error path
+        # only) and scan again to get the real message.
+        _provide_json_decode_error()
         try:
             value, end = _scan_once(text, start)
         except StopIteration as stop:
@@ -191,6 +187,48 @@ def load_json(data: bytes | str, max_bytes: int = MAX_CONFIG_BYTES,
     if text[end:].strip(_JSON_SPACE):
         raise ValueError(f"invalid JSON: extra data at offset {end}")
     return value
+
+
+def _json_module() -> "Any":
+    """`_json`, the C scanner: imported, or under the image's launcher (whose Python has
+    no path-based importer) loaded from the runtime's lib-dynload by its file name."""
+    try:
+        import _json
+
+        return _json
+    except ImportError:
+        pass
+    directory = globals().get("_FLANNEL_DYNLOAD")
+    if not isinstance(directory, str):
+        import json.scanner  # a Python built without the C accelerator
+
+        return json.scanner
+    import _imp
+
+    class Spec:
+        name = "_json"
+        origin = f"{directory}/_json.cpython-311-x86_64-linux-gnu.so"
+
+    module = _imp.create_dynamic(Spec)  # type: ignore[arg-type]  # it reads name, origin
+    _imp.exec_dynamic(module)  # multi-phase initialisation (PEP 489)
+    return module
+
+
+class JSONDecodeError(ValueError):
+    """What `_json` raises for a syntax error, formatted as json.decoder's (when the real
+    one is not loaded: importing it pulls in `re`, and the launcher cannot import it)."""
+
+    def __init__(self, msg: str, doc: str, pos: int) -> None:
+        lineno = doc.count("\n", 0, pos) + 1
+        colno = pos - doc.rfind("\n", 0, pos)
+        super().__init__(f"{msg}: line {lineno} column {colno} (char {pos})")
+
+
+def _provide_json_decode_error() -> None:
+    if "json.decoder" not in sys.modules:
+        module = type(sys)("json.decoder")
+        module.JSONDecodeError = JSONDecodeError  # type: ignore[attr-defined]
+        sys.modules["json.decoder"] = module
 
 
 class GoStruct(dict[str, object]):
@@ -482,8 +520,7 @@ def load_subnet_env(path: str) -> SubnetEnv:
     try:
         # Bytes, split at "\n" only (as Go's bufio.Scanner); at most one byte over the
         # limit is read, so a huge file costs nothing.
-        with open(path, "rb") as env_file:
-            data = env_file.read(MAX_SUBNET_ENV_BYTES + 1)
+        data = read_file(path, MAX_SUBNET_ENV_BYTES + 1)
     except FileNotFoundError:
         raise CniError(
             ERR_TRY_AGAIN_LATER,
@@ -680,6 +717,39 @@ def join_path(directory: str, name: str) -> str:
         f"{directory}/{name}"
 
 
+def read_fd(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`, until its end (posix, not io: see _json_module)."""
+    chunks = []
+    left = limit
+    while left > 0 and (chunk := posix.read(fd, min(left, 65536))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_file(path: str, limit: int) -> bytes:
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        return read_fd(fd, limit)
+    finally:
+        posix.close(fd)
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[posix.write(fd, view):]
+
+
+def log(text: str) -> None:
+    """To stderr: sys.stderr when there is one (not under the image's launcher)."""
+    if sys.stderr is not None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    else:
+        write_fd(2, text.encode("utf-8", "replace"))
+
+
 def make_dirs(path: str, mode: int) -> None:
     """os.makedirs(path, mode, exist_ok=True): parents get the default mode (as os's do
     since 3.7); FileExistsError if `path` is no directory."""
@@ -742,9 +812,8 @@ def save_config(data_dir: str, container_id: str, content: bytes) -> None:
 
 def read_saved_config(data_dir: str, container_id: str) -> bytes | None:
     try:
-        with open(saved_config_path(data_dir, container_id), "rb") as saved:
-            # One byte over the limit is enough for load_json to refuse it.
-            return saved.read(MAX_CONFIG_BYTES + 1)
+        # One byte over the limit is enough for load_json to refuse it.
+        return read_file(saved_config_path(data_dir, container_id), MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -866,9 +935,7 @@ def cmd_add(call: Invocation, netconf: NetConf) -> bytes:
     env = load_subnet_env(netconf.subnet_file)
     config = build_delegate(netconf, env)
     rendered = go_json(config).encode("utf-8")
-    sys.stderr.write("delegateAdd: netconf sent to delegate plugin:\n")
-    sys.stderr.write(rendered.decode("utf-8") + "\n")
-    sys.stderr.flush()
+    log("delegateAdd: netconf sent to delegate plugin:\n" + rendered.decode("utf-8") + "\n")
     running = Delegate("ADD", str(config["type"]), call.environ)
     try:
         save_config(netconf.data_dir, call.container_id, rendered)
@@ -893,7 +960,7 @@ def cmd_del(call: Invocation, netconf: NetConf) -> bytes:
             raise ValueError("no string 'type'")
     except ValueError as exc:
         # As upstream: nothing can be undone without the config; keep the file for a human.
-        sys.stderr.write(f"failed to parse netconf: {exc}\n")
+        log(f"failed to parse netconf: {exc}\n")
         return b""
     delegate("DEL", str(parsed["type"]), saved, call.environ)
     # Only now: if the delegate failed, the next DEL retry still has the config.
@@ -1043,8 +1110,8 @@ def run(environ: "Mapping[str, str]", stdin: bytes) -> tuple[int, bytes]:
     """Execute one invocation; return (exit status, stdout bytes)."""
     call = Invocation(environ, stdin)
     if not call.command:
-        sys.stderr.write(f"CNI Plugin flannel version v{PLUGIN_VERSION} (pyflannel)\n"
-                         f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+        log(f"CNI Plugin flannel version v{PLUGIN_VERSION} (pyflannel)\n"
+            f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
         return 0, b""
     version = ""
     try:
@@ -1076,10 +1143,9 @@ def error_result(version: str, exc: CniError) -> bytes:
 
 def main() -> int:
     # One byte over the limit is enough to refuse the config; never read more.
-    status, output = run(environment(), sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1))
+    status, output = run(environment(), read_fd(0, MAX_CONFIG_BYTES + 1))
     if output:
-        sys.stdout.buffer.write(output)
-        sys.stdout.buffer.flush()
+        write_fd(1, output)
     return status
 
 
@@ -1088,7 +1154,8 @@ def run_and_exit() -> None:
     module, a millisecond or more that nobody waits for usefully): all output is flushed
     and every file we wrote is closed by then."""
     status = main()
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     posix._exit(status)
 
 

@@ -3,20 +3,23 @@ init containers do, but atomically: kubelet may exec the plugin or read the conf
 at any moment, so it must never see a half-written file.
 
 In the image, the plugin comes with its own runtime (/usr/lib/pyflannel/cni-runtime:
-the interpreter, loader, libraries and the stdlib modules the plugin imports), because
-many Kubernetes hosts have no Python. install_plugin_with_runtime() copies it beside the
-plugin as `.flannel-runtime-<id>/` (a complete directory renamed into place), writes the
-copied loader's host path into the copied interpreter's ELF header, then replaces
-`flannel` (write, fsync, rename) with the plugin whose `#!` names that interpreter. The
-runtime an earlier `flannel` used stays until the next upgrade, so a plugin run that
-started before the rename finishes with the files it started with.
+the launcher, a CPython embedded and started only to its core (launcher.c), with the
+loader, libraries and the stdlib modules the plugin imports), because many Kubernetes
+hosts have no Python. install_plugin_with_runtime() copies it beside the plugin as
+`.flannel-runtime-<id>/` (a complete directory renamed into place), writes the copied
+loader's host path into the copied launcher's ELF header, then replaces `flannel`
+(write, fsync, rename) with a script whose `#!` names that launcher and whose next lines
+name the plugin's bytecode. The runtime an earlier `flannel` used stays until the next
+upgrade, so a plugin run that started before the rename finishes with the files it
+started with.
 
-Either way `flannel` itself is a launcher of a few lines: its `#!` starts the interpreter
-once (`-I -S`, nothing to re-exec), and it imports the plugin from `.flannel-plugin-<id>/`,
-whose bytecode is compiled here at install time by the interpreter that runs it
-(unchecked-hash .pyc: the directory is named by its content and never changes, so the
-source is never read). Compiling the 1,000 lines of the plugin on every call was most of
-its start-up cost."""
+Under a host's Python (`--python`), `flannel` is a launcher of a few lines: its `#!`
+starts the interpreter once (`-I -S`, nothing to re-exec) and it imports the plugin.
+
+Either way the plugin's bytecode is in `.flannel-plugin-<id>/`, compiled here at install
+time by the interpreter that runs it (unchecked-hash .pyc: the directory is named by its
+content and never changes, so the source is never read). Compiling the 1,000 lines of
+the plugin on every call was most of its start-up cost."""
 
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ RUNTIME_PREFIX = ".flannel-runtime-"
 CODE_PREFIX = ".flannel-plugin-"
 CODE_MODULE = "flannel_plugin"
 LOADER_NAME = "ld-linux-x86-64.so.2"
+LAUNCHER = "bin/flannel-launcher"
 # The image's runtime interpreter has this ELF interpreter path, a valid but long
 # spelling of the loader's, so install can write a host path of up to its length.
 RUNTIME_INTERP_PLACEHOLDER = "/lib64/" + "/" * 200 + LOADER_NAME
@@ -127,6 +131,17 @@ def launcher_text(python: str, code_dir: str) -> bytes:
             "run_and_exit()\n").encode()
 
 
+def runtime_script_text(launcher: str, bytecode: str, dynload: str) -> bytes:
+    """`flannel` with its own runtime: the kernel runs `launcher flannel ...`, which reads
+    the paths of the plugin's bytecode and of the runtime's extension modules from here."""
+    for path in (launcher, bytecode, dynload):
+        _check_interpreter_path(path)
+    return (f"#!{launcher}\n"
+            "# The flannel CNI plugin of pyflannel, written by `pyflannel install-cni`.\n"
+            f"code {bytecode}\n"
+            f"dynload {dynload}\n").encode()
+
+
 # optimize=2 drops the docstrings (the plugin has no asserts and reads no docstring): a
 # tenth less bytecode to read and unmarshal on every call. It is written under the plain
 # cache name, the one a launcher without -O looks for.
@@ -195,15 +210,15 @@ def _compile_with(python: str, source: Path) -> bool:
     return True
 
 
-def _replace_launcher(dest_dir: Path, host: Path, python: str, code_dir: str,
+def _replace_launcher(dest_dir: Path, content: bytes, code_dir: str,
                       runtime_dir: str | None = None) -> Path:
-    """Write `flannel` (write, fsync, rename) running the plugin in `code_dir`, then drop
-    the runtimes and plugin directories that neither it nor the `flannel` it replaced
-    uses (a call that started before the rename still finds its files)."""
+    """Write `flannel` (write, fsync, rename) as `content`, which runs the plugin in
+    `code_dir`, then drop the runtimes and plugin directories that neither it nor the
+    `flannel` it replaced uses (a call that started before the rename still finds its
+    files)."""
     plugin = dest_dir / PLUGIN_NAME
     keep = {code_dir, *([runtime_dir] if runtime_dir else []), *_referenced_dirs(plugin)}
-    _write_atomically(plugin, launcher_text(python, str(host / code_dir)), 0o755,
-                      f".{PLUGIN_NAME}.tmp")
+    _write_atomically(plugin, content, 0o755, f".{PLUGIN_NAME}.tmp")
     for old in (*dest_dir.glob(RUNTIME_PREFIX + "*"), *dest_dir.glob(CODE_PREFIX + "*")):
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -221,7 +236,7 @@ def install_plugin(dest_dir: Path, python: str = sys.executable,
     host = _host_path(dest_dir, host_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     code = _install_code(dest_dir, host, python, python)
-    return _replace_launcher(dest_dir, host, python, code)
+    return _replace_launcher(dest_dir, launcher_text(python, str(host / code)), code)
 
 
 def _host_path(dest_dir: Path, host_dir: Path | None) -> Path:
@@ -271,16 +286,19 @@ def install_plugin_with_runtime(dest_dir: Path, runtime: Path = IMAGE_RUNTIME,
     name = RUNTIME_PREFIX + ident
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / name
-    interpreter = f"{host / name}/bin/python3"
+    launcher = f"{host / name}/{LAUNCHER}"
     if not (final / RUNTIME_MANIFEST).is_file():
         temp = dest_dir / f"{name}.tmp-{secrets.token_hex(4)}"
         try:
             # Links resolved: the host gets the files, not links into the image.
             shutil.copytree(runtime, temp, symlinks=False)
             for rel, digest in manifest.items():
-                if rel != "bin/python3" and _sha256(temp / rel) != digest:
+                if rel != LAUNCHER and _sha256(temp / rel) != digest:
                     raise InstallError(f"{runtime / rel}: content differs from {manifest_path}")
-            set_elf_interpreter(temp / "bin/python3", f"{host / name}/lib/{LOADER_NAME}")
+            if LAUNCHER not in manifest:
+                raise InstallError(f"{runtime} has no {LAUNCHER}: an image older than this "
+                                   "installer? The image is inconsistent")
+            set_elf_interpreter(temp / LAUNCHER, f"{host / name}/lib/{LOADER_NAME}")
             _fsync_tree(temp)
             if final.exists():  # a leftover without its manifest: incomplete, replace it
                 shutil.rmtree(final)
@@ -294,8 +312,10 @@ def install_plugin_with_runtime(dest_dir: Path, runtime: Path = IMAGE_RUNTIME,
     if not (final / "lib" / runtime_lib).is_dir():
         raise InstallError(f"the runtime at {runtime} is not for {runtime_lib}, the Python "
                            "this installer runs on; the image is inconsistent")
-    code = _install_code(dest_dir, host, interpreter, None)
-    return _replace_launcher(dest_dir, host, interpreter, code, name)
+    code = _install_code(dest_dir, host, launcher, None)
+    pyc = cache_from_source(f"{host / code}/{CODE_MODULE}.py")
+    script = runtime_script_text(launcher, pyc, f"{host / name}/lib/{runtime_lib}/lib-dynload")
+    return _replace_launcher(dest_dir, script, code, name)
 
 
 def _sha256(path: Path) -> str:

@@ -9,10 +9,12 @@ flanneld imports, and the self-contained runtime of the CNI plugin.
 - .pyc files: Debian's are hash-seed dependent, so none are kept; after importing every
   pyflannel module inside the image (chroot over an overlay of the rootfs), each loaded
   module is compiled with PYTHONHASHSEED=0 as an unchecked-hash .pyc (no mtime inside).
-- The CNI runtime (/usr/lib/pyflannel/cni-runtime): the interpreter, copied and given a
-  long placeholder ELF interpreter path and RPATH $ORIGIN/../lib, and symlinks to the
-  loader, libraries and stdlib modules the plugin imports. `pyflannel install-cni` copies
-  it to the host with the links resolved and writes the real loader path into the copy.
+- The CNI runtime (/usr/lib/pyflannel/cni-runtime): the plugin's launcher
+  (src/pyflannel/cni/launcher.c: CPython embedded from Debian's libpython3.11.a, started
+  only to its core), linked with a long placeholder ELF interpreter path and RPATH
+  $ORIGIN/../lib, and symlinks to the loader, libraries and stdlib modules the plugin
+  imports. `pyflannel install-cni` copies it to the host with the links resolved and
+  writes the real loader path into the copy.
 """
 
 from __future__ import annotations
@@ -27,15 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyflannel.cni.install import (
+    LAUNCHER,
     RUNTIME_INTERP_PLACEHOLDER,
     RUNTIME_MANIFEST,
     read_elf_interpreter,
 )
 from pyflannel_lab.image.oci import sha256_file
+from pyflannel_lab.image.rootfs import CACHE_ROOT
 
 PY = "python3.11"
 SITE = "usr/lib/python3/dist-packages"
 RUNTIME_DIR = "usr/lib/pyflannel/cni-runtime"
+LAUNCHER_SOURCE = Path(__file__).parents[2] / "pyflannel" / "cni" / "launcher.c"
+# Debian's static libpython, from libpython3.11-dev of exactly the version of the
+# python3.11 whose bytecode and `_json` the launcher runs.
+LIBPYTHON = f"usr/lib/{PY}/config-3.11-x86_64-linux-gnu/lib{PY}.a"
+LIBPYTHON_PACKAGE = f"lib{PY}-dev"
 WHEEL_PLATFORMS = ("manylinux_2_36_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 PYPI = "https://pypi.org/simple"
@@ -253,10 +262,74 @@ def ldso_dependencies(root: Path, binary: str, loader: str) -> list[str]:
     return sorted(m.group(1) for m in re.finditer(r"=> (/\S+)", proc.stdout))
 
 
+def _package_version(package: str, root: Path) -> str | None:
+    argv = ["dpkg-query", "-W", "-f", "${Version}", package]
+    if root != Path("/"):
+        argv[1:1] = ["--admindir", str(root / "var/lib/dpkg")]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    return proc.stdout.strip()
+
+
+def libpython_dev(root: Path) -> Path:
+    """Where libpython3.11-dev of `root`'s python3.11 version is unpacked: "/" when this
+    machine has that version installed, else a per-machine cache of the package fetched
+    from the machine's Debian mirror (the one the rootfs comes from)."""
+    want = _package_version(f"{PY}-minimal", root)
+    if want is None:
+        raise PythonLayerError(f"{root} has no {PY}-minimal package")
+    if _package_version(LIBPYTHON_PACKAGE, Path("/")) == want:
+        return Path("/")
+    cache = CACHE_ROOT / f"{LIBPYTHON_PACKAGE}_{want}"
+    if (cache / LIBPYTHON).is_file():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".libpython-", dir=cache.parent) as tmp:
+        fetch = subprocess.run(["apt-get", "download", "-qq", f"{LIBPYTHON_PACKAGE}={want}"],
+                               cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if fetch.returncode != 0 or len(debs) != 1:
+            raise PythonLayerError(f"cannot fetch {LIBPYTHON_PACKAGE} {want} (the image's "
+                                   f"{PY}) from this machine's apt sources: "
+                                   f"{fetch.stderr.strip()[-500:]}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{tmp}/tree"], check=True)
+        if cache.exists():  # a concurrent build got there first
+            return cache
+        os.rename(f"{tmp}/tree", cache)
+    return cache
+
+
+def build_launcher(root: Path, out: Path) -> None:
+    """Compile the CNI plugin's launcher into `out` with this machine's gcc and Debian's
+    libpython3.11.a of `root`'s python3.11 version: the launcher runs bytecode compiled
+    by that interpreter and loads its `_json` extension."""
+    if shutil.which("gcc") is None:
+        raise PythonLayerError("gcc is needed to build the CNI plugin's launcher "
+                               "(scripts/setup.sh installs it)")
+    dev = libpython_dev(root)
+    # The include order makes pyconfig.h's multiarch `#include <x86_64-linux-gnu/...>`
+    # find the unpacked package's, not this machine's.
+    argv = ["gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-no-pie", "-rdynamic",
+            f"-ffile-prefix-map={LAUNCHER_SOURCE.parent}=.", f"-I{dev}/usr/include/{PY}",
+            f"-I{dev}/usr/include",
+            f"-Wl,--dynamic-linker={RUNTIME_INTERP_PLACEHOLDER}",
+            # RPATH (not RUNPATH) so that it also applies to libraries' own dependencies
+            # and to dlopen()ed extension modules.
+            "-Wl,--disable-new-dtags", "-Wl,-rpath,$ORIGIN/../lib", "-Wl,--build-id=sha1",
+            "-o", str(out), str(LAUNCHER_SOURCE), str(dev / LIBPYTHON), "-lm", "-lz", "-lexpat"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PythonLayerError(f"building the CNI plugin's launcher failed: "
+                               f"{proc.stderr.strip()[-2000:]}")
+    out.chmod(0o755)
+
+
 def build_cni_runtime(root: Path, runtime: Path, module_files: list[str],
                       overlay: Path | None = None) -> None:
-    """Lay out the CNI runtime in `runtime`: bin/python3 (patched copy), lib/ (links to
-    the loader and libraries), lib/python3.11/ (links to the plugin's stdlib modules).
+    """Lay out the CNI runtime in `runtime`: bin/flannel-launcher (built here), lib/
+    (links to the loader and libraries), lib/python3.11/ (links to the plugin's stdlib
+    modules).
 
     `root` is where absolute paths resolve: the image's merged tree, or "/" to build a
     runtime from this machine's own Debian python (the kernel tests do); files in
@@ -275,18 +348,20 @@ def build_cni_runtime(root: Path, runtime: Path, module_files: list[str],
     libdir = runtime / "lib"
     pylib = libdir / PY
     (pylib / "lib-dynload").mkdir(parents=True)
-    binary = runtime / "bin" / "python3"
-    shutil.copyfile(root / python.lstrip("/"), binary)
-    binary.chmod(0o755)
-    # RPATH (not RUNPATH) so that it also applies to libraries' own dependencies and to
-    # dlopen()ed extension modules; the placeholder reserves room for the host path.
-    subprocess.run(["patchelf", "--set-interpreter", RUNTIME_INTERP_PLACEHOLDER,
-                    "--force-rpath", "--set-rpath", "$ORIGIN/../lib", str(binary)], check=True)
+    launcher = runtime / LAUNCHER
+    build_launcher(root, launcher)
     links: dict[Path, str] = {libdir / Path(loader).name: loader}
     dynload = [f for f in module_files if f.endswith(".so")]
+    # The launcher links what python3.11 links (libpython is inside both).
     for lib in ldso_dependencies(root, python, loader) + [
             dep for so in dynload for dep in ldso_dependencies(root, so, loader)]:
         links[libdir / Path(lib).name] = lib
+    needed = subprocess.run(["patchelf", "--print-needed", str(launcher)], check=True,
+                            capture_output=True, text=True).stdout.split()
+    missing = sorted(set(needed) - {link.name for link in links})
+    if missing:
+        raise PythonLayerError(f"the launcher needs {', '.join(missing)}, which "
+                               f"{python} does not link")
     stdlib = f"/usr/lib/{PY}/"
     for path in module_files:
         if not path.startswith(stdlib):
@@ -303,7 +378,7 @@ def build_cni_runtime(root: Path, runtime: Path, module_files: list[str],
         os.symlink(target, link)
     manifest = {str(p.relative_to(runtime)): sha256_file(resolve(t))
                 for p, t in links.items()}
-    manifest["bin/python3"] = sha256_file(binary)
+    manifest[LAUNCHER] = sha256_file(launcher)
     (runtime / RUNTIME_MANIFEST).write_text(json.dumps(dict(sorted(manifest.items())),
                                                        indent=0) + "\n")
 
