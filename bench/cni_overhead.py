@@ -4,7 +4,7 @@ Measures, inside a throw-away node namespace with one pod namespace:
 - ADD+DEL through our plugin (which delegates to the real bridge + host-local), and
   ADD+DEL of the real bridge given the very config our plugin renders, interleaved;
 - the same through the plugin installed with its own runtime (what the image's
-  `pyflannel install-cni` writes: copied interpreter, loader and libraries), made here
+  `pyflannel install-cni` writes: the embedded-CPython launcher, loader and libraries), made here
   from this machine's Debian python3.11 when it and patchelf are present;
 - CHECK of the attached pod through our plugin (saved config compared with the one built
   now, then the delegate's CHECK), against bridge's CHECK given what our plugin hands it;

@@ -328,8 +328,8 @@ def build_launcher(root: Path, out: Path) -> None:
 def build_cni_runtime(root: Path, runtime: Path, module_files: list[str],
                       overlay: Path | None = None) -> None:
     """Lay out the CNI runtime in `runtime`: bin/flannel-launcher (built here), lib/
-    (links to the loader and libraries), lib/python3.11/ (links to the plugin's stdlib
-    modules).
+    (links to the loader and libraries), lib/python3.11/lib-dynload/ (links to the
+    extension modules the plugin imports).
 
     `root` is where absolute paths resolve: the image's merged tree, or "/" to build a
     runtime from this machine's own Debian python (the kernel tests do); files in
@@ -366,13 +366,10 @@ def build_cni_runtime(root: Path, runtime: Path, module_files: list[str],
     for path in module_files:
         if not path.startswith(stdlib):
             raise PythonLayerError(f"the CNI plugin imports {path}, outside the stdlib")
-        rel = path.removeprefix(stdlib)
-        links[pylib / rel] = path
-        if path.endswith(".py"):
-            cached = "/".join([*rel.split("/")[:-1], "__pycache__",
-                               rel.split("/")[-1][:-3] + ".cpython-311.pyc"])
-            if resolve(stdlib + cached).is_file():
-                links[pylib / cached] = stdlib + cached
+    # Only the extension modules: the launcher has no path-based importer, so the plugin
+    # loads those by file name, and no .py module of the stdlib is ever read.
+    for path in dynload:
+        links[pylib / path.removeprefix(stdlib)] = path
     for link, target in sorted(links.items()):
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, link)
