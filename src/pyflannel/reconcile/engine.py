@@ -74,6 +74,7 @@ ECHO_WINDOW = 2.0
 ECHO_MAX = 200_000
 UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
 GONE = (errno.ESRCH, errno.ENOENT)
+_LAST_ID = object()  # in a pass's pending nexthops: the last id it allocated
 
 LinkHook = Callable[[list[RtEvent]], Awaitable[None]]
 
@@ -724,8 +725,9 @@ class KernelReconciler:
         if nhid is None:
             nhid = c.nexthop_id(key)
         if nhid is None:
-            nhid = c.free_nexthop_id((pending.values(), self._nh_refs))
-            pending[key] = nhid
+            # Ids this pass allocated are in _nh_refs, and all are below the last one.
+            nhid = c.free_nexthop_id(self._nh_refs, pending.get(_LAST_ID, 0))
+            pending[key] = pending[_LAST_ID] = nhid
             nh_adds.append(Op("replace", Nexthop(nhid, r.gateway, r.oif, r.protocol,
                                                  r.onlink)))
         self._route_nh[k] = nhid
