@@ -11,7 +11,8 @@ Per repetition and tool (order alternates): program into empty tables, program a
 exists: a resync), delete all. Ours is timed from the lease list: peer states, the diff
 against a dump, and the netlink batch; `ip`/`bridge` timings include their process start.
 Ours runs twice: with nexthop objects (the default) and with classic routes
-(PYFLANNEL_NEXTHOP_OBJECTS=off), the latter being upstream's exact route form.
+(PYFLANNEL_NEXTHOP_OBJECTS=off), the latter being upstream's exact route form; under the
+daemon's garbage-collector settings (tune_collector, settle_collector after the first pass).
 
     .venv/bin/python bench/vxlan_peers.py [--sizes 1000,10000] [--reps 3,2]
 """
@@ -31,15 +32,17 @@ from ipaddress import IPv4Address, IPv4Network
 from pyflannel.backend.base import DesiredTable
 from pyflannel.backend.vxlan import VxlanBackend, backend_data
 from pyflannel.config.netconf import NetConf
+from pyflannel.daemon.main import settle_collector, tune_collector
 from pyflannel.iface.select import ExternalInterface
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort, PyrouteLinkPort
 from pyflannel.lease.model import Lease, LeaseAttrs, StoredNodeState
 from pyflannel.reconcile.engine import KernelReconciler
-from pyflannel.reconcile.plan import DesiredState
+from pyflannel.reconcile.plan import NHID_BASE, DesiredState
 from pyflannel_lab.netns import NetNamespace
 
 PHASES = ("program (empty)", "program (existing)", "delete")
-TOOLS = ("ip+bridge -batch", "ours (nexthop objects)", "ours (classic routes)")
+IP, IP_NH, OURS_NH = "ip+bridge -batch", "ip+bridge, nexthops", "ours (nexthop objects)"
+TOOLS = (IP, IP_NH, OURS_NH, "ours (classic routes)")
 
 
 def peers(n: int) -> list[Lease]:
@@ -56,8 +59,9 @@ def peers(n: int) -> list[Lease]:
 def batch_files(leases: list[Lease], d: str) -> dict[str, list[tuple[str, str]]]:
     """phase -> [(tool, file)] in upstream's order (add: neigh, fdb, route)."""
     lines: dict[str, list[str]] = {k: [] for k in (
-        "neigh", "fdb", "route", "route-del", "neigh-del", "fdb-del")}
-    for lease in leases:
+        "neigh", "fdb", "route", "route-del", "neigh-del", "fdb-del", "nh", "nh-route",
+        "nh-route-del", "nh-del")}
+    for i, lease in enumerate(leases):
         assert lease.subnet is not None
         gw, sub, pub = lease.subnet.network_address, lease.subnet, lease.attrs.public_ip
         mac = lease.attrs.backend_data.split('"VtepMAC":"')[1][:17]
@@ -67,14 +71,24 @@ def batch_files(leases: list[Lease], d: str) -> dict[str, list[tuple[str, str]]]
         lines["route-del"].append(f"route del {sub} via {gw} dev flannel.1")
         lines["neigh-del"].append(f"neigh del {gw} dev flannel.1")
         lines["fdb-del"].append(f"fdb del {mac} dev flannel.1 dst {pub} self")
+        lines["nh"].append(f"nexthop replace id {NHID_BASE + i} via {gw} dev flannel.1 onlink")
+        lines["nh-route"].append(f"route replace {sub} nhid {NHID_BASE + i}")
+        lines["nh-route-del"].append(f"route del {sub} nhid {NHID_BASE + i}")
+        lines["nh-del"].append(f"nexthop del id {NHID_BASE + i}")
     paths = {}
     for k, v in lines.items():
         paths[k] = os.path.join(d, k)
         with open(paths[k], "w") as f:
             f.write("\n".join(v) + "\n")
+    # ours' order: nexthops before the routes on them; routes before their nexthops (a
+    # nexthop deleted under its routes costs a FIB flush each), both before the neighbours
     return {"add": [("ip", paths["neigh"]), ("bridge", paths["fdb"]), ("ip", paths["route"])],
             "delete": [("ip", paths["route-del"]), ("ip", paths["neigh-del"]),
-                       ("bridge", paths["fdb-del"])]}
+                       ("bridge", paths["fdb-del"])],
+            "add-nh": [("ip", paths["nh"]), ("ip", paths["nh-route"]), ("ip", paths["neigh"]),
+                       ("bridge", paths["fdb"])],
+            "delete-nh": [("ip", paths["nh-route-del"]), ("ip", paths["nh-del"]),
+                          ("ip", paths["neigh-del"]), ("bridge", paths["fdb-del"])]}
 
 
 def run_batches(ns: NetNamespace, steps: list[tuple[str, str]]) -> float:
@@ -120,11 +134,12 @@ async def run_size(n: int, reps: int) -> dict[str, dict[str, list[float]]]:
                 order = TOOLS if rep % 2 == 0 else tuple(reversed(TOOLS))
                 for tool in order:
                     t = times[tool]
-                    if tool == "ip+bridge -batch":
-                        t["program (empty)"].append(run_batches(ns, files["add"]))
+                    if tool in (IP, IP_NH):
+                        sfx = "-nh" if tool == IP_NH else ""
+                        t["program (empty)"].append(run_batches(ns, files["add" + sfx]))
                         assert counts(ns) == (n, n, n), counts(ns)
-                        t["program (existing)"].append(run_batches(ns, files["add"]))
-                        t["delete"].append(run_batches(ns, files["delete"]))
+                        t["program (existing)"].append(run_batches(ns, files["add" + sfx]))
+                        t["delete"].append(run_batches(ns, files["delete" + sfx]))
                         assert counts(ns) == (0, 0, 0), counts(ns)
                         continue
                     rec = KernelReconciler(port, be.scope(),
@@ -141,6 +156,7 @@ async def run_size(n: int, reps: int) -> dict[str, dict[str, list[float]]]:
                         return time.perf_counter() - t0
 
                     t["program (empty)"].append(await sync(True))
+                    settle_collector()  # as the daemon does after its first full pass
                     assert counts(ns) == (n, n, n), counts(ns)
                     t["program (existing)"].append(await sync(True))
                     t["delete"].append(await sync(False))
@@ -163,6 +179,7 @@ def main() -> int:
     reps = [int(x) for x in args.reps.split(",")]
     reps += [reps[-1]] * (len(sizes) - len(reps))
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    tune_collector()  # the engine under the daemon's collector settings
     for n, r in zip(sizes, reps, strict=True):
         times = asyncio.run(run_size(n, r))
         print(f"\n{n} peers (neighbour + FDB + onlink route each), median of {r}, seconds:")
@@ -175,7 +192,11 @@ def main() -> int:
                 cells.append(f"{med:8.3f} ({n / med:7.0f}/s)" if tool == TOOLS[0] else
                              f"{med:8.3f} (x{med / base:5.2f})")
             print(f"{phase:<20}" + "".join(f"{c:>25}" for c in cells))
-    print(f"\nload average at end: {os.getloadavg()[0]:.2f}; (xR) = ours / ip+bridge -batch")
+        med = {tool: {p: statistics.median(v) for p, v in times[tool].items()} for tool in TOOLS}
+        print(f"same objects, {OURS_NH} / {IP_NH}: " + ", ".join(
+            f"{p} x{med[OURS_NH][p] / med[IP_NH][p]:.2f}" for p in PHASES))
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}; (xR) = against ip+bridge -batch "
+          "(upstream's objects: neighbour, FDB entry, onlink route)")
     return 0
 
 
