@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyflannel.kernel.ports import Addr, DeviceSpec, ExistingDevice, Net, Owned
+from pyflannel.kernel.ports import DUMP_KINDS, Addr, DeviceSpec, ExistingDevice, Net, Owned
 from pyflannel.netlink import (
     IFA_F_NODAD,
     IFA_F_NOPREFIXROUTE,
@@ -50,13 +50,15 @@ class NetlinkRoutePort:
                 monitor.close()
             raise
 
-    async def dump(self, scope: KernelScope, *, nexthops: bool) -> AsyncIterator[Owned]:
+    async def dump(self, scope: KernelScope, *, nexthops: bool,
+                   kinds: Collection[str] = DUMP_KINDS) -> AsyncIterator[Owned]:
         nl = self.nl
-        for fam in scope.families:
-            async for r in nl.dump_routes(fam, table=scope.table):
-                if scope.owns_route(r) or r.nhid is not None:
-                    yield r
-        if nexthops:
+        if "routes" in kinds:
+            for fam in scope.families:
+                async for r in nl.dump_routes(fam, table=scope.table):
+                    if scope.owns_route(r) or r.nhid is not None:
+                        yield r
+        if nexthops and "nexthops" in kinds:
             try:
                 for oif in scope.route_oifs:
                     async for nh in nl.dump_nexthops(oif=oif):
@@ -66,12 +68,14 @@ class NetlinkRoutePort:
                 if e.errno != errno.EOPNOTSUPP:  # a kernel without nexthop objects
                     raise
         for ifindex in scope.neighbour_ifindexes:
-            for fam in scope.families:
-                async for n in nl.dump_neighbours(fam, ifindex=ifindex):
-                    if scope.owns_neighbour(n):
-                        yield n
-            async for f in nl.dump_fdb(ifindex=ifindex):
-                yield f
+            if "neighbours" in kinds:
+                for fam in scope.families:
+                    async for n in nl.dump_neighbours(fam, ifindex=ifindex):
+                        if scope.owns_neighbour(n):
+                            yield n
+            if "fdb" in kinds:
+                async for f in nl.dump_fdb(ifindex=ifindex):
+                    yield f
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         return await self.nl.apply(ops)

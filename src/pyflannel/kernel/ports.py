@@ -15,7 +15,7 @@ an in-memory kernel in unit tests (tests/fakes/kernel.py) and on netlink in prod
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
@@ -26,13 +26,17 @@ from pyflannel.reconcile.plan import KernelScope, Observed, WgDevice, WgPeer
 Addr = IPv4Address | IPv6Address
 Net = IPv4Network | IPv6Network
 Owned = Route | Nexthop | Neighbour | FdbEntry
+# What a dump lists, in its order; the safety net dumps one kind at a time.
+DUMP_KINDS = ("routes", "nexthops", "neighbours", "fdb")
 
 
 class RoutePort(Protocol):
-    def dump(self, scope: KernelScope, *, nexthops: bool) -> AsyncIterator[Owned]:
+    def dump(self, scope: KernelScope, *, nexthops: bool,
+             kinds: Collection[str] = DUMP_KINDS) -> AsyncIterator[Owned]:
         """The objects `scope` owns (routes also when they use a nexthop object) as the
-        kernel lists them: routes, then nexthops, neighbours, FDB entries. A stream, so a
-        caller that compares as it reads (the safety net) holds no second copy."""
+        kernel lists them: routes, then nexthops, neighbours, FDB entries (those of
+        `kinds`; nexthops only with `nexthops`). A stream, so a caller that compares as it
+        reads (the safety net) holds no second copy."""
         ...
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:

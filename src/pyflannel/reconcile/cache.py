@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator
 
+from pyflannel.kernel.ports import DUMP_KINDS
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
@@ -310,9 +311,13 @@ class CacheCheck:
     Objects cached but not listed are found by counting: `complete()` is False when fewer
     cached objects were listed than the cache held when the dump began (the caller then
     compares against a full copy). That count is exact only if nothing else changed the
-    cache meanwhile, so the caller checks that no notification came in between."""
+    cache meanwhile, so the caller checks that no notification came in between. A dump
+    made in segments, one kind each (`begin`), is counted per segment against what the
+    cache held of that kind when the segment began: the caller may change the cache
+    between segments (apply the lease events that came in), not during one."""
 
-    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held")
+    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held", "_exact",
+                 "_segmented")
 
     def __init__(self, cache: ObservedCache, scope: KernelScope) -> None:
         self.cache, self.scope = cache, scope
@@ -320,8 +325,24 @@ class CacheCheck:
         self.keys = ChangedKeys()
         self.nhids: set[int] = set()
         self._listed = 0
-        self._held = (len(cache.routes) + sum(map(len, cache.extra.values()))
-                      + len(cache.nexthops) + len(cache.neighbours) + len(cache.fdb))
+        self._held = sum(map(self._count, DUMP_KINDS))
+        self._exact = True  # every segment before the current one listed all it held
+        self._segmented = False
+
+    def _count(self, kind: str) -> int:
+        c = self.cache
+        if kind == "routes":
+            return len(c.routes) + sum(map(len, c.extra.values()))
+        return len(c.nexthops if kind == "nexthops" else
+                   c.neighbours if kind == "neighbours" else c.fdb)
+
+    def begin(self, kind: str) -> None:
+        """The next segment of the dump lists `kind` (one of DUMP_KINDS) alone."""
+        if self._segmented:
+            self._exact = self._exact and self._listed == self._held
+        self._segmented = True
+        self._listed = 0
+        self._held = self._count(kind)
 
     def see(self, o: Route | Nexthop | Neighbour | FdbEntry) -> None:
         c, scope = self.cache, self.scope
@@ -367,8 +388,8 @@ class CacheCheck:
                 c.put_fdb(o, scope)
 
     def complete(self) -> bool:
-        """Every object cached when the dump began was listed."""
-        return self._listed == self._held
+        """Every object cached when the dump (or each segment) began was listed."""
+        return self._exact and self._listed == self._held
 
 
 def _route_facts(r: Route | None) -> tuple[object, ...] | None:
