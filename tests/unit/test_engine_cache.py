@@ -60,6 +60,20 @@ def drain(k: FakeKernel, rec: KernelReconciler) -> None:
         rec.on_events(k._events.get_nowait())
 
 
+async def converged(peers: range) -> tuple[FakeKernel, KernelReconciler, DesiredTable]:
+    """A reconciler (nexthop objects) whose first pass put `peers` in a FakeKernel, each
+    on its own gateway; its echoes taken in."""
+    k = FakeKernel()
+    rec = KernelReconciler(k, SCOPE, nexthops=True)
+    table = DesiredTable()
+    for n in peers:
+        table.put(f"p{n}", host_gw_peer_state(peer(n, n), 2))
+    rec.set_desired(table.state)
+    await rec.reconcile_once()
+    drain(k, rec)
+    return k, rec, table
+
+
 async def scenario(steps: list[tuple[str, int, int]], nexthops: bool) -> None:
     k = FakeKernel()
     rec = KernelReconciler(k, SCOPE, nexthops=nexthops)
@@ -183,14 +197,7 @@ def test_expected_echoes_are_the_signatures_of_the_events() -> None:
 
 def test_the_safety_net_compares_as_the_dump_streams_and_keeps_the_cached_objects() -> None:
     async def run() -> None:
-        k = FakeKernel()
-        rec = KernelReconciler(k, SCOPE, nexthops=True)
-        table = DesiredTable()
-        for n in range(2, 8):
-            table.put(f"p{n}", host_gw_peer_state(peer(n, n), 2))
-        rec.set_desired(table.state)
-        await rec.reconcile_once()
-        drain(k, rec)
+        k, rec, table = await converged(range(2, 8))
         assert rec._cache is not None
         cached = dict(rec._cache.routes), dict(rec._cache.nexthops)
 
@@ -247,14 +254,7 @@ def test_a_lease_event_during_the_safety_net_waits_for_one_kind_of_dump_only() -
     listed; the check still finds nothing to repair and needs no second dump (its count
     is per kind, and the new route's echo is ours)."""
     async def run() -> None:
-        k = FakeKernel()
-        rec = KernelReconciler(k, SCOPE, nexthops=True)
-        table = DesiredTable()
-        for n in range(2, 8):
-            table.put(f"p{n}", host_gw_peer_state(peer(n, n), 2))
-        rec.set_desired(table.state)
-        await rec.reconcile_once()
-        drain(k, rec)
+        k, rec, table = await converged(range(2, 8))
         real = k.dump
         seen: dict[str, bool] = {}  # kind listed -> the new peer's route in the kernel
         put: list[int] = []
