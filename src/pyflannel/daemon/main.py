@@ -368,7 +368,6 @@ class _Stopping(Exception):
     """SIGTERM/SIGINT: leave everything in place and exit 0."""
 
 
-
 def tune_collector() -> None:
     """The daemon allocates in bursts of long-lived objects without cycles (a cold start at
     50k peers: over a million). With CPython's default thresholds the collector keeps

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator
 
-from pyflannel.kernel.ports import DUMP_KINDS
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
@@ -311,23 +310,20 @@ class CacheCheck:
     Objects cached but not listed are found by counting: `complete()` is False when fewer
     cached objects were listed than the cache held when the dump began (the caller then
     compares against a full copy). That count is exact only if nothing else changed the
-    cache meanwhile, so the caller checks that no notification came in between. A dump
-    made in segments, one kind each (`begin`), is counted per segment against what the
-    cache held of that kind when the segment began: the caller may change the cache
-    between segments (apply the lease events that came in), not during one."""
+    cache meanwhile, so the caller checks that no notification came in between. The dump
+    comes in segments, one kind each (`begin`), each counted against what the cache held
+    of that kind when the segment began: the caller may change the cache between
+    segments (apply the lease events that came in), not during one."""
 
-    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held", "_exact",
-                 "_segmented")
+    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held", "_exact")
 
     def __init__(self, cache: ObservedCache, scope: KernelScope) -> None:
         self.cache, self.scope = cache, scope
         self.diffs: list[str] = []
         self.keys = ChangedKeys()
         self.nhids: set[int] = set()
-        self._listed = 0
-        self._held = sum(map(self._count, DUMP_KINDS))
+        self._listed = self._held = 0
         self._exact = True  # every segment before the current one listed all it held
-        self._segmented = False
 
     def _count(self, kind: str) -> int:
         c = self.cache
@@ -338,9 +334,7 @@ class CacheCheck:
 
     def begin(self, kind: str) -> None:
         """The next segment of the dump lists `kind` (one of DUMP_KINDS) alone."""
-        if self._segmented:
-            self._exact = self._exact and self._listed == self._held
-        self._segmented = True
+        self._exact = self._exact and self._listed == self._held
         self._listed = 0
         self._held = self._count(kind)
 
@@ -388,7 +382,7 @@ class CacheCheck:
                 c.put_fdb(o, scope)
 
     def complete(self) -> bool:
-        """Every object cached when the dump (or each segment) began was listed."""
+        """Every object cached when each segment began was listed."""
         return self._exact and self._listed == self._held
 
 

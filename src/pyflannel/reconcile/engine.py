@@ -470,8 +470,7 @@ class KernelReconciler:
                 continue
             # No debounce: whatever arrived so far goes into this pass, whatever arrives
             # while it runs into the next one.
-            self._dirty.clear()
-            drift, self._drift_pending = self._drift_pending, False
+            drift = self._take_pending()
             periodic = loop.time() >= self._next_full
             try:
                 await self.reconcile_once(drift=drift, full=periodic or None)
@@ -520,7 +519,8 @@ class KernelReconciler:
         if whole:
             results = await self._full_pass()
         elif full:
-            results = await self._check_pass()
+            results, drift_between = await self._check_pass()
+            drift = drift or drift_between
             self.stats.full_runs += 1
         else:
             results = await self._incremental_pass()
@@ -550,10 +550,11 @@ class KernelReconciler:
             self.on_pass(s)
         return changed
 
-    async def _check_pass(self) -> list[OpResult]:
+    async def _check_pass(self) -> tuple[list[OpResult], bool]:
         """The safety net, every `resync_interval` s: dump, compare with the cache (each
         difference logged), repair it, and an incremental pass over what differed. No plan
-        over everything: that would hold every event behind it (tens of ms at 10k)."""
+        over everything: that would hold every event behind it (tens of ms at 10k).
+        Also returns whether drift was among what it applied between two kinds."""
         old = self._cache
         assert old is not None
         # Echoes that never came (lost in an overflow at a cold start: up to 100k) go.
@@ -564,12 +565,15 @@ class KernelReconciler:
         # lease event waits for one kind's dump (10k objects), not for all four.
         check = CacheCheck(old, self.scope)
         results: list[OpResult] = []
+        drift = False
         quiet = True  # no notification but our echoes while a segment was listed
         for kind in DUMP_KINDS:
             if self._dirty.is_set() and kind != DUMP_KINDS[0]:
-                results += await self._pass_between_segments()
+                # what came in while the last kind was listed, as the pass loop would
+                drift = self._take_pending() or drift
+                results += await self._incremental_pass()
                 if self._cache is not old:
-                    return results
+                    return results, drift
             check.begin(kind)
             events = self._events_seen
             try:
@@ -579,7 +583,7 @@ class KernelReconciler:
                 self._drop_cache("the safety-net dump failed")  # repaired only in part
                 raise
             if self._cache is not old:
-                return results  # a notification dropped the cache: a full pass comes
+                return results, drift  # a notification dropped the cache: a full pass comes
             quiet = quiet and self._events_seen == events
         diffs, keys, nhids = check.diffs, check.keys, check.nhids
         if not check.complete() or not quiet:
@@ -605,17 +609,13 @@ class KernelReconciler:
         self._kernel_dirty.update(keys)
         results += await self._incremental_pass()
         self._next_full = asyncio.get_running_loop().time() + self.resync_interval
-        return results
+        return results, drift
 
-    async def _pass_between_segments(self) -> list[OpResult]:
-        """The changes that came in while the safety net listed one kind, applied before
-        it lists the next (as the pass loop would: dirty cleared, drift counted)."""
+    def _take_pending(self) -> bool:
+        """Before a pass takes what woke it: clear the wake-up; whether drift was in it."""
         self._dirty.clear()
         drift, self._drift_pending = self._drift_pending, False
-        results = await self._incremental_pass()
-        if drift:
-            self.stats.drift_repairs += sum(1 for r in results if r.errno == 0)
-        return results
+        return drift
 
     async def _full_pass(self) -> list[OpResult]:
         """Dump, refill the cache, plan it all."""
