@@ -461,9 +461,11 @@ class KernelReconciler:
         while True:
             wait = self._next_full - loop.time()
             if wait > 0 and not self._dirty.is_set():
-                # A timeout means: the periodic safety-net pass.
+                # A timeout means: the periodic safety-net pass. (Not wait_for(): its
+                # task of its own costs two more turns of the loop per event.)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        await self._dirty.wait()
             if not self._have_desired:
                 self._dirty.clear()
                 self._next_full = loop.time() + self.resync_interval

@@ -569,6 +569,7 @@ class _Watchdog:
         self.users = 0
         self.failed = asyncio.Event()
         self.reason = ""
+        self.reads: set[asyncio.Timeout] = set()  # the streams' pending reads
         self._task = asyncio.create_task(self._run(probe), name="etcd-watchdog")
 
     async def _run(self, probe: Callable[[], Awaitable[None]]) -> None:
@@ -579,6 +580,9 @@ class _Watchdog:
             except _MemberSilent as e:
                 self.reason = str(e)
                 self.failed.set()
+                now = asyncio.get_running_loop().time()
+                for read in self.reads:
+                    read.reschedule(now)
                 return
 
     def stop(self) -> None:
@@ -588,27 +592,25 @@ class _Watchdog:
 async def _lines_until(lines: AsyncIterator[str],
                        dog: _Watchdog) -> AsyncGenerator[str, None]:
     """The stream's lines until it ends, or _MemberSilent as soon as the watchdog says its
-    member stopped answering (the pending read is cancelled, closing the connection)."""
-    failed = asyncio.ensure_future(dog.failed.wait())
-    nxt: asyncio.Future[str] | None = None
-    try:
-        while True:
-            nxt = asyncio.ensure_future(anext(lines))
-            await asyncio.wait((nxt, failed), return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                raise _MemberSilent(dog.reason)
-            try:
-                line = nxt.result()
-            except StopAsyncIteration:
-                return
-            nxt = None
-            yield line
-    finally:
-        failed.cancel()
-        if nxt is not None:
-            # Also when the consumer closes the stream mid-read: the read must end (and
-            # its error be collected) before the connection under it is closed.
-            nxt.cancel()
-            await asyncio.wait((nxt,))
-            if not nxt.cancelled():
-                nxt.exception()
+    member stopped answering: it expires the pending read's timeout, which cancels the
+    read (the connection under it is then closed).
+
+    Each read is awaited in the consumer's own task: racing it, as a task of its own,
+    against the watchdog cost three more turns of the event loop per watch event."""
+    while True:
+        if dog.failed.is_set():
+            raise _MemberSilent(dog.reason)
+        try:
+            async with asyncio.timeout(None) as read:
+                dog.reads.add(read)
+                try:
+                    line = await anext(lines)
+                finally:
+                    dog.reads.discard(read)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if read.expired():
+                raise _MemberSilent(dog.reason) from None
+            raise
+        yield line
