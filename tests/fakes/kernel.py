@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from pyflannel.iface.select import ExternalInterface
@@ -86,7 +86,7 @@ class FakeKernel:
     # -- RoutePort ------------------------------------------------------------------------
 
     async def dump(self, scope: KernelScope, *, nexthops: bool,
-                   kinds: Collection[str] = DUMP_KINDS) -> AsyncIterator[Owned]:
+                   kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
         fams = {4 if f == 2 else 6 for f in scope.families}
         # listed from copies, as the kernel's dump is a read of its state at the time
         if "routes" in kinds:

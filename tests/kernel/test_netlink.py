@@ -448,6 +448,22 @@ async def test_10k_route_dump_streams_and_early_exit_is_safe(netns: NetNamespace
                 if r.dst.network_address.packed[0] == 10}
         assert seen == set(routes)
 
+        # Between two receives the dump lets the event loop run: another task gets its turn
+        # long before the end (a safety-net listing must not hold the lease events).
+        listed = 0
+        ran_after: list[int] = []
+
+        async def other() -> None:
+            ran_after.append(listed)
+
+        task = None
+        async for _ in nl.dump_routes(socket.AF_INET):
+            listed += 1
+            if task is None:
+                task = asyncio.create_task(other())
+        assert task is not None and task.done() and listed > 10_000
+        assert ran_after[0] < 2_000, ran_after
+
         # Stop reading after a few routes: the unread rest must not break the next request.
         first = []
         async for r in nl.dump_routes(socket.AF_INET):

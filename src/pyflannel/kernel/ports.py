@@ -15,7 +15,7 @@ an in-memory kernel in unit tests (tests/fakes/kernel.py) and on netlink in prod
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
@@ -32,11 +32,12 @@ DUMP_KINDS = ("routes", "nexthops", "neighbours", "fdb")
 
 class RoutePort(Protocol):
     def dump(self, scope: KernelScope, *, nexthops: bool,
-             kinds: Collection[str] = DUMP_KINDS) -> AsyncIterator[Owned]:
+             kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
         """The objects `scope` owns (routes also when they use a nexthop object) as the
         kernel lists them: routes, then nexthops, neighbours, FDB entries (those of
         `kinds`; nexthops only with `nexthops`). A stream, so a caller that compares as it
-        reads (the safety net) holds no second copy."""
+        reads (the safety net) holds no second copy; `apply` may be called while it is
+        suspended (the safety net applies lease events in the middle of its listing)."""
         ...
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:

@@ -163,9 +163,9 @@ def _open_socket(netns: str | None, groups: int, rcvbuf: int) -> socket.socket:
 class _NetlinkSocket:
     """Non-blocking receive into one reused buffer, waiting on the event loop when empty."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, recv_buffer: int = RECV_BUFFER) -> None:
         self._sock = sock
-        self._buf = bytearray(RECV_BUFFER)
+        self._buf = bytearray(recv_buffer)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -205,8 +205,8 @@ class _NetlinkSocket:
 class RtNetlink(_NetlinkSocket):
     """One NETLINK_ROUTE socket for requests: pipelined changes, dumps, route lookups."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
+    def __init__(self, sock: socket.socket, recv_buffer: int = RECV_BUFFER) -> None:
+        super().__init__(sock, recv_buffer)
         self._seq = 0
         self._lock = asyncio.Lock()
         # Seq of a dump the caller stopped reading; the kernel refuses (EBUSY) a new dump on
@@ -215,10 +215,12 @@ class RtNetlink(_NetlinkSocket):
         self.strict_dumps = True
 
     @classmethod
-    def open(cls, netns: str | None = None) -> RtNetlink:
-        """netns: a name under /run/netns (or a path); the socket is created inside it."""
+    def open(cls, netns: str | None = None, *, recv_buffer: int = RECV_BUFFER) -> RtNetlink:
+        """netns: a name under /run/netns (or a path); the socket is created inside it.
+        recv_buffer: bytes per receive; the kernel makes a dump's replies no larger than
+        the largest receive it has seen (and at most ~32 KiB)."""
         sock = _open_socket(netns, 0, REQUEST_RCVBUF)
-        nl = cls(sock)
+        nl = cls(sock, recv_buffer)
         for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
             with contextlib.suppress(OSError):
                 sock.setsockopt(SOL_NETLINK, opt, 1)
@@ -335,6 +337,10 @@ class RtNetlink(_NetlinkSocket):
                     # The buffer is reused by the next recv: items are decoded already.
                     for item in items:
                         yield item
+                    # The kernel fills each receive at once, so without this a dump of 40k
+                    # objects (a safety-net check at 10k vxlan peers: 0.3 s) would hold the
+                    # event loop, and every lease event with it, until its end.
+                    await asyncio.sleep(0)
             finally:
                 if not done:
                     self._abandoned_dump = seq
