@@ -5,16 +5,18 @@ What the kernel holds is read with `ip`, not with our decoder."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from pyflannel.backend.base import DesiredTable, PeerState
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort
 from pyflannel.kernel.ports import DUMP_KINDS, Owned
-from pyflannel.netlink import Route
+from pyflannel.netlink import Route, RtMonitor
 from pyflannel.reconcile.engine import KernelReconciler
 from pyflannel.reconcile.plan import DesiredState, KernelScope
 from pyflannel_lab.netns import NetNamespace
@@ -78,5 +80,72 @@ async def test_changes_nobody_was_told_of_are_found_by_the_next_check(
         await rec.reconcile_once(full=True)
         assert dumps == 5 and rec.stats.cache_repairs == 3
         assert {" ".join(r.split()[:2]) for r in routes(netns)} == expected
+    finally:
+        port.close()
+
+
+async def test_a_lease_event_during_a_check_is_in_the_kernel_before_the_check_ends(
+        netns: NetNamespace) -> None:
+    """4,000 peers (routes on nexthop objects): a check begins; a task of its own, as the
+    daemon's lease watch is, puts a new peer once the routes listing has begun. The new
+    route's notification arrives while the check is still listing (the dump lets the loop
+    run, and the engine applies the event between two objects), and nothing is repaired."""
+    netns.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    netns.ip("addr", "add", "192.168.0.1/16", "dev", "v0")
+    netns.ip("link", "set", "v0", "up")
+    netns.ip("link", "set", "v1", "up")
+    v0 = int(netns.ip("-o", "link", "show", "v0").stdout.split(":", 1)[0])
+    scope = KernelScope(route_oifs=frozenset({v0}), networks=(IPv4Network("10.0.0.0/8"),))
+
+    def peer(i: int) -> PeerState:
+        return PeerState(routes=(Route(IPv4Network((0x0A000000 + (i << 8), 24)),
+                                       IPv4Address(0xC0A80000 + 2 + i), v0),))
+
+    table = DesiredTable()
+    for i in range(4000):
+        table.put(f"p{i}", peer(i))
+    new = IPv4Network((0x0A000000 + (5000 << 8), 24))
+    port = NetlinkRoutePort.open(netns.name, events=False)
+    listed = 0
+    real = port.dump
+    listing = asyncio.Event()
+
+    async def watched(s: KernelScope, *, nexthops: bool,
+                      kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
+        nonlocal listed
+        async for o in real(s, nexthops=nexthops, kinds=kinds):
+            listed += 1
+            listing.set()
+            yield o
+
+    async def lease_event() -> None:
+        await listing.wait()
+        table.put("p5000", peer(5000))
+        rec.set_desired(table.state)
+
+    try:
+        rec = KernelReconciler(port, scope, nexthops=True)
+        rec.set_desired(table.state)
+        await rec.reconcile_once()
+        with RtMonitor.open(netns.name, routes=True) as mon:
+            port.dump = watched  # type: ignore[method-assign]
+            event = asyncio.create_task(lease_event())
+            seen_at: list[int] = []
+
+            async def watch() -> None:
+                async for batch in mon.events():
+                    if any(isinstance(e.obj, Route) and e.obj.dst == new for e in batch):
+                        seen_at.append(listed)
+                        return
+
+            watcher = asyncio.create_task(watch())
+            await rec.reconcile_once(full=True)
+            await asyncio.wait_for(watcher, 5)
+            await event
+        total = listed
+        assert seen_at and seen_at[0] < total // 2, (seen_at, total)
+        assert rec.stats.cache_repairs == 0
+        assert any(line.startswith(f"{new} nhid") for line in
+                   netns.ip("-4", "route", "show", "dev", "v0").stdout.splitlines())
     finally:
         port.close()

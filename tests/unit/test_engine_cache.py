@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from ipaddress import IPv4Address, IPv4Network
 
 from hypothesis import given, settings
@@ -18,10 +18,10 @@ from pyflannel.backend.base import DesiredTable
 from pyflannel.backend.hostgw import host_gw_peer_state
 from pyflannel.kernel.ports import DUMP_KINDS, Owned, collect
 from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.netlink import Op, Route, RtEvent
-from pyflannel.reconcile.cache import ObservedCache
+from pyflannel.netlink import DumpInterrupted, FdbEntry, Neighbour, Nexthop, Op, Route, RtEvent
+from pyflannel.reconcile.cache import CacheCheck, ObservedCache
 from pyflannel.reconcile.engine import KernelReconciler
-from pyflannel.reconcile.plan import KernelScope, plan
+from pyflannel.reconcile.plan import KernelScope, Observed, plan
 from tests.fakes.kernel import FakeKernel
 
 SCOPE = KernelScope(route_oifs=frozenset({2}), networks=(IPv4Network("10.244.0.0/16"),))
@@ -182,7 +182,7 @@ def test_many_new_nexthops_in_one_pass_get_plans_ids_at_constant_cost_each() -> 
 
 def test_expected_echoes_are_the_signatures_of_the_events() -> None:
     """The inlined signatures of _expect_echoes are _signature's, so echoes are recognised."""
-    from pyflannel.netlink import FdbEntry, Neighbour, Nexthop
+    from pyflannel.netlink import Neighbour, Nexthop
     from pyflannel.reconcile.engine import _signature
 
     rec = KernelReconciler(FakeKernel(), SCOPE)
@@ -223,8 +223,9 @@ def test_the_safety_net_compares_as_the_dump_streams_and_keeps_the_cached_object
         assert k.dumps == dumps + 4 and rec.stats.cache_repairs == 2
         assert k.route("10.244.4.0/24") is not None  # put back
 
-        # a notification taken in while the dump runs: the count cannot tell, so a copy
-        # is compared as well
+        # a notification taken in while the dump runs (someone rewrote a route of ours as
+        # it was: no drift, so no pass interrupts the listing): the count cannot tell, so
+        # a copy is compared as well
         real = k.dump
 
         async def dump_with_event(scope: KernelScope, *, nexthops: bool,
@@ -232,11 +233,11 @@ def test_the_safety_net_compares_as_the_dump_streams_and_keeps_the_cached_object
                                   ) -> AsyncIterator[Owned]:
             async for o in real(scope, nexthops=nexthops, kinds=kinds):
                 yield o
-                drain(k, rec)  # the foreign delete's notification, between two chunks
+                drain(k, rec)  # the foreign change's notification, between two chunks
 
         have = k.route("10.244.5.0/24")
         assert have is not None
-        k.foreign(Op("delete", have))
+        k.foreign(Op("replace", have))
         k.dump = dump_with_event  # type: ignore[method-assign]
         await rec.reconcile_once(full=True)
         assert k.dumps == dumps + 6
@@ -249,34 +250,68 @@ def test_the_safety_net_compares_as_the_dump_streams_and_keeps_the_cached_object
     asyncio.run(run())
 
 
-def test_a_lease_event_during_the_safety_net_waits_for_one_kind_of_dump_only() -> None:
-    """A peer put while the check lists the routes is in the kernel before the nexthops are
-    listed; the check still finds nothing to repair and needs no second dump (its count
-    is per kind, and the new route's echo is ours)."""
+class Listings:
+    """FakeKernel's dump, recorded per listing (the kinds asked for, how many objects it
+    gave), with `during(kinds, i)` called after its i-th object: what happens while the
+    kernel is being listed. A listing of every kind is the check's full-copy fallback."""
+
+    def __init__(self, k: FakeKernel, during: Callable[[str, int], None]) -> None:
+        self.k, self.real, self.during = k, k.dump, during
+        self.listed: list[tuple[str, int]] = []
+
+    async def dump(self, scope: KernelScope, *, nexthops: bool,
+                   kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
+        name = ",".join(kinds)
+        self.listed.append((name, 0))
+        i = 0
+        async for o in self.real(scope, nexthops=nexthops, kinds=kinds):
+            yield o
+            i += 1
+            self.listed[-1] = (name, i)
+            self.during(name, i)
+
+    def __enter__(self) -> Listings:
+        self.k.dump = self.dump  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.k.dump = self.real  # type: ignore[method-assign]
+
+
+def test_a_lease_event_during_the_safety_net_is_applied_in_the_middle_of_its_listing() -> None:
+    """A lease event while a check lists the routes is in the kernel before the listing's
+    next object (the dump waits), and the check finds nothing to repair and needs no full
+    copy (the echoes are ours, and what changed leaves the listing's count), whether a
+    peer comes, leaves or was listed already; no later check holds events."""
     async def run() -> None:
         k, rec, table = await converged(range(2, 8))
-        real = k.dump
-        seen: dict[str, bool] = {}  # kind listed -> the new peer's route in the kernel
-        put: list[int] = []
+        applied_at: list[tuple[str, int]] = []
+        events = ["put 9", "remove 4", "remove 2", "put 10"]  # 2 is listed first
 
-        async def dump_during_event(scope: KernelScope, *, nexthops: bool,
-                                    kinds: Collection[str] = DUMP_KINDS
-                                    ) -> AsyncIterator[Owned]:
-            seen[",".join(kinds)] = k.route("10.244.9.0/24") is not None
-            async for o in real(scope, nexthops=nexthops, kinds=kinds):
-                yield o
-                if "routes" in kinds and not put:
-                    put.append(9)
-                    table.put("p9", host_gw_peer_state(peer(9, 9), 2))
-                    rec.mark_dirty()  # as set_desired does for the daemon's lease events
-                drain(k, rec)
+        def during(kinds: str, i: int) -> None:
+            if kinds == "routes" and i == 2:
+                verb, n = events.pop(0).split()
+                if verb == "put":
+                    table.put(f"p{n}", host_gw_peer_state(peer(int(n), int(n)), 2))
+                else:
+                    table.remove(f"p{n}")
+                rec.mark_dirty()  # as set_desired does for the daemon's lease events
+                applied_at.append((f"10.244.{n}.0/24", 0))
+            elif applied_at and applied_at[-1][1] == 0:
+                dst = applied_at[-1][0]
+                if (k.route(dst) is None) == (dst in ("10.244.4.0/24", "10.244.2.0/24")):
+                    applied_at[-1] = (kinds, i)
+            drain(k, rec)
 
-        dumps = k.dumps
-        k.dump = dump_during_event  # type: ignore[method-assign]
-        await rec.reconcile_once(full=True)
-        k.dump = real  # type: ignore[method-assign]
-        assert seen == {"routes": False, "nexthops": True, "neighbours": True, "fdb": True}
-        assert k.dumps == dumps + 1 and rec.stats.cache_repairs == 0
+        held = []
+        for _ in range(4):
+            with Listings(k, during) as listings:
+                await rec.reconcile_once(full=True)
+            assert [kinds for kinds, _ in listings.listed] == list(DUMP_KINDS)
+            held.append(set(rec._hold_kinds))
+        assert applied_at == [("routes", 3)] * 4
+        assert held == [set()] * 4
+        assert rec.stats.cache_repairs == 0
         drain(k, rec)
         assert plan(table.state, await collect(k.dump(SCOPE, nexthops=True)), SCOPE,
                     nexthops=True) == []
@@ -285,6 +320,105 @@ def test_a_lease_event_during_the_safety_net_waits_for_one_kind_of_dump_only() -
         assert rec._cache.differences(ObservedCache.from_observed(obs, SCOPE))[0] == []
 
     asyncio.run(run())
+
+
+def test_a_route_lost_unseen_is_found_within_two_checks_however_busy_the_leases_are(
+        ) -> None:
+    """A peer leaving during every listing, and a route the kernel lost without a
+    notification: the check still counts what it listed against what it held, finds one
+    missing, and puts it back. It lists each kind once, whatever comes in."""
+    async def run() -> None:
+        k, rec, table = await converged(range(2, 8))
+        leaving = [2, 6]  # 2: its route is the first listed, so it leaves once listed
+
+        def during(kinds: str, i: int) -> None:
+            if i == 1 and leaving:
+                table.remove(f"p{leaving.pop(0)}")
+                rec.mark_dirty()
+            drain(k, rec)
+
+        lost = k.route("10.244.4.0/24")
+        assert lost is not None
+        k._apply_one(Op("delete", lost), emit=False)
+        with Listings(k, during) as listings:
+            await rec.reconcile_once(full=True)
+        assert k.route("10.244.4.0/24") is not None
+        # the count missed one, so the check compared a full copy too
+        assert [kinds for kinds, _ in listings.listed] == list(DUMP_KINDS) + [
+            ",".join(DUMP_KINDS)]
+        assert rec.stats.cache_repairs == 1
+        drain(k, rec)
+        assert not leaving and {r.dst for r in k.routes.values()} == {
+            IPv4Network(f"10.244.{n}.0/24") for n in (3, 4, 5, 7)}
+        assert plan(table.state, await collect(k.dump(SCOPE, nexthops=True)), SCOPE,
+                    nexthops=True) == []
+
+    asyncio.run(run())
+
+
+def test_a_dump_the_kernel_says_was_interrupted_is_compared_but_not_counted() -> None:
+    """NLM_F_DUMP_INTR (DumpInterrupted at the listing's end): no error, the cache stays,
+    nothing is taken for missing, and the next check holds events while it lists that
+    kind."""
+    async def run() -> None:
+        k, rec, _table = await converged(range(2, 8))
+        real = k.dump
+
+        async def interrupted(scope: KernelScope, *, nexthops: bool,
+                              kinds: Collection[str] = DUMP_KINDS
+                              ) -> AsyncGenerator[Owned, None]:
+            listed = 0
+            async for o in real(scope, nexthops=nexthops, kinds=kinds):
+                listed += 1
+                if kinds != ("nexthops",) or listed < 3:  # missed some, as the flag allows
+                    yield o
+            if kinds == ("nexthops",):
+                raise DumpInterrupted("dump interrupted by a concurrent change")
+
+        k.dump = interrupted  # type: ignore[method-assign]
+        await rec.reconcile_once(full=True)
+        k.dump = real  # type: ignore[method-assign]
+        assert rec._cache is not None and rec.stats.cache_repairs == 0
+        assert rec._hold_kinds == {"nexthops"}
+        await rec.reconcile_once(full=True)
+        assert rec._hold_kinds == set() and rec.stats.cache_repairs == 0
+
+    asyncio.run(run())
+
+
+def test_a_listing_counts_exactly_around_what_changes_during_it() -> None:
+    """CacheCheck: a key changed in the middle of a listing is skipped for the rest of it
+    (its later report, as before or after the change, is neither counted nor taken for a
+    difference) and leaves the count on both sides, whether it was listed already or not;
+    so the count still finds a cached object the routes listing never showed."""
+    gw = IPv4Address("192.168.77.3")
+    a, b, lost = (Route(IPv4Network(f"10.244.{n}.0/24"), gw, 2) for n in (3, 5, 7))
+    for missing in (False, True):
+        c = ObservedCache.from_observed(Observed(), SCOPE)
+        for r in (a, b) + ((lost,) if missing else ()):
+            c.put_route(r, SCOPE, ours=True)
+        check = CacheCheck(c, SCOPE)
+        check.begin("routes")
+        check.see(a)  # listed, then changed
+        check.changing([Op("replace", Nexthop(7, gw, 2))])  # not of the kind listed
+        moved_a = Route(a.dst, IPv4Address("192.168.77.9"), 2)
+        added = Route(IPv4Network("10.244.4.0/24"), gw, 2)
+        check.changing([Op("replace", moved_a), Op("delete", b), Op("replace", added)])
+        c.put_route(moved_a, SCOPE, ours=True)
+        c.drop_route(b)
+        c.put_route(added, SCOPE, ours=True)
+        check.see(b)  # changed before it was listed; the listing read it as it was
+        check.see(added)  # read after the change
+        assert check.diffs == [] and not check.interrupted
+        assert c.route_at("10.244.3.0/24", 0) == moved_a and c.route_at("10.244.5.0/24", 0) is None
+        assert check.complete() is not missing
+        check.begin("nexthops")
+        assert check.complete() is not missing
+    # neighbours (and nexthops, FDB entries) may be listed by position: a change of one
+    # during their listing leaves it uncounted
+    check.begin("neighbours")
+    check.changing([Op("replace", Neighbour(3, gw, "0e:00:00:00:00:03"))])
+    assert check.interrupted
 
 
 def test_lost_notifications_are_made_good_by_a_check_not_a_refill() -> None:

@@ -13,9 +13,10 @@ that use it along without a notification, so its routes leave the cache with it.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Container, Iterable, Iterator
 
-from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Route
+from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Op, Route
 from pyflannel.reconcile.plan import (
     IPV6_DEFAULT_METRIC,
     NHID_BASE,
@@ -300,6 +301,13 @@ class ObservedCache:
         return out, keys, nhids
 
 
+# Kinds whose kernel listing may go on from a position rather than from the last key (the
+# neighbour table's and vxlan's FDB hash walks; nexthops on older kernels, whose listings
+# say so with NLM_F_DUMP_INTR, as newer ones do for any change): a change made during it
+# can make the rest miss or repeat other objects, so the count does not tell.
+_POSITIONAL = frozenset({"nexthops", "neighbours", "fdb"})
+
+
 class CacheCheck:
     """The safety net's comparison, made while the dump streams in: each listed object is
     held against the cached one at its key, and the cache takes the kernel's word where
@@ -312,16 +320,26 @@ class CacheCheck:
     compares against a full copy). That count is exact only if nothing else changed the
     cache meanwhile, so the caller checks that no notification came in between. The dump
     comes in segments, one kind each (`begin`), each counted against what the cache held
-    of that kind when the segment began: the caller may change the cache between
-    segments (apply the lease events that came in), not during one."""
+    of that kind when the segment began. The caller may change the cache between segments
+    (apply the lease events that came in), and during one if it says so first
+    (`changing`): the rest of that listing skips the keys changed, and they leave the
+    count on both sides. Whether one was listed already is looked up among the hashes of
+    the keys listed so far (8 bytes each). A listing whose count cannot be kept exact
+    that way, or that the kernel says was interrupted, is not counted (`interrupted`)."""
 
-    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "_listed", "_held", "_exact")
+    __slots__ = ("cache", "scope", "diffs", "keys", "nhids", "interrupted", "_kind", "_skip",
+                 "_fresh", "_seen", "_listed", "_held", "_exact")
 
     def __init__(self, cache: ObservedCache, scope: KernelScope) -> None:
         self.cache, self.scope = cache, scope
         self.diffs: list[str] = []
         self.keys = ChangedKeys()
         self.nhids: set[int] = set()
+        self.interrupted = False  # the current segment's count does not tell
+        self._kind = ""
+        self._skip: set[object] = set()  # keys changed during the current segment's listing
+        self._fresh: set[object] = set()  # keys the listing itself brought into the cache
+        self._seen = array("q")  # hashes of the keys of the cached objects listed
         self._listed = self._held = 0
         self._exact = True  # every segment before the current one listed all it held
 
@@ -333,28 +351,85 @@ class CacheCheck:
                    c.neighbours if kind == "neighbours" else c.fdb)
 
     def begin(self, kind: str) -> None:
-        """The next segment of the dump lists `kind` (one of DUMP_KINDS) alone."""
-        self._exact = self._exact and self._listed == self._held
+        """The next segment of the dump lists `kind` (one of DUMP_KINDS) alone. The one
+        before counts unless it was interrupted."""
+        if not self.interrupted:
+            self._exact = self._exact and self._listed == self._held
+        self.interrupted = False
+        self._kind = kind
+        self._skip = set()
+        self._fresh = set()
+        self._seen = array("q")
         self._listed = 0
         self._held = self._count(kind)
 
+    def changing(self, ops: Iterable[Op]) -> None:
+        """These ops are about to be applied (the kernel and the cache changed) while the
+        current segment is listed: what is still to come of the listing may show their
+        objects as before or as after, so their keys are skipped, and what the cache holds
+        at them leaves the count, as listed or as held. That keeps the count exact where
+        the kernel's listing goes on from the last key it gave (routes, by prefix); where
+        it may go on from a position (see _POSITIONAL), or for a key the listing itself
+        brought into the cache, the listing is not counted (`interrupted`)."""
+        kind, skip, c = self._kind, self._skip, self.cache
+        for op in ops:
+            o = op.obj
+            if type(o) is Route:
+                if kind != "routes":
+                    continue
+                rk = route_key(o)
+                k: object = rk
+                cached = (rk in c.routes) + len(c.extra.get(rk, ()))
+            elif type(o) is Nexthop:
+                if kind != "nexthops":
+                    continue
+                k = o.id
+                cached = k in c.nexthops
+            elif type(o) is Neighbour:
+                if kind != "neighbours":
+                    continue
+                k = neighbour_key(o)
+                cached = k in c.neighbours
+            elif kind == "fdb" and isinstance(o, FdbEntry):
+                k = fdb_key(o)
+                cached = k in c.fdb
+            else:
+                continue
+            if k in skip:
+                continue
+            skip.add(k)
+            if k in self._fresh or kind in _POSITIONAL:
+                self.interrupted = True
+            elif cached:
+                self._held -= cached
+                self._listed -= self._seen.count(hash(k))
+
+    def _listed_at(self, k: object, have: object) -> None:
+        if have is None:
+            self._fresh.add(k)
+        else:
+            self._listed += 1
+            self._seen.append(hash(k))
+
     def see(self, o: Route | Nexthop | Neighbour | FdbEntry) -> None:
-        c, scope = self.cache, self.scope
+        c, scope, skip = self.cache, self.scope, self._skip
         if isinstance(o, Route):
             if o.table != scope.table or not (o.nhid is not None or scope.owns_route(o)):
                 return  # the cache would not hold it
             k, m = route_key(o), metric_of(o)
+            if skip and k in skip:
+                return
             have = c.route_at(k, m)
-            self._listed += have is not None
+            self._listed_at(k, have)
             if _facts(have) != _facts(o):
                 self.diffs.append(_difference(f"route to {k} metric {m}", have, o))
                 self.keys.routes.add(k)
                 c.put_route(o, scope)
         elif isinstance(o, Nexthop):
-            if not scope.owns_nexthop(o):
+            if not scope.owns_nexthop(o) or (skip and o.id in skip):
                 return
             nh = c.nexthops.get(o.id)
-            self._listed += nh is not None
+            self._listed_at(o.id, nh)
             if _facts(nh) != _facts(o):
                 self.diffs.append(_difference(f"nexthop {o.id}", nh, o))
                 self.nhids.add(o.id)
@@ -364,8 +439,10 @@ class CacheCheck:
             if not scope.owns_neighbour(o):
                 return
             nk = neighbour_key(o)
+            if skip and nk in skip:
+                return
             n = c.neighbours.get(nk)
-            self._listed += n is not None
+            self._listed_at(nk, n)
             if _facts(n) != _facts(o):
                 self.diffs.append(_difference(f"neighbour {nk[1]} on #{nk[0]}", n, o))
                 self.keys.neighbours.add(nk)
@@ -374,16 +451,19 @@ class CacheCheck:
             if not scope.owns_fdb(o):
                 return
             fk = fdb_key(o)
+            if skip and fk in skip:
+                return
             f = c.fdb.get(fk)
-            self._listed += f is not None
+            self._listed_at(fk, f)
             if _facts(f) != _facts(o):
                 self.diffs.append(_difference(f"FDB entry {fk[1]} on #{fk[0]}", f, o))
                 self.keys.fdb.add(fk)
                 c.put_fdb(o, scope)
 
     def complete(self) -> bool:
-        """Every object cached when each segment began was listed."""
-        return self._exact and self._listed == self._held
+        """Every object cached when each counted segment began was listed (an interrupted
+        segment is not counted)."""
+        return self._exact and (self.interrupted or self._listed == self._held)
 
 
 def _route_facts(r: Route | None) -> tuple[object, ...] | None:

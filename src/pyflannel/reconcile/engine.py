@@ -39,6 +39,7 @@ from pyflannel.kernel.ports import DUMP_KINDS, RoutePort, collect
 from pyflannel.netlink import (
     RTN_BLACKHOLE,
     RTN_UNICAST,
+    DumpInterrupted,
     FdbEntry,
     Neighbour,
     Nexthop,
@@ -220,6 +221,10 @@ class KernelReconciler:
         # notifications taken in but our echoes: the safety net's count is exact while
         # this stays put
         self._events_seen = 0
+        self._check: CacheCheck | None = None  # the safety net's, while it lists
+        # kinds whose last listing could not be counted: the next check holds events while
+        # it lists them
+        self._hold_kinds: set[str] = set()
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -378,6 +383,8 @@ class KernelReconciler:
         if not ops:
             return []
         self._expect_echoes(ops)
+        if self._check is not None:
+            self._check.changing(ops)
         return await self.port.apply(ops)
 
     def _contradiction(self, ev: RtEvent) -> str | None:
@@ -476,7 +483,7 @@ class KernelReconciler:
             periodic = loop.time() >= self._next_full
             try:
                 await self.reconcile_once(drift=drift, full=periodic or None)
-            except OSError as e:
+            except (OSError, DumpInterrupted) as e:
                 self.stats.failures += 1
                 self._drop_cache("the last pass failed")
                 log.error("Reconcile failed: %s (retrying in 1 s)", e)
@@ -556,37 +563,63 @@ class KernelReconciler:
         """The safety net, every `resync_interval` s: dump, compare with the cache (each
         difference logged), repair it, and an incremental pass over what differed. No plan
         over everything: that would hold every event behind it (tens of ms at 10k).
-        Also returns whether drift was among what it applied between two kinds."""
+        Also returns whether drift was among what it applied while it listed."""
         old = self._cache
         assert old is not None
         # Echoes that never came (lost in an overflow at a cold start: up to 100k) go.
         now = time.monotonic()
         self._echo = {sig: t for sig, t in self._echo.items() if t >= now}
+        # What woke this pass besides the period goes first.
+        results = await self._incremental_pass()
         # Compared as the dump streams in, repaired in place: no second copy of the cache.
-        # One kind at a time, and what came in meanwhile is applied between two kinds: a
-        # lease event waits for one kind's dump (10k objects), not for all four.
+        # One kind at a time (a segment). What comes in while a segment is listed is
+        # applied at once, between two of its objects (the dump waits in its socket); the
+        # listing then skips what that changed, which leaves its count (CacheCheck). Where
+        # the count cannot be kept exact (a change of a kind the kernel may list by
+        # position, or a listing the kernel says was interrupted), objects lost unseen are
+        # not looked for in that kind this time; the next check holds
+        # what comes in while it lists that kind (10k objects at most), so they are found
+        # within two periods however much the kernel's tables change.
         check = CacheCheck(old, self.scope)
-        results: list[OpResult] = []
         drift = False
-        quiet = True  # no notification but our echoes while a segment was listed
+        quiet = True  # no notification but our echoes while a counted segment was listed
         for kind in DUMP_KINDS:
-            if self._dirty.is_set() and kind != DUMP_KINDS[0]:
-                # what came in while the last kind was listed, as the pass loop would
+            hold = kind in self._hold_kinds
+            if self._dirty.is_set():  # came in while the last kind was listed
                 drift = self._take_pending() or drift
                 results += await self._incremental_pass()
                 if self._cache is not old:
                     return results, drift
             check.begin(kind)
             events = self._events_seen
+            self._check = check  # told of what passes change while it lists
             try:
-                async for o in self.port.dump(self.scope, nexthops=True, kinds=(kind,)):
-                    check.see(o)
+                async with contextlib.aclosing(self.port.dump(
+                        self.scope, nexthops=True, kinds=(kind,))) as listing:
+                    async for o in listing:
+                        check.see(o)
+                        if hold or not self._dirty.is_set():
+                            continue
+                        drift = self._take_pending() or drift
+                        results += await self._incremental_pass()
+                        if self._cache is not old:
+                            return results, drift  # a full pass comes
+            except DumpInterrupted:
+                # The kernel says the listing may have missed or doubled objects (the table
+                # changed meanwhile): what it listed is compared, not counted.
+                check.interrupted = True
             except BaseException:
                 self._drop_cache("the safety-net dump failed")  # repaired only in part
                 raise
+            finally:
+                self._check = None
             if self._cache is not old:
-                return results, drift  # a notification dropped the cache: a full pass comes
-            quiet = quiet and self._events_seen == events
+                return results, drift  # a notification dropped the cache
+            if check.interrupted:
+                self._hold_kinds.add(kind)
+            else:
+                self._hold_kinds.discard(kind)
+                quiet = quiet and self._events_seen == events
         diffs, keys, nhids = check.diffs, check.keys, check.nhids
         if not check.complete() or not quiet:
             # Something cached was not listed (or notifications changed the cache while
