@@ -3,7 +3,8 @@
 It applies ops the way the kernel does where our code depends on it (replace keyed by
 table/dst/metric, gateways must be on a connected subnet unless onlink, deleting a
 nexthop silently takes its IPv4 routes along, deleting a device takes its neighbours, FDB
-entries and routes), emits the notifications the kernel would, and can make a foreign
+entries and routes), emits the notifications the kernel would (a deleted neighbour is
+reported failed, then deleted, as `ip monitor neigh` shows on Linux 6.18), and can make a foreign
 change or fail the next op with an errno.
 """
 
@@ -27,6 +28,7 @@ from pyflannel.netlink import (
     Route,
     RtEvent,
 )
+from pyflannel.netlink.codec import NUD_FAILED
 from pyflannel.reconcile.plan import KernelScope
 
 RouteKey = tuple[int, str, int]  # table, dst, metric
@@ -253,9 +255,16 @@ class FakeKernel:
     def _keyed(self, table: dict[tuple[int, str], object], key: tuple[int, str], action: str,
                obj: Neighbour | FdbEntry, events: list[RtEvent], kind: str) -> int:
         if action == "delete":
-            if table.pop(key, None) is None:
+            had = table.pop(key, None)
+            if had is None:
                 return errno.ENOENT
-            events.append(RtEvent("neigh_del", obj))  # type: ignore[arg-type]
+            if isinstance(had, Neighbour):
+                # as the kernel does: first "FAILED" (no address), then deleted
+                failed = Neighbour(had.ifindex, had.ip, "", NUD_FAILED)
+                events.append(RtEvent("neigh_new", failed))
+                events.append(RtEvent("neigh_del", failed))
+            else:
+                events.append(RtEvent("neigh_del", obj))  # type: ignore[arg-type]
             return 0
         if not any(d.index == obj.ifindex for d in self.devices.values()):
             return errno.ENODEV

@@ -275,7 +275,8 @@ class KernelReconciler:
                 continue
             if self._is_echo(ev, now):
                 continue  # the cache already holds it: our results went in at once
-            self._events_seen += 1
+            if self._may_change_cache(ev.obj):
+                self._events_seen += 1
             reason = self._contradiction(ev)
             if reason:
                 drifts += 1
@@ -286,6 +287,17 @@ class KernelReconciler:
             log.warning("Drift: ... and %d more changes in this batch", drifts - DRIFT_LOG_LIMIT)
         if drifts:
             self.mark_dirty(drift=True)
+
+    def _may_change_cache(self, o: object) -> bool:
+        """Whether a notification of `o` can change what the cache holds, which the safety
+        net's count must know of (the local table's routes of link-local addresses, say,
+        cannot)."""
+        s = self.scope
+        if type(o) is Route:
+            return o.table == s.table
+        if type(o) is Neighbour or isinstance(o, FdbEntry):
+            return o.ifindex in s.neighbour_ifindexes
+        return type(o) is Nexthop
 
     def _observe(self, ev: RtEvent) -> set[str]:
         """Keep the cache current; returns the prefixes of routes the event removed along
@@ -373,6 +385,9 @@ class KernelReconciler:
                 sig = (op.action == "delete", "nexthop", o.id)
             elif type(o) is Neighbour and op.action == "delete":
                 sig = (True, "neigh", o.ifindex, int(o.ip), "")
+                # The kernel reports it failed first (RTM_NEWNEIGH, state FAILED, no
+                # address), then deleted.
+                echo[hash((False, "neigh", o.ifindex, int(o.ip), ""))] = deadline
             elif type(o) is FdbEntry:
                 sig = (op.action == "delete", "fdb", o.ifindex, o.lladdr.lower())
             else:
