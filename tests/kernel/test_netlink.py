@@ -476,6 +476,51 @@ async def test_10k_route_dump_streams_and_early_exit_is_safe(netns: NetNamespace
             Route(net4("192.168.0.0/16"), None, v0, protocol=RTPROT_KERNEL, scope=RT_SCOPE_LINK)]
 
 
+async def test_what_a_listing_wakes_runs_before_its_next_piece(netns: NetNamespace) -> None:
+    # A lease event met during a safety-net listing: its socket's callback wakes the watch
+    # consumer, which must run before the listing takes its next piece (with a single turn
+    # of the loop between pieces it ran two pieces later).
+    v0 = with_veth(netns, "192.168.0.1/16")
+    routes = [Route(net4(f"10.{i >> 8}.{i & 255}.0/24"), ip4("192.168.0.2"), v0)
+              for i in range(2_000)]
+    with RtNetlink.open(netns.name, recv_buffer=8192) as nl:
+        assert not any(r.errno for r in await nl.apply([Op("replace", r) for r in routes]))
+        listed = 0
+        pieces: list[int] = []  # routes listed when each receive returned
+        recv = nl._recv
+
+        async def counted_recv() -> int:
+            n = await recv()
+            pieces.append(listed)
+            return n
+
+        nl._recv = counted_recv  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        ran_at: list[int] = []
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        loop.add_reader(a.fileno(), lambda: readable.done() or readable.set_result(None))
+
+        async def consumer() -> None:
+            await readable
+            ran_at.append(listed)
+
+        task = asyncio.create_task(consumer())
+        await asyncio.sleep(0)  # waiting
+        try:
+            async for _ in nl.dump_routes(socket.AF_INET):
+                listed += 1
+                if listed == 1:
+                    b.send(b"event")
+        finally:
+            loop.remove_reader(a.fileno())
+            a.close()
+            b.close()
+        assert task.done() and len(pieces) > 3
+        assert ran_at == [pieces[1]], (ran_at, pieces[:4])
+
+
 # --- nexthop objects and routes using them ----------------------------------------------------
 
 def nexthop_lines(ns: NetNamespace) -> set[str]:
