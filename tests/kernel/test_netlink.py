@@ -499,7 +499,6 @@ async def test_what_a_listing_wakes_runs_before_its_next_piece(netns: NetNamespa
         readable = loop.create_future()
         ran_at: list[int] = []
         a, b = socket.socketpair()
-        a.setblocking(False)
         loop.add_reader(a.fileno(), lambda: readable.done() or readable.set_result(None))
 
         async def consumer() -> None:

@@ -160,16 +160,16 @@ def _open_socket(netns: str | None, groups: int, rcvbuf: int) -> socket.socket:
     return sock
 
 
-YIELD_TURNS = 3
+_YIELD_TURNS = 3
 
 
-async def let_woken_run() -> None:
+async def _let_woken_run() -> None:
     """Between two pieces of a long listing: let what came in meanwhile run first. The
     first turn of the loop polls the sockets and runs their callbacks, the second the
     tasks they woke (a lease event's watch consumer, which marks the engine dirty), the
     third resumes the listing, whose caller then sees that mark at its next object.
     With one turn, an event met during a listing waited for two more pieces (~2 ms)."""
-    for _ in range(YIELD_TURNS):
+    for _ in range(_YIELD_TURNS):
         await asyncio.sleep(0)
 
 
@@ -353,7 +353,7 @@ class RtNetlink(_NetlinkSocket):
                     # The kernel fills each receive at once, so without this a dump of 40k
                     # objects (a safety-net check at 10k vxlan peers: 0.3 s) would hold the
                     # event loop, and every lease event with it, until its end.
-                    await let_woken_run()
+                    await _let_woken_run()
             finally:
                 if not done:
                     self._abandoned_dump = seq
