@@ -40,18 +40,20 @@ class Checks:
                       str(WHOAMI_PORT), str(timeout), check=False, timeout=timeout + 10)
         return out.stdout.strip()
 
-    def reachability(self, family: int | None = None) -> dict[tuple[str, str], str]:
+    def reachability(self, family: int | None = None,
+                     timeout: float = 3) -> dict[tuple[str, str], str]:
         """(from pod, to pod or 'outside') -> the source address the receiver saw.
         `family` 4 or 6 tests the pods' addresses of that family only (no outside host for
-        6); None tests each pod's primary address (IPv4 unless IPv6-only)."""
+        6); None tests each pod's primary address (IPv4 unless IPv6-only). `timeout`: per
+        connection."""
         out: dict[tuple[str, str], str] = {}
         for a in self.pods.values():
             for b in self.pods.values():
                 dst = b.ip if family is None else b.address(family)
                 if a is not b and dst is not None:
-                    out[(a.name, b.name)] = self.whoami(a.ns, dst)
+                    out[(a.name, b.name)] = self.whoami(a.ns, dst, timeout)
             if self.outside is not None and family != 6:
-                out[(a.name, "outside")] = self.whoami(a.ns, self.outside.addr)
+                out[(a.name, "outside")] = self.whoami(a.ns, self.outside.addr, timeout)
         return out
 
     def subnet_of(self, node: LabNode) -> IPv4Network | None:

@@ -87,8 +87,13 @@ def all_ready(cl: Cluster) -> bool:
             and peers_converged(cl))
 
 
+# A pair's first packet starts a handshake; WireGuard resends a lost initiation only after
+# 5 s (REKEY_TIMEOUT, plus up to 1/3 s of jitter), so a 3 s connection can time out under load.
+CONNECT_TIMEOUT = 8.0
+
+
 def assert_pods_reach_each_other(cl: Cluster) -> None:
-    matrix = cl.reachability()
+    matrix = cl.reachability(timeout=CONNECT_TIMEOUT)
     assert len(matrix) == len(cl.pods) * (len(cl.pods) - 1)
     for (src, dst), seen in matrix.items():
         # no NAT inside the cluster: the receiver sees the sender's pod IP
@@ -326,7 +331,7 @@ def dual() -> Iterator[Cluster]:
 
 def test_dual_stack_pods_reach_each_other_in_both_families(dual: Cluster) -> None:
     for family in (4, 6):
-        matrix = dual.reachability(family)
+        matrix = dual.reachability(family, timeout=CONNECT_TIMEOUT)
         assert len(matrix) == 6
         for (src, dst), seen in matrix.items():
             assert seen == str(dual.pods[src].address(family)), (family, src, dst, seen)
