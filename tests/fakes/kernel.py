@@ -117,7 +117,7 @@ class FakeKernel:
             err = self._failure(op)
             if err == 0:
                 err, events = self._apply_one(op, emit=False)
-                batch += events
+                batch += [_tagged(ev) for ev in events]
             results.append(OpResult(op, err))
         self._emit(batch)
         return results
@@ -290,3 +290,13 @@ class FakeKernel:
 
 
 __all__ = ["FakeKernel", "IPv4Network", "IPv6Network"]
+
+
+def _tagged(ev: RtEvent) -> RtEvent:
+    """A notification of our own request, marked `ours` where the kernel names the
+    requester: routes, nexthops and a neighbour's update, not a neighbour's removal nor
+    an FDB change."""
+    if ev.kind in ("route_new", "route_del", "nexthop_new", "nexthop_del") or (
+            ev.kind == "neigh_new" and isinstance(ev.obj, Neighbour)):
+        return RtEvent(ev.kind, ev.obj, ours=True)
+    return ev

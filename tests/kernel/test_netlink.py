@@ -332,13 +332,13 @@ async def test_neighbour_dump_keeps_every_state(netns: NetNamespace) -> None:
 class EventLog:
     """Reads the monitor continuously in a task, as a daemon would; tests wait on it."""
 
-    def __init__(self, mon: RtMonitor) -> None:
+    def __init__(self, mon: RtMonitor, requester: int = 0) -> None:
         self.events: list[RtEvent] = []
         self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._read(mon))
+        self._task = asyncio.create_task(self._read(mon, requester))
 
-    async def _read(self, mon: RtMonitor) -> None:
-        async for batch in mon.events():
+    async def _read(self, mon: RtMonitor, requester: int) -> None:
+        async for batch in mon.events(requester):
             self.events.extend(batch)
             async with self._changed:
                 self._changed.notify_all()
@@ -393,6 +393,39 @@ async def test_monitor_neighbour_and_fdb_events(netns: NetNamespace) -> None:
             netns.run("bridge", "fdb", "del", "0e:00:00:00:00:01", "dev", "flannel.1",
                       "dst", "192.168.0.2", "self")
             await log.wait_for(lambda e: e == RtEvent("neigh_del", fdb))
+        finally:
+            await log.stop()
+
+
+async def test_notifications_of_our_requests_are_marked_ours(netns: NetNamespace) -> None:
+    """The kernel names the requesting socket in the notifications of routes, nexthops and
+    a neighbour's update, not in a neighbour's removal nor in vxlan FDB changes (the
+    engine remembers only those to recognise its echoes); changes made by `ip` are not
+    ours."""
+    vx = vxlan_setup(netns)
+    neigh, fdb, route = (op.obj for op in peer_ops(vx, 1))
+    assert isinstance(route, Route)
+    nh = Nexthop(77, route.gateway, vx, onlink=True)
+    on_nh = Route(route.dst, route.gateway, vx, onlink=True, nhid=77)
+    with RtMonitor.open(netns.name, routes=True, neighbours=True, nexthops=True) as mon, \
+            RtNetlink.open(netns.name) as nl:
+        log = EventLog(mon, nl.portid)
+        try:
+            adds = [Op("replace", o) for o in (nh, on_nh, neigh, fdb)]
+            dels = [Op("delete", o) for o in (on_nh, nh, neigh, fdb)]
+            assert [r.errno for r in await nl.apply(adds + dels)] == [0] * 8
+            netns.ip("route", "add", "10.99.0.0/24", "dev", "flannel.1")  # the last event
+            await log.wait_for(lambda e: e.kind == "route_new" and isinstance(e.obj, Route)
+                               and str(e.obj.dst) == "10.99.0.0/24")
+            seen = [(e.kind, type(e.obj).__name__, e.ours) for e in log.events
+                    if not (isinstance(e.obj, Route) and e.obj.table != 254)]
+            assert seen == [
+                ("nexthop_new", "Nexthop", True), ("route_new", "Route", True),
+                ("neigh_new", "Neighbour", True), ("neigh_new", "FdbEntry", False),
+                ("route_del", "Route", True), ("nexthop_del", "Nexthop", True),
+                ("neigh_new", "Neighbour", True),  # the removal's first report: FAILED
+                ("neigh_del", "Neighbour", False), ("neigh_del", "FdbEntry", False),
+                ("route_new", "Route", False)], seen
         finally:
             await log.stop()
 

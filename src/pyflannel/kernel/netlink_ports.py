@@ -95,7 +95,7 @@ class NetlinkRoutePort:
     async def events(self) -> AsyncIterator[list[RtEvent]]:
         if self.monitor is None:
             return
-        async for batch in self.monitor.events():
+        async for batch in self.monitor.events(self.nl.portid):
             yield batch
 
     async def lookup(self, dst: Addr) -> Route | None:

@@ -294,6 +294,10 @@ EventKind = Literal[
 class RtEvent:
     kind: EventKind
     obj: Route | Neighbour | FdbEntry | LinkEvent | Nexthop | None
+    # Caused by a request of the given socket (decode_events' `requester`): the kernel
+    # names the requester's port id in route and nexthop notifications and in a
+    # neighbour's update, not in a neighbour's removal nor in any vxlan FDB change.
+    ours: bool = False
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -862,10 +866,18 @@ _EVENT_KINDS: dict[int, EventKind] = {
 }
 
 
-def decode_events(buf: Buffer, end: int) -> list[RtEvent]:
-    """Multicast notifications in one receive buffer -> events (unknown kinds skipped)."""
+def decode_events(buf: Buffer, end: int, requester: int = 0) -> list[RtEvent]:
+    """Multicast notifications in one receive buffer -> events (unknown kinds skipped).
+    `requester`: the port id of a socket whose requests' notifications are `ours`."""
     events: list[RtEvent] = []
-    for mtype, _flags, _seq, start, stop in iter_messages(buf, end):
+    unpack = NLMSGHDR.unpack_from
+    off = 0
+    while off + 16 <= end:  # iter_messages, with the sender's port id
+        length, mtype, _flags, _seq, pid = unpack(buf, off)
+        if length < 16 or off + length > end:
+            raise NetlinkDecodeError(f"bad nlmsg_len {length} at offset {off} of {end}")
+        start, stop = off + 16, off + length
+        off += (length + 3) & ~3
         kind = _EVENT_KINDS.get(mtype)
         if kind is None:
             continue
@@ -879,7 +891,7 @@ def decode_events(buf: Buffer, end: int) -> list[RtEvent]:
         else:
             obj = decode_link(buf, start, stop)
         if obj is not None:
-            events.append(RtEvent(kind, obj))
+            events.append(RtEvent(kind, obj, requester != 0 and pid == requester))
     return events
 
 

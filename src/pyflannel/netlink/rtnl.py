@@ -183,6 +183,11 @@ class _NetlinkSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    @property
+    def portid(self) -> int:
+        """The kernel's address of this socket: notifications of our requests carry it."""
+        return int(self._sock.getsockname()[0])
+
     def _recv_nowait(self) -> int:
         n = self._sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
         if n > len(self._buf):
@@ -491,18 +496,19 @@ class RtMonitor(_NetlinkSocket):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def events(self) -> AsyncIterator[list[RtEvent]]:
+    async def events(self, requester: int = 0) -> AsyncIterator[list[RtEvent]]:
         """One list per batch of notifications already queued. When the kernel dropped some
-        (ENOBUFS) the batch is [RtEvent("overflow", None)]: resync from a full dump."""
+        (ENOBUFS) the batch is [RtEvent("overflow", None)]: resync from a full dump.
+        `requester`: a socket's port id, whose requests' notifications are `ours`."""
         while True:
             batch: list[RtEvent] = []
             try:
                 n = await self._recv()
-                batch.extend(decode_events(self._buf, n))
+                batch.extend(decode_events(self._buf, n, requester))
                 # Drain what is already queued so a burst becomes one batch.
                 while len(batch) < MAX_EVENT_BATCH:
                     n = self._recv_nowait()
-                    batch.extend(decode_events(self._buf, n))
+                    batch.extend(decode_events(self._buf, n, requester))
             except BlockingIOError:
                 pass
             except OSError as e:
