@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
@@ -437,6 +438,56 @@ def test_vxlan_peers_leaving_during_checks_need_no_full_copy() -> None:
         assert rec.stats.cache_repairs == 0
         assert not leaving and set(k.neighbours) == {
             (dev, f"10.244.{n}.0") for n in (2, 4, 6, 7)}
+        assert plan(table.state, await collect(k.dump(scope, nexthops=True)), scope,
+                    nexthops=True) == []
+
+    asyncio.run(run())
+
+
+def test_a_deletion_the_kernel_refuses_stays_cached_and_is_retried() -> None:
+    """The incremental pass takes a leaving peer's objects out of the cache before it
+    sends their deletions. Those the kernel refuses (EBUSY: still there) go back in: the
+    neighbour, FDB entry and nexthop are deleted by the next pass; nothing is dumped."""
+    async def run() -> None:
+        k = FakeKernel()
+        dev = await k.ensure(DeviceSpec("flannel.1", 1, 2, IPv4Address("192.168.1.1"), 0,
+                                        False, False, 1450), "0e:00:00:00:00:01")
+        k._events.get_nowait()
+        scope = KernelScope(route_oifs=frozenset({dev}),
+                            networks=(IPv4Network("10.244.0.0/16"),),
+                            neighbour_ifindexes=frozenset({dev}))
+        rec = KernelReconciler(k, scope, nexthops=True)
+        table = DesiredTable()
+        for n in range(2, 6):
+            gw, mac = IPv4Address(f"10.244.{n}.0"), f"0e:00:00:00:00:{n:02x}"
+            table.put(f"p{n}", PeerState(
+                routes=(Route(IPv4Network(f"10.244.{n}.0/24"), gw, dev, onlink=True),),
+                neighbours=(Neighbour(dev, gw, mac),),
+                fdb=(FdbEntry(dev, mac, IPv4Address(f"192.168.1.{n}")),)))
+        rec.set_desired(table.state)
+        await rec.reconcile_once()
+        drain(k, rec)
+        for kind in (Neighbour, FdbEntry):
+            k.fail_next(kind, errno.EBUSY)
+        table.remove("p3")
+        await rec.reconcile_once()
+        drain(k, rec)
+        assert k.route("10.244.3.0/24") is None
+        assert (dev, "10.244.3.0") in k.neighbours and (dev, "0e:00:00:00:00:03") in k.fdb
+        await rec.reconcile_once()  # the retry
+        drain(k, rec)
+        assert (dev, "10.244.3.0") not in k.neighbours
+        assert (dev, "0e:00:00:00:00:03") not in k.fdb
+
+        nhid = k.route("10.244.4.0/24").nhid  # type: ignore[union-attr]
+        k.fail_next(Nexthop, errno.EBUSY)
+        table.remove("p4")
+        await rec.reconcile_once()
+        drain(k, rec)
+        assert k.route("10.244.4.0/24") is None and (dev, "10.244.4.0") not in k.neighbours
+        assert rec._cache is not None and nhid in rec._cache.nexthops and nhid in k.nexthops
+        await rec.reconcile_once()  # the retry
+        assert nhid not in k.nexthops and k.dumps == 1
         assert plan(table.state, await collect(k.dump(scope, nexthops=True)), scope,
                     nexthops=True) == []
 

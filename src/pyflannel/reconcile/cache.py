@@ -91,8 +91,10 @@ class ObservedCache:
         if r.nhid is not None:
             self._link(r.nhid, k)
 
-    def drop_route(self, r: Route) -> None:
-        k = route_key(r)
+    def drop_route(self, r: Route, k: str | None = None) -> None:
+        """`k`: its key, when the caller has it."""
+        if k is None:
+            k = route_key(r)
         p = r.priority  # 0: the kernel's default metric (the common case, tested first)
         if not p or p == (0 if r.dst.version == 4 else IPV6_DEFAULT_METRIC):
             old = self.routes.pop(k, None)

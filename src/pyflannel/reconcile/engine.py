@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import time
@@ -121,10 +122,11 @@ _KT = TypeVar("_KT")
 _OT = TypeVar("_OT", Neighbour, FdbEntry)
 
 
-def _split_keys(keys: Iterable[_KT], want: Mapping[_KT, _OT], have: Mapping[_KT, _OT],
+def _split_keys(keys: Iterable[_KT], want: Mapping[_KT, _OT], have: dict[_KT, _OT],
                 owns: Callable[[_OT], bool], seen: list[_OT]) -> tuple[dict[_KT, _OT], list[Op]]:
     """For the changed `keys`: what is wanted (its cached object, if any, appended to `seen`
-    for plan to diff against) and the delete ops for ours that nothing wants any more."""
+    for plan to diff against) and the delete ops for ours that nothing wants any more,
+    which leave `have` (the cache) at once: see _after_apply's `taken_from`."""
     wanted: dict[_KT, _OT] = {}
     gone: list[Op] = []
     for k in keys:
@@ -135,6 +137,7 @@ def _split_keys(keys: Iterable[_KT], want: Mapping[_KT, _OT], have: Mapping[_KT,
                 seen.append(h)
         elif h is not None and owns(h):
             gone.append(Op("delete", h))
+            del have[k]
     return wanted, gone
 
 
@@ -752,7 +755,10 @@ class KernelReconciler:
                 want_routes[k] = r
                 seen += haves
             else:
-                route_gone += [Op("delete", h) for h in haves if owns_route(h)]
+                for h in haves:
+                    if owns_route(h):
+                        route_gone.append(Op("delete", h))
+                        c.drop_route(h, k)
             if nexthops:
                 for h in haves:  # a stale route's nexthop may be unused now
                     if h.nhid is not None and h.nhid not in nh_refs:
@@ -760,7 +766,10 @@ class KernelReconciler:
         if self._orphans:
             freed |= self._orphans
             self._orphans = set()
-        nh_gone = sorted(i for i in freed if i not in nh_refs and i in c.nexthops)
+        nh_gone = [Op("delete", c.nexthops[i]) for i in sorted(freed)
+                   if i not in nh_refs and i in c.nexthops]
+        for op in nh_gone:
+            c.drop_nexthop(op.obj.id)  # type: ignore[union-attr]
         want_neigh, neigh_gone = _split_keys(keys.neighbours, d.neighbours, c.neighbours,
                                              scope.owns_neighbour, observed.neighbours)
         want_fdb, fdb_gone = _split_keys(keys.fdb, d.fdb, c.fdb, scope.owns_fdb, observed.fdb)
@@ -770,16 +779,17 @@ class KernelReconciler:
         if want_routes or want_neigh or want_fdb or seen:
             ops += plan(DesiredState(routes=want_routes, neighbours=want_neigh, fdb=want_fdb),
                         observed, scope, nexthops=False)
+        taken_from = len(ops)
         # Routes go before their nexthops (plan's order): deleting a nexthop that routes
         # still use takes them along, but measured 2-8x slower at 10k (a FIB flush each).
         # And nexthops go before the neighbours and FDB entries: deleting 10k vxlan
         # neighbours while the nexthops on their gateways exist took 2x as long.
         ops += route_gone
-        ops += [Op("delete", c.nexthops[i]) for i in nh_gone]
+        ops += nh_gone
         ops += neigh_gone
         ops += fdb_gone
         results = await self._apply(ops)
-        self._after_apply(results)
+        self._after_apply(results, taken_from)
         return results
 
     def _with_nexthop(self, k: str, r: Route, pending: dict[object, int],
@@ -803,12 +813,34 @@ class KernelReconciler:
         return Route(r.dst, r.gateway, r.oif, r.table, r.protocol, r.onlink, r.scope, r.type,
                      nhid)
 
-    def _after_apply(self, results: Sequence[OpResult]) -> None:
+    def _after_apply(self, results: Sequence[OpResult], taken_from: int | None = None) -> None:
         """Our changes into the cache at once (their notifications confirm them later);
-        failed keys are retried with the next pass."""
+        failed keys are retried with the next pass. The results from `taken_from` on are
+        deletions the pass took out of the cache already, where it had their keys at hand
+        (10k vxlan peers leaving: 40k deletions): only their failures matter here."""
         c, scope, retry = self._cache, self.scope, self._retry
         if c is None:
             return
+        if taken_from is not None:
+            for res in itertools.islice(results, taken_from, None):
+                if not res.errno:
+                    continue
+                o = res.op.obj
+                self._echo.pop(hash(_signature(True, o)), None)  # no echo comes
+                if res.errno not in GONE:  # still in the kernel: back into the cache
+                    if isinstance(o, Route):
+                        c.put_route(o, scope, ours=True)
+                        retry.routes.add(route_key(o))
+                    elif isinstance(o, Nexthop):
+                        c.put_nexthop(o, scope, ours=True)
+                        self._orphans.add(o.id)  # unused still: the next pass retries
+                    elif isinstance(o, Neighbour):
+                        c.put_neighbour(o, scope)
+                        retry.neighbours.add(neighbour_key(o))
+                    elif isinstance(o, FdbEntry):
+                        c.put_fdb(o, scope)
+                        retry.fdb.add(fdb_key(o))
+            results = results[:taken_from]
         for res in results:
             op = res.op
             o = op.obj
