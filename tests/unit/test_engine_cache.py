@@ -76,6 +76,30 @@ async def converged(peers: range) -> tuple[FakeKernel, KernelReconciler, Desired
     return k, rec, table
 
 
+async def vxlan_converged(peers: range) -> tuple[FakeKernel, int, KernelScope,
+                                                 KernelReconciler, DesiredTable]:
+    """A reconciler (nexthop objects) whose first pass put vxlan `peers` (route, neighbour
+    and FDB entry each) on a FakeKernel's flannel.1; its echoes taken in."""
+    k = FakeKernel()
+    dev = await k.ensure(DeviceSpec("flannel.1", 1, 2, IPv4Address("192.168.1.1"), 0,
+                                    False, False, 1450), "0e:00:00:00:00:01")
+    k._events.get_nowait()  # the device's own link_new: it exists before we start
+    scope = KernelScope(route_oifs=frozenset({dev}), networks=(IPv4Network("10.244.0.0/16"),),
+                        neighbour_ifindexes=frozenset({dev}))
+    rec = KernelReconciler(k, scope, nexthops=True)
+    table = DesiredTable()
+    for n in peers:
+        gw, mac = IPv4Address(f"10.244.{n}.0"), f"0e:00:00:00:00:{n:02x}"
+        table.put(f"p{n}", PeerState(
+            routes=(Route(IPv4Network(f"10.244.{n}.0/24"), gw, dev, onlink=True),),
+            neighbours=(Neighbour(dev, gw, mac),),
+            fdb=(FdbEntry(dev, mac, IPv4Address(f"192.168.1.{n}")),)))
+    rec.set_desired(table.state)
+    await rec.reconcile_once()
+    drain(k, rec)
+    return k, dev, scope, rec, table
+
+
 async def scenario(steps: list[tuple[str, int, int]], nexthops: bool) -> None:
     k = FakeKernel()
     rec = KernelReconciler(k, SCOPE, nexthops=nexthops)
@@ -401,24 +425,7 @@ def test_vxlan_peers_leaving_during_checks_need_no_full_copy() -> None:
     the local table (a link-local address's) cannot change the cache. So no check
     compares a full copy."""
     async def run() -> None:
-        k = FakeKernel()
-        dev = await k.ensure(DeviceSpec("flannel.1", 1, 2, IPv4Address("192.168.1.1"), 0,
-                                        False, False, 1450), "0e:00:00:00:00:01")
-        k._events.get_nowait()  # the device's own link_new: it exists before we start
-        scope = KernelScope(route_oifs=frozenset({dev}),
-                            networks=(IPv4Network("10.244.0.0/16"),),
-                            neighbour_ifindexes=frozenset({dev}))
-        rec = KernelReconciler(k, scope, nexthops=True)
-        table = DesiredTable()
-        for n in range(2, 8):
-            gw, mac = IPv4Address(f"10.244.{n}.0"), f"0e:00:00:00:00:{n:02x}"
-            table.put(f"p{n}", PeerState(
-                routes=(Route(IPv4Network(f"10.244.{n}.0/24"), gw, dev, onlink=True),),
-                neighbours=(Neighbour(dev, gw, mac),),
-                fdb=(FdbEntry(dev, mac, IPv4Address(f"192.168.1.{n}")),)))
-        rec.set_desired(table.state)
-        await rec.reconcile_once()
-        drain(k, rec)
+        k, dev, scope, rec, table = await vxlan_converged(range(2, 8))
         leaving = [3, 5]
         local = Route(IPv6Network("fe80::1/128"), None, dev, table=RT_TABLE_LOCAL,
                       type=RTN_LOCAL)
@@ -449,24 +456,7 @@ def test_a_deletion_the_kernel_refuses_stays_cached_and_is_retried() -> None:
     sends their deletions. Those the kernel refuses (EBUSY: still there) go back in: the
     neighbour, FDB entry and nexthop are deleted by the next pass; nothing is dumped."""
     async def run() -> None:
-        k = FakeKernel()
-        dev = await k.ensure(DeviceSpec("flannel.1", 1, 2, IPv4Address("192.168.1.1"), 0,
-                                        False, False, 1450), "0e:00:00:00:00:01")
-        k._events.get_nowait()
-        scope = KernelScope(route_oifs=frozenset({dev}),
-                            networks=(IPv4Network("10.244.0.0/16"),),
-                            neighbour_ifindexes=frozenset({dev}))
-        rec = KernelReconciler(k, scope, nexthops=True)
-        table = DesiredTable()
-        for n in range(2, 6):
-            gw, mac = IPv4Address(f"10.244.{n}.0"), f"0e:00:00:00:00:{n:02x}"
-            table.put(f"p{n}", PeerState(
-                routes=(Route(IPv4Network(f"10.244.{n}.0/24"), gw, dev, onlink=True),),
-                neighbours=(Neighbour(dev, gw, mac),),
-                fdb=(FdbEntry(dev, mac, IPv4Address(f"192.168.1.{n}")),)))
-        rec.set_desired(table.state)
-        await rec.reconcile_once()
-        drain(k, rec)
+        k, dev, scope, rec, table = await vxlan_converged(range(2, 6))
         for kind in (Neighbour, FdbEntry):
             k.fail_next(kind, errno.EBUSY)
         table.remove("p3")
