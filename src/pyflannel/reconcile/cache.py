@@ -14,7 +14,7 @@ that use it along without a notification, so its routes leave the cache with it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 
 from pyflannel.netlink import FdbEntry, Neighbour, Nexthop, Op, Route
 from pyflannel.reconcile.plan import (
@@ -365,36 +365,41 @@ class CacheCheck:
         self._listed = 0
         self._held = self._count(kind)
 
-    def changing(self, ops: Iterable[Op]) -> None:
+    def changing(self, ops: Sequence[Op], taken_from: int | None = None) -> None:
         """These ops are about to be applied (the kernel and the cache changed) while the
         current segment is listed: what is still to come of the listing may show their
         objects as before or as after, so their keys are skipped, and what the cache holds
         at them leaves the count, as listed or as held. That keeps the count exact where
         the kernel's listing goes on from the last key it gave (routes, by prefix); where
         it may go on from a position (see _POSITIONAL), or for a key the listing itself
-        brought into the cache, the listing is not counted (`interrupted`)."""
+        brought into the cache, the listing is not counted (`interrupted`).
+        The ops from `taken_from` on are deletions the pass took out of the cache already
+        (the engine's `taken_from`): each was held, and counts as such."""
+        if taken_from is None:
+            taken_from = len(ops)
         kind, skip, c = self._kind, self._skip, self.cache
-        for op in ops:
+        for i, op in enumerate(ops):
             o = op.obj
+            gone = i >= taken_from
             if type(o) is Route:
                 if kind != "routes":
                     continue
                 rk = route_key(o)
                 k: object = rk
-                cached = (rk in c.routes) + len(c.extra.get(rk, ()))
+                cached = (rk in c.routes) + len(c.extra.get(rk, ())) + gone
             elif type(o) is Nexthop:
                 if kind != "nexthops":
                     continue
                 k = o.id
-                cached = k in c.nexthops
+                cached = gone or k in c.nexthops
             elif type(o) is Neighbour:
                 if kind != "neighbours":
                     continue
                 k = neighbour_key(o)
-                cached = k in c.neighbours
+                cached = gone or k in c.neighbours
             elif kind == "fdb" and isinstance(o, FdbEntry):
                 k = fdb_key(o)
-                cached = k in c.fdb
+                cached = gone or k in c.fdb
             else:
                 continue
             if k in skip:

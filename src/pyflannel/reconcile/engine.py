@@ -388,12 +388,13 @@ class KernelReconciler:
             elif type(o) is Neighbour and op.action == "delete":
                 echo[hash((True, "neigh", o.ifindex, int(o.ip), ""))] = deadline
 
-    async def _apply(self, ops: list[Op]) -> list[OpResult]:
+    async def _apply(self, ops: list[Op], taken_from: int | None = None) -> list[OpResult]:
+        """`taken_from`: see _after_apply."""
         if not ops:
             return []
         self._expect_echoes(ops)
         if self._check is not None:
-            self._check.changing(ops)
+            self._check.changing(ops, taken_from)
         return await self.port.apply(ops)
 
     def _contradiction(self, ev: RtEvent) -> str | None:
@@ -788,7 +789,7 @@ class KernelReconciler:
         ops += nh_gone
         ops += neigh_gone
         ops += fdb_gone
-        results = await self._apply(ops)
+        results = await self._apply(ops, taken_from)
         self._after_apply(results, taken_from)
         return results
 
