@@ -317,6 +317,7 @@ def build_launcher(root: Path, out: Path) -> None:
             # RPATH (not RUNPATH) so that it also applies to libraries' own dependencies
             # and to dlopen()ed extension modules.
             "-Wl,--disable-new-dtags", "-Wl,-rpath,$ORIGIN/../lib", "-Wl,--build-id=sha1",
+            "-Wl,--wrap=_Py_Deepfreeze_Init",  # see launcher.c
             "-o", str(out), str(LAUNCHER_SOURCE), str(dev / LIBPYTHON), "-lm", "-lz", "-lexpat"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
