@@ -16,7 +16,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from pyflannel.iface.select import ExternalInterface
-from pyflannel.kernel.ports import DUMP_KINDS, Addr, DeviceSpec, ExistingDevice, Net, Owned
+from pyflannel.kernel.ports import (
+    DUMP_KINDS,
+    Addr,
+    DeviceSpec,
+    ExistingDevice,
+    Keyed,
+    Net,
+    Owned,
+)
 from pyflannel.netlink import (
     RTN_UNICAST,
     FdbEntry,
@@ -57,6 +65,7 @@ class FakeKernel:
         self._events: asyncio.Queue[list[RtEvent]] = asyncio.Queue()
         self.applied = 0  # ops applied, for tests that count work
         self.dumps = 0
+        self.asked = 0  # objects asked for by key (dump with `only`)
         self.closed = False
 
     # -- what tests look at / do --------------------------------------------------------
@@ -88,7 +97,19 @@ class FakeKernel:
     # -- RoutePort ------------------------------------------------------------------------
 
     async def dump(self, scope: KernelScope, *, nexthops: bool,
-                   kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
+                   kinds: Collection[str] = DUMP_KINDS,
+                   only: Sequence[Keyed] = ()
+                   ) -> AsyncGenerator[Owned, None]:
+        if only:
+            self.asked += len(only)
+            for o in only:
+                have = (self.nexthops.get(o.id) if isinstance(o, Nexthop) else
+                        self.neighbours.get((o.ifindex, str(o.ip)))
+                        if isinstance(o, Neighbour) else
+                        self.fdb.get((o.ifindex, o.lladdr.lower())))
+                if have is not None:
+                    yield have
+            return
         fams = {4 if f == 2 else 6 for f in scope.families}
         # listed from copies, as the kernel's dump is a read of its state at the time
         if "routes" in kinds:

@@ -627,6 +627,34 @@ async def test_nexthops_replace_dump_delete(netns: NetNamespace) -> None:
         }
 
 
+async def test_objects_asked_for_by_key(netns: NetNamespace) -> None:
+    """get_objects: the kernel's nexthop, neighbour and FDB entry at each key (made here
+    with ip and bridge, so our encoder is not checked against itself), None where it has
+    none; in windows of 2, so each window's last request carries the ack."""
+    vx = vxlan_setup(netns)
+    v0 = ifindex(netns, "v0")
+    netns.ip("nexthop", "add", "id", "7", "via", "192.168.0.2", "dev", "v0", "proto", "boot")
+    netns.ip("neigh", "add", "10.244.3.0", "lladdr", "0e:00:00:00:00:03", "dev", "flannel.1",
+             "nud", "permanent")
+    netns.run("bridge", "fdb", "add", "0e:00:00:00:00:03", "dev", "flannel.1", "dst",
+              "192.168.0.4", "self", "permanent")
+    nh = Nexthop(7, ip4("192.168.0.2"), v0)
+    neigh = Neighbour(vx, ip4("10.244.3.0"), "0e:00:00:00:00:03")
+    fdb = FdbEntry(vx, "0e:00:00:00:00:03", ip4("192.168.0.4"))
+    absent = [Nexthop(8, None, None), Neighbour(vx, ip4("10.244.4.0"), "0e:00:00:00:00:04"),
+              FdbEntry(vx, "0e:00:00:00:00:04", ip4("192.168.0.5"))]
+    with RtNetlink.open(netns.name) as nl:
+        got = await nl.get_objects([nh, absent[0], neigh, absent[1], fdb, absent[2]], window=2)
+        assert got[1::2] == [None, None, None]
+        have_nh, have_neigh, have_fdb = got[0::2]
+        assert have_nh == nh
+        assert isinstance(have_neigh, Neighbour) and (have_neigh.ip, have_neigh.lladdr) == (
+            neigh.ip, neigh.lladdr)
+        assert have_fdb == fdb
+        assert await nl.get_objects([absent[0]]) == [None]  # the socket is in step after
+        assert await nl.get_objects([]) == []
+
+
 async def test_routes_with_nhid(netns: NetNamespace) -> None:
     v0 = with_veth(netns)
     with RtNetlink.open(netns.name) as nl:

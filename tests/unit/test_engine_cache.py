@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from hypothesis import given, settings
@@ -17,9 +17,18 @@ from hypothesis import strategies as st
 
 from pyflannel.backend.base import DesiredTable, PeerState
 from pyflannel.backend.hostgw import host_gw_peer_state
-from pyflannel.kernel.ports import DUMP_KINDS, DeviceSpec, Owned, collect
+from pyflannel.kernel.ports import DUMP_KINDS, DeviceSpec, Keyed, Owned, collect
 from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.netlink import DumpInterrupted, FdbEntry, Neighbour, Nexthop, Op, Route, RtEvent
+from pyflannel.netlink import (
+    DumpInterrupted,
+    FdbEntry,
+    Neighbour,
+    NetlinkError,
+    Nexthop,
+    Op,
+    Route,
+    RtEvent,
+)
 from pyflannel.netlink.codec import RT_TABLE_LOCAL, RTN_LOCAL
 from pyflannel.reconcile.cache import CacheCheck, ObservedCache
 from pyflannel.reconcile.engine import KernelReconciler
@@ -261,9 +270,9 @@ def test_the_safety_net_compares_as_the_dump_streams_and_keeps_the_cached_object
         real = k.dump
 
         async def dump_with_event(scope: KernelScope, *, nexthops: bool,
-                                  kinds: Collection[str] = DUMP_KINDS
-                                  ) -> AsyncIterator[Owned]:
-            async for o in real(scope, nexthops=nexthops, kinds=kinds):
+                                  kinds: Collection[str] = DUMP_KINDS,
+                                  only: Sequence[Keyed] = ()) -> AsyncIterator[Owned]:
+            async for o in real(scope, nexthops=nexthops, kinds=kinds, only=only):
                 yield o
                 drain(k, rec)  # the foreign change's notification, between two chunks
 
@@ -292,11 +301,12 @@ class Listings:
         self.listed: list[tuple[str, int]] = []
 
     async def dump(self, scope: KernelScope, *, nexthops: bool,
-                   kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
-        name = ",".join(kinds)
+                   kinds: Collection[str] = DUMP_KINDS,
+                   only: Sequence[Keyed] = ()) -> AsyncGenerator[Owned, None]:
+        name = "by key" if only else ",".join(kinds)
         self.listed.append((name, 0))
         i = 0
-        async for o in self.real(scope, nexthops=nexthops, kinds=kinds):
+        async for o in self.real(scope, nexthops=nexthops, kinds=kinds, only=only):
             yield o
             i += 1
             self.listed[-1] = (name, i)
@@ -388,26 +398,70 @@ def test_a_route_lost_unseen_is_found_within_two_checks_however_busy_the_leases_
     asyncio.run(run())
 
 
-def test_a_dump_the_kernel_says_was_interrupted_is_compared_but_not_counted() -> None:
+def interrupted_listing(k: FakeKernel, kind: str, shown: int) -> Callable[..., AsyncGenerator[
+        Owned, None]]:
+    """FakeKernel's dump, but a listing of `kind` shows only its first `shown` objects and
+    ends with NLM_F_DUMP_INTR (DumpInterrupted), as the kernel's may after a change."""
+    real = k.dump
+
+    async def dump(scope: KernelScope, *, nexthops: bool,
+                   kinds: Collection[str] = DUMP_KINDS,
+                   only: Sequence[Keyed] = ()) -> AsyncGenerator[Owned, None]:
+        listed = 0
+        async for o in real(scope, nexthops=nexthops, kinds=kinds, only=only):
+            listed += 1
+            if tuple(kinds) != (kind,) or listed <= shown:  # missed some, as the flag allows
+                yield o
+        if tuple(kinds) == (kind,):
+            raise DumpInterrupted("dump interrupted by a concurrent change")
+
+    return dump
+
+
+def test_what_an_interrupted_listing_did_not_show_is_asked_for_by_key() -> None:
     """NLM_F_DUMP_INTR (DumpInterrupted at the listing's end): no error, the cache stays,
-    nothing is taken for missing, and the next check holds events while it lists that
-    kind."""
+    nothing is taken for missing. The cached objects the listing did not show are asked
+    for by key, so the listing counts and the next check holds no events. One of them
+    gone without a notification is found that way and put back, with no full copy."""
+    async def run() -> None:
+        k, rec, _table = await converged(range(2, 8))
+        k.dump = interrupted_listing(k, "nexthops", 2)  # type: ignore[method-assign]
+        await rec.reconcile_once(full=True)
+        assert rec._cache is not None and rec.stats.cache_repairs == 0
+        assert rec._hold_kinds == set() and k.asked == 6 - 2
+
+        k, dev, _scope, rec, _t = await vxlan_converged(range(2, 8))
+        lost = (dev, "10.244.6.0")
+        k._apply_one(Op("delete", k.neighbours[lost]), emit=False)  # its notification lost
+        k.dump = interrupted_listing(k, "neighbours", 2)  # type: ignore[method-assign]
+        with Listings(k, lambda kinds, i: None) as listings:
+            await rec.reconcile_once(full=True)
+        assert [kinds for kinds, _ in listings.listed] == [*DUMP_KINDS[:3], "by key",
+                                                          DUMP_KINDS[3]]
+        assert rec.stats.cache_repairs == 1 and rec._hold_kinds == set() and k.asked == 6 - 2
+        drain(k, rec)
+        assert lost in k.neighbours  # put back by the check's incremental pass
+
+    asyncio.run(run())
+
+
+def test_a_kernel_that_cannot_answer_by_key_has_the_next_check_hold() -> None:
+    """Asking by key failing (a kernel without `ip nexthop get`, say): the interrupted
+    listing is not counted, and the next check holds events while it lists that kind."""
     async def run() -> None:
         k, rec, _table = await converged(range(2, 8))
         real = k.dump
+        listing = interrupted_listing(k, "nexthops", 2)
 
-        async def interrupted(scope: KernelScope, *, nexthops: bool,
-                              kinds: Collection[str] = DUMP_KINDS
-                              ) -> AsyncGenerator[Owned, None]:
-            listed = 0
-            async for o in real(scope, nexthops=nexthops, kinds=kinds):
-                listed += 1
-                if kinds != ("nexthops",) or listed < 3:  # missed some, as the flag allows
-                    yield o
-            if kinds == ("nexthops",):
-                raise DumpInterrupted("dump interrupted by a concurrent change")
+        async def cannot_answer(scope: KernelScope, *, nexthops: bool,
+                                kinds: Collection[str] = DUMP_KINDS,
+                                only: Sequence[Keyed] = ()) -> AsyncGenerator[Owned, None]:
+            if only:
+                raise NetlinkError(errno.EOPNOTSUPP, "")
+            async for o in listing(scope, nexthops=nexthops, kinds=kinds):
+                yield o
 
-        k.dump = interrupted  # type: ignore[method-assign]
+        k.dump = cannot_answer  # type: ignore[method-assign]
         await rec.reconcile_once(full=True)
         k.dump = real  # type: ignore[method-assign]
         assert rec._cache is not None and rec.stats.cache_repairs == 0

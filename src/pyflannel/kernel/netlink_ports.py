@@ -9,7 +9,15 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyflannel.kernel.ports import DUMP_KINDS, Addr, DeviceSpec, ExistingDevice, Net, Owned
+from pyflannel.kernel.ports import (
+    DUMP_KINDS,
+    Addr,
+    DeviceSpec,
+    ExistingDevice,
+    Keyed,
+    Net,
+    Owned,
+)
 from pyflannel.netlink import (
     IFA_F_NODAD,
     IFA_F_NOPREFIXROUTE,
@@ -63,8 +71,15 @@ class NetlinkRoutePort:
             raise
 
     async def dump(self, scope: KernelScope, *, nexthops: bool,
-                   kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
+                   kinds: Collection[str] = DUMP_KINDS,
+                   only: Sequence[Keyed] = ()
+                   ) -> AsyncGenerator[Owned, None]:
         nl = self.dumps
+        if only:
+            for o in await nl.get_objects(only):
+                if o is not None:
+                    yield o
+            return
         if "routes" in kinds:
             for fam in scope.families:
                 async for r in nl.dump_routes(fam, table=scope.table):

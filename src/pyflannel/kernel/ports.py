@@ -26,18 +26,22 @@ from pyflannel.reconcile.plan import KernelScope, Observed, WgDevice, WgPeer
 Addr = IPv4Address | IPv6Address
 Net = IPv4Network | IPv6Network
 Owned = Route | Nexthop | Neighbour | FdbEntry
+Keyed = Nexthop | Neighbour | FdbEntry  # what the kernel answers for by key (dump's `only`)
 # What a dump lists, in its order; the safety net dumps one kind at a time.
 DUMP_KINDS = ("routes", "nexthops", "neighbours", "fdb")
 
 
 class RoutePort(Protocol):
     def dump(self, scope: KernelScope, *, nexthops: bool,
-             kinds: Collection[str] = DUMP_KINDS) -> AsyncGenerator[Owned, None]:
+             kinds: Collection[str] = DUMP_KINDS,
+             only: Sequence[Keyed] = ()) -> AsyncGenerator[Owned, None]:
         """The objects `scope` owns (routes also when they use a nexthop object) as the
         kernel lists them: routes, then nexthops, neighbours, FDB entries (those of
         `kinds`; nexthops only with `nexthops`). A stream, so a caller that compares as it
         reads (the safety net) holds no second copy; `apply` may be called while it is
-        suspended (the safety net applies lease events in the middle of its listing)."""
+        suspended (the safety net applies lease events in the middle of its listing).
+        With `only`: instead, the kernel's state of just those objects, asked for by key,
+        the ones it has (the safety net's look at what a disturbed listing did not show)."""
         ...
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:

@@ -558,6 +558,24 @@ def encode_address_dump(family: int, seq: int) -> bytes:
     return _message(RTM_GETADDR, _FLAGS_DUMP, seq, IFADDRMSG.pack(family, 0, 0, 0, 0))
 
 
+def encode_get(obj: Nexthop | Neighbour | FdbEntry, seq: int, *, ack: bool = False) -> bytes:
+    """A request for the kernel's current state of one object, by its key: RTM_GETNEXTHOP by
+    id (`ip nexthop get`), RTM_GETNEIGH by device and address (`ip neigh get`), AF_BRIDGE
+    RTM_GETNEIGH by device and MAC (`bridge fdb get`: the entry with its first remote; the
+    kernel refuses an NDA_DST there). Answered with the object, or ENOENT."""
+    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    if isinstance(obj, Nexthop):
+        body = NHMSG.pack(0, 0, 0, 0, 0) + _ATTR_U32.pack(8, NHA_ID, obj.id)
+        return _message(RTM_GETNEXTHOP, flags, seq, body)
+    if isinstance(obj, Neighbour):
+        body = (NDMSG.pack(_family_of(obj.ip.version), 0, 0, obj.ifindex, 0, 0, 0)
+                + _attr(NDA_DST, obj.ip.packed))
+        return _message(RTM_GETNEIGH, flags, seq, body)
+    body = (NDMSG.pack(AF_BRIDGE, 0, 0, obj.ifindex, 0, NTF_SELF, 0)
+            + _attr(NDA_LLADDR, parse_lladdr(obj.lladdr)))
+    return _message(RTM_GETNEIGH, flags, seq, body)
+
+
 def encode_get_route(dst: IPv4Address | IPv6Address, seq: int) -> bytes:
     """RTM_GETROUTE for one address (`ip route get`)."""
     family = _family_of(dst.version)

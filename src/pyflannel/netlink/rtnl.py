@@ -53,6 +53,7 @@ from pyflannel.netlink.codec import (
     decode_route,
     encode_address_dump,
     encode_fdb_dump,
+    encode_get,
     encode_get_route,
     encode_link_dump,
     encode_neigh_dump,
@@ -423,6 +424,42 @@ class RtNetlink(_NetlinkSocket):
         async for addr in self._dump(lambda seq: encode_address_dump(family, seq), RTM_NEWADDR,
                                      decode_address, None):
             yield addr
+
+    async def get_objects(self, objs: Sequence[Nexthop | Neighbour | FdbEntry], *,
+                          window: int = 128) -> list[Nexthop | Neighbour | FdbEntry | None]:
+        """The kernel's current state of each object, asked for by its key (see
+        `encode_get`); None where it has none (ENOENT, or ENODEV for a device gone). Any
+        other error raises NetlinkError. `window` requests per send(), the last asking
+        for an ack: the kernel answers in order, so that ack comes after every answer."""
+        window = max(1, min(window, MAX_WINDOW))
+        out: list[Nexthop | Neighbour | FdbEntry | None] = [None] * len(objs)
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await self._drain_abandoned()
+            base_all = self._next_seqs(len(objs)) if objs else 0
+            for first in range(0, len(objs), window):
+                count = min(window, len(objs) - first)
+                base = (base_all + first) & 0xFFFFFFFF
+                await loop.sock_sendall(self._sock, b"".join(
+                    encode_get(objs[first + i], (base + i) & 0xFFFFFFFF, ack=i == count - 1)
+                    for i in range(count)))
+                done = False
+                while not done:
+                    n = await self._recv()
+                    for mtype, flags, seq, start, stop in iter_messages(self._buf, n):
+                        idx = (seq - base) & 0xFFFFFFFF
+                        if idx >= count:
+                            continue  # a late answer to an abandoned request
+                        if mtype == NLMSG_ERROR:
+                            err, message = decode_error(self._buf, start, stop, flags)
+                            if err and err not in (errno_mod.ENOENT, errno_mod.ENODEV):
+                                raise NetlinkError(err, message)
+                            done = done or idx == count - 1
+                        elif mtype == RTM_NEWNEXTHOP:
+                            out[first + idx] = decode_nexthop(self._buf, start, stop)
+                        elif mtype == RTM_NEWNEIGH:
+                            out[first + idx] = decode_neigh(self._buf, start, stop)
+        return out
 
     async def get_route(self, dst: IPv4Address | IPv6Address) -> Route | None:
         """The route the kernel would use for `dst` (`ip route get`); None when unreachable.

@@ -467,6 +467,66 @@ class CacheCheck:
                 self.keys.fdb.add(fk)
                 c.put_fdb(o, scope)
 
+    def unseen(self, limit: int) -> list[Nexthop | Neighbour | FdbEntry] | None:
+        """After an uncounted listing of nexthops, neighbours or FDB entries (the kinds the
+        kernel answers for by key): the cached objects of that kind it did not show, those
+        changed during it aside. None for routes, or when there are more than `limit`."""
+        kind, c = self._kind, self.cache
+        items: Iterable[tuple[object, Nexthop | Neighbour | FdbEntry]]
+        if kind == "nexthops":
+            items = c.nexthops.items()
+        elif kind == "neighbours":
+            items = c.neighbours.items()
+        elif kind == "fdb":
+            items = c.fdb.items()
+        else:
+            return None
+        seen, skip, fresh = set(self._seen), self._skip, self._fresh
+        out: list[Nexthop | Neighbour | FdbEntry] = []
+        for k, o in items:
+            if hash(k) in seen or k in skip or k in fresh:
+                continue
+            if len(out) == limit:
+                return None
+            out.append(o)
+        return out
+
+    def confirm(self, asked: Sequence[Nexthop | Neighbour | FdbEntry],
+                found: Iterable[Nexthop | Neighbour | FdbEntry]) -> None:
+        """The kernel's answers for `unseen()`: each object found is compared as if listed;
+        one asked for and not found is a difference (cached, not in the kernel), taken out
+        of the cache with its key marked. Every cached object of the kind is then accounted
+        for: the listing counts as complete."""
+        c, keys = self.cache, self.keys
+        found_keys: set[object] = set()
+        for o in found:
+            found_keys.add(o.id if isinstance(o, Nexthop) else
+                           neighbour_key(o) if isinstance(o, Neighbour) else fdb_key(o))
+            self.see(o)
+        for o in asked:
+            # Gone from the cache already: a notification of its removal came meanwhile.
+            if isinstance(o, Nexthop):
+                if o.id in found_keys or o.id not in c.nexthops:
+                    continue
+                self.nhids.add(o.id)
+                keys.routes |= c.drop_nexthop(o.id)  # and its routes, as the kernel's did
+                what = f"nexthop {o.id}"
+            elif isinstance(o, Neighbour):
+                nk = neighbour_key(o)
+                if nk in found_keys or c.neighbours.pop(nk, None) is None:
+                    continue
+                keys.neighbours.add(nk)
+                what = f"neighbour {nk[1]} on #{nk[0]}"
+            else:
+                fk = fdb_key(o)
+                if fk in found_keys or c.fdb.pop(fk, None) is None:
+                    continue
+                keys.fdb.add(fk)
+                what = f"FDB entry {fk[1]} on #{fk[0]}"
+            self.diffs.append(_difference(what, o, None))
+        self.interrupted = False
+        self._listed = self._held
+
     def complete(self) -> bool:
         """Every object cached when each counted segment began was listed (an interrupted
         segment is not counted)."""

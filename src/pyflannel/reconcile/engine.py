@@ -18,8 +18,10 @@ everything, which would hold the events behind it). Its cost is the dump: at 10k
 core at that period; at 10k vxlan peers (40k objects) 200-350 ms. It lists one kind at a
 time (routes, nexthops, neighbours, FDB entries) on a socket of its own, in pieces of
 ~100 objects with the event loop running between two, and applies a lease event that
-comes in right away, in the middle of the listing (6-9 ms end to end at 10k vxlan). Only
-a check after a listing whose count a change made unusable (see `_check_pass`) holds
+comes in right away, in the middle of the listing (6-9 ms end to end at 10k vxlan). A
+change can make the kernel's listing of nexthops, neighbours or FDB entries skip others;
+the check then asks the kernel, by key, for each cached object that listing did not show
+(a few). Only where that cannot be done (see `_check_pass`) does the next check hold
 events while it lists that kind (~50-100 ms at 10k).
 
 The traffic rules ride on the same driver (`RuleSync`): ensured at start and every
@@ -39,13 +41,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from pyflannel.kernel.ports import DUMP_KINDS, RoutePort, collect
+from pyflannel.kernel.ports import DUMP_KINDS, Owned, RoutePort, collect
 from pyflannel.netlink import (
     RTN_BLACKHOLE,
     RTN_UNICAST,
     DumpInterrupted,
     FdbEntry,
     Neighbour,
+    NetlinkError,
     Nexthop,
     Op,
     OpResult,
@@ -75,6 +78,9 @@ log = logging.getLogger(__name__)
 
 LOG_EACH_LIMIT = 50  # changes logged one by one per pass; beyond that, a summary
 DRIFT_LOG_LIMIT = 10  # drift events logged one by one per netlink batch
+# Objects a check asks the kernel for by key after a disturbed listing (about one per
+# change made during it; each answer ~20 us); beyond that, the next check holds instead.
+UNSEEN_LIMIT = 256
 # How long after a change its notification counts as our own echo (they arrive within
 # milliseconds; the window only bounds what a lost notification leaves behind).
 ECHO_WINDOW = 2.0
@@ -586,10 +592,11 @@ class KernelReconciler:
         # applied at once, between two of its objects (the dump waits in its socket); the
         # listing then skips what that changed, which leaves its count (CacheCheck). Where
         # the count cannot be kept exact (a change of a kind the kernel may list by
-        # position, or a listing the kernel says was interrupted), objects lost unseen are
-        # not looked for in that kind this time; the next check holds
-        # what comes in while it lists that kind (10k objects at most), so they are found
-        # within two periods however much the kernel's tables change.
+        # position, or a listing the kernel says was interrupted), the cached objects the
+        # listing did not show are asked for by key (_look_at_unseen). Where that cannot
+        # be done, objects lost unseen are not looked for in that kind this time; the next
+        # check holds what comes in while it lists that kind (10k objects at most), so
+        # they are found within two periods however much the kernel's tables change.
         check = CacheCheck(old, self.scope)
         drift = False
         quiet = True  # no notification but our echoes while a counted segment was listed
@@ -626,7 +633,13 @@ class KernelReconciler:
             if self._cache is not old:
                 return results, drift  # a notification dropped the cache
             if check.interrupted:
-                self._hold_kinds.add(kind)
+                verified = await self._look_at_unseen(check)
+                if self._cache is not old:
+                    return results, drift
+                if verified:
+                    self._hold_kinds.discard(kind)
+                else:
+                    self._hold_kinds.add(kind)
             else:
                 self._hold_kinds.discard(kind)
                 quiet = quiet and self._events_seen == events
@@ -655,6 +668,27 @@ class KernelReconciler:
         results += await self._incremental_pass()
         self._next_full = asyncio.get_running_loop().time() + self.resync_interval
         return results, drift
+
+    async def _look_at_unseen(self, check: CacheCheck) -> bool:
+        """After a listing of nexthops, neighbours or FDB entries that a change made
+        uncountable: ask the kernel for each cached object it did not show, by key (a few:
+        what the change made the listing skip, plus anything lost), so that no later check
+        has to hold events while it lists that kind. False when that cannot be done (routes,
+        more than UNSEEN_LIMIT, or a kernel that cannot answer): the next check holds."""
+        asked = check.unseen(UNSEEN_LIMIT)
+        if asked is None:
+            return False
+        found: list[Owned] = []
+        if asked:
+            try:
+                async with contextlib.aclosing(self.port.dump(
+                        self.scope, nexthops=True, only=asked)) as answers:
+                    found = [o async for o in answers]
+            except NetlinkError as e:
+                log.debug("Cannot ask the kernel for %d objects by key: %s", len(asked), e)
+                return False
+        check.confirm(asked, [o for o in found if not isinstance(o, Route)])
+        return True
 
     def _take_pending(self) -> bool:
         """Before a pass takes what woke it: clear the wake-up; whether drift was in it."""
