@@ -48,6 +48,7 @@ from pyflannel.netlink import (
     DumpInterrupted,
     FdbEntry,
     Neighbour,
+    NetlinkDecodeError,
     NetlinkError,
     Nexthop,
     Op,
@@ -684,7 +685,7 @@ class KernelReconciler:
                 async with contextlib.aclosing(self.port.dump(
                         self.scope, nexthops=True, only=asked)) as answers:
                     found = [o async for o in answers]
-            except NetlinkError as e:
+            except (NetlinkError, NetlinkDecodeError) as e:
                 log.debug("Cannot ask the kernel for %d objects by key: %s", len(asked), e)
                 return False
         check.confirm(asked, [o for o in found if not isinstance(o, Route)])
