@@ -36,6 +36,7 @@ from pyflannel.netlink import (
     FdbEntry,
     LinkEvent,
     Neighbour,
+    NetlinkError,
     Nexthop,
     Op,
     Route,
@@ -651,8 +652,13 @@ async def test_objects_asked_for_by_key(netns: NetNamespace) -> None:
         assert isinstance(have_neigh, Neighbour) and (have_neigh.ip, have_neigh.lladdr) == (
             neigh.ip, neigh.lladdr)
         assert have_fdb == fdb
-        assert await nl.get_objects([absent[0]]) == [None]  # the socket is in step after
         assert await nl.get_objects([]) == []
+        # A request the kernel refuses (id 0 is no nexthop's) raises; the socket serves
+        # the next call, whose answers are told from the refused batch's by sequence.
+        with pytest.raises(NetlinkError) as refused:
+            await nl.get_objects([Nexthop(0, None, None), nh, absent[0]])
+        assert refused.value.errno == errno.EINVAL
+        assert await nl.get_objects([absent[0], nh]) == [None, nh]
 
 
 async def test_routes_with_nhid(netns: NetNamespace) -> None:

@@ -429,10 +429,12 @@ class RtNetlink(_NetlinkSocket):
                           window: int = 128) -> list[Nexthop | Neighbour | FdbEntry | None]:
         """The kernel's current state of each object, asked for by its key (see
         `encode_get`); None where it has none (ENOENT, or ENODEV for a device gone). Any
-        other error raises NetlinkError. `window` requests per send(), the last asking
-        for an ack: the kernel answers in order, so that ack comes after every answer."""
+        other error raises NetlinkError, once every answer is in (the socket stays in
+        step). `window` requests per send(), the last asking for an ack: the kernel
+        answers in order, so that ack comes after every answer."""
         window = max(1, min(window, MAX_WINDOW))
         out: list[Nexthop | Neighbour | FdbEntry | None] = [None] * len(objs)
+        failure: NetlinkError | None = None
         loop = asyncio.get_running_loop()
         async with self._lock:
             await self._drain_abandoned()
@@ -453,12 +455,14 @@ class RtNetlink(_NetlinkSocket):
                         if mtype == NLMSG_ERROR:
                             err, message = decode_error(self._buf, start, stop, flags)
                             if err and err not in (errno_mod.ENOENT, errno_mod.ENODEV):
-                                raise NetlinkError(err, message)
+                                failure = failure or NetlinkError(err, message)
                             done = done or idx == count - 1
                         elif mtype == RTM_NEWNEXTHOP:
                             out[first + idx] = decode_nexthop(self._buf, start, stop)
                         elif mtype == RTM_NEWNEIGH:
                             out[first + idx] = decode_neigh(self._buf, start, stop)
+        if failure is not None:
+            raise failure
         return out
 
     async def get_route(self, dst: IPv4Address | IPv6Address) -> Route | None:
