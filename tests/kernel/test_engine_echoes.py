@@ -9,16 +9,16 @@ import asyncio
 import contextlib
 import os
 import shutil
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import pytest
 
-from pyflannel.backend.base import DesiredTable, PeerState
+from pyflannel.backend.base import DesiredTable
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort
-from pyflannel.netlink import FdbEntry, Neighbour, Route
 from pyflannel.reconcile.engine import KernelReconciler
 from pyflannel.reconcile.plan import DesiredState, KernelScope
 from pyflannel_lab.netns import NetNamespace
+from tests.kernel.vxlan_node import peer, public, subnet, vxlan
 from tests.waiting import until
 
 pytestmark = [
@@ -28,32 +28,6 @@ pytestmark = [
 ]
 
 PEERS = 200
-
-
-def vxlan(ns: NetNamespace) -> int:
-    ns.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
-    ns.ip("addr", "add", "192.168.0.1/16", "dev", "v0")
-    ns.ip("link", "set", "v0", "up")
-    ns.ip("link", "set", "v1", "up")
-    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "v0",
-          "local", "192.168.0.1", "nolearning", "dstport", "8472")
-    ns.ip("link", "set", "flannel.1", "up")
-    return int(ns.ip("-o", "link", "show", "flannel.1").stdout.split(":", 1)[0])
-
-
-def subnet(i: int) -> IPv4Network:
-    return IPv4Network((0x0A000000 + ((i + 256) << 8), 24))
-
-
-def public(i: int, moved: bool = False) -> IPv4Address:
-    return IPv4Address(0xC0A80000 + 2 + i + (1000 if moved else 0))
-
-
-def peer(vx: int, i: int, moved: bool = False) -> PeerState:
-    net, mac = subnet(i), f"0e:00:00:00:{i >> 8:02x}:{i & 255:02x}"
-    return PeerState(routes=(Route(net, net.network_address, vx, onlink=True),),
-                     neighbours=(Neighbour(vx, net.network_address, mac),),
-                     fdb=(FdbEntry(vx, mac, public(i, moved)),))
 
 
 async def test_the_engines_own_changes_are_not_counted_as_foreign(

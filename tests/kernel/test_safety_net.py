@@ -16,10 +16,11 @@ import pytest
 from pyflannel.backend.base import DesiredTable, PeerState
 from pyflannel.kernel.netlink_ports import NetlinkRoutePort
 from pyflannel.kernel.ports import DUMP_KINDS, Keyed, Owned
-from pyflannel.netlink import FdbEntry, Neighbour, Route, RtMonitor
+from pyflannel.netlink import Route, RtMonitor
 from pyflannel.reconcile.engine import KernelReconciler
 from pyflannel.reconcile.plan import DesiredState, KernelScope
 from pyflannel_lab.netns import NetNamespace
+from tests.kernel.vxlan_node import mac, peer, vxlan
 
 pytestmark = [
     pytest.mark.kernel,
@@ -162,27 +163,12 @@ async def test_peers_leaving_during_a_checks_fdb_listing_need_no_hold(
     the resume point, measured on Linux 6.18). The check asks the kernel for what it did
     not show, by key: nothing is taken for missing, no full copy is listed, and the next
     check does not hold events while it lists the FDB entries."""
-    netns.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
-    netns.ip("addr", "add", "192.168.0.1/16", "dev", "v0")
-    netns.ip("link", "set", "v0", "up")
-    netns.ip("link", "set", "v1", "up")
-    netns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "v0",
-             "local", "192.168.0.1", "nolearning", "dstport", "8472")
-    netns.ip("link", "set", "flannel.1", "up")
-    vx = int(netns.ip("-o", "link", "show", "flannel.1").stdout.split(":", 1)[0])
+    vx = vxlan(netns)
     scope = KernelScope(route_oifs=frozenset({vx}), networks=(IPv4Network("10.0.0.0/8"),),
                         neighbour_ifindexes=frozenset({vx}))
-
-    def peer(i: int) -> PeerState:
-        net = IPv4Network((0x0A000000 + ((i + 256) << 8), 24))
-        mac = f"0e:00:00:00:{i >> 8:02x}:{i & 255:02x}"
-        return PeerState(routes=(Route(net, net.network_address, vx, onlink=True),),
-                         neighbours=(Neighbour(vx, net.network_address, mac),),
-                         fdb=(FdbEntry(vx, mac, IPv4Address(0xC0A80000 + 2 + i)),))
-
     table = DesiredTable()
     for i in range(2000):
-        table.put(f"p{i}", peer(i))
+        table.put(f"p{i}", peer(vx, i))
     port = NetlinkRoutePort.open(netns.name, events=False)
     real = port.dump
     listings: list[str] = []
@@ -214,7 +200,6 @@ async def test_peers_leaving_during_a_checks_fdb_listing_need_no_hold(
         assert len(asked) < 100, len(asked)  # what the listing skipped over, not all
         fdb = netns.run("bridge", "fdb", "show", "dev", "flannel.1").stdout
         macs = {line.split()[0] for line in fdb.splitlines() if " dst " in line}
-        assert macs == {f"0e:00:00:00:{i >> 8:02x}:{i & 255:02x}"
-                        for i in range(2000) if i % 50}
+        assert macs == {mac(i) for i in range(2000) if i % 50}
     finally:
         port.close()
