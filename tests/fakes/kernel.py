@@ -104,9 +104,8 @@ class FakeKernel:
             self.asked += len(only)
             for o in only:
                 have = (self.nexthops.get(o.id) if isinstance(o, Nexthop) else
-                        self.neighbours.get((o.ifindex, str(o.ip)))
-                        if isinstance(o, Neighbour) else
-                        self.fdb.get((o.ifindex, o.lladdr.lower())))
+                        self.neighbours.get(_neigh_key(o)) if isinstance(o, Neighbour) else
+                        self.fdb.get(_fdb_key(o)))
                 if have is not None:
                     yield have
             return
@@ -210,11 +209,9 @@ class FakeKernel:
         elif isinstance(o, Nexthop):
             err = self._nexthop(op.action, o, events)
         elif isinstance(o, Neighbour):
-            key = (o.ifindex, str(o.ip))
-            err = self._keyed(self.neighbours, key, op.action, o, events, "neigh")
+            err = self._keyed(self.neighbours, _neigh_key(o), op.action, o, events, "neigh")
         else:
-            key = (o.ifindex, o.lladdr.lower())
-            err = self._keyed(self.fdb, key, op.action, o, events, "neigh")
+            err = self._keyed(self.fdb, _fdb_key(o), op.action, o, events, "neigh")
         if err == 0:
             self.applied += 1
         if emit:
@@ -321,3 +318,12 @@ def _tagged(ev: RtEvent) -> RtEvent:
             ev.kind == "neigh_new" and isinstance(ev.obj, Neighbour)):
         return RtEvent(ev.kind, ev.obj, ours=True)
     return ev
+
+
+def _neigh_key(n: Neighbour) -> tuple[int, str]:
+    """Where the fake files a neighbour (its own keys, not the engine's)."""
+    return (n.ifindex, str(n.ip))
+
+
+def _fdb_key(f: FdbEntry) -> tuple[int, str]:
+    return (f.ifindex, f.lladdr.lower())
